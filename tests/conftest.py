@@ -1,0 +1,84 @@
+"""Shared fixtures: tiny random-weight Llama / GPT-2 / OPT models, and the real default model."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from dtm_core.models import LoadedModel, load_model  # noqa: E402
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+VOCAB = 512
+
+
+def tiny_config(family: str):
+    from transformers import GPT2Config, LlamaConfig, OPTConfig
+
+    if family == "llama":
+        return LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                           num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                           max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+                           pad_token_id=0, tie_word_embeddings=False)
+    if family == "gpt2":
+        return GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4, n_positions=256,
+                          bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if family == "opt":
+        return OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=3,
+                         num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=64,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    raise ValueError(family)
+
+
+class TinyTokenizer:
+    """Token ids are numbers in text: enough for decode and the pad/eos bookkeeping."""
+
+    pad_token_id, eos_token_id, bos_token_id = 0, 2, 1
+    chat_template = None
+
+    def __len__(self):
+        return VOCAB
+
+    def get_vocab(self):
+        return {str(i): i for i in range(VOCAB)}
+
+    def decode(self, ids, skip_special_tokens=False):
+        return " ".join(str(int(i)) for i in ids)
+
+
+def make_tiny(family: str, seed: int = 0, scale: float = 1.0) -> LoadedModel:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(family)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():  # bigger weights give peaked, non-degenerate distributions
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(scale)
+    model.eval().requires_grad_(False)
+    return LoadedModel(model=model, tokenizer=TinyTokenizer(), source=f"tiny-{family}",
+                       description=f"tiny random {family}", fingerprint=f"tiny-{family}-{seed}")
+
+
+@pytest.fixture(params=["llama", "gpt2", "opt"])
+def tiny(request) -> LoadedModel:
+    return make_tiny(request.param, scale=8.0)
+
+
+@pytest.fixture(scope="session")
+def default_model(tmp_path_factory) -> LoadedModel:
+    """The real embedded default model (SmolLM2-135M-Instruct), loaded once per test session."""
+    return load_model("default")
+
+
+def random_prompts(n: int, seed: int = 0, lo: int = 3, hi: int = 12) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(lo, hi, (n,), generator=g).tolist()
+    return [torch.randint(3, VOCAB, (L,), generator=g).tolist() for L in lens]
