@@ -1,31 +1,289 @@
-"""DTM Inspector: a thin Gradio layer over dtm_core."""
+"""DTM Inspector: a thin Gradio layer over dtm_core.
+
+    python app.py [--model M] [--host 127.0.0.1] [--port 7860]
+
+Event handlers call the engine and format its results; HTML and plots are made here, at the edge.
+"""
 from __future__ import annotations
 
 import argparse
+import html
 import os
+import threading
+import time
+from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
+import plotly.graph_objects as go  # noqa: E402
+from plotly.subplots import make_subplots  # noqa: E402
 
+from dtm_core import DTMError  # noqa: E402
+from dtm_core.compress import parse_spec  # noqa: E402
+from dtm_core.divergence import divergence  # noqa: E402
 from dtm_core.models import DEFAULT_DESCRIPTION  # noqa: E402
+from dtm_core.prompts import load_prompts  # noqa: E402
+from dtm_core.registry import Registry  # noqa: E402
+from dtm_core.streaming import StreamState, stream_pair  # noqa: E402
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+PRESETS = ["int8", "int4:g128", "int3:g64", "magnitude:0.5", "nm:2:4", "wanda:0.5", "w8a8",
+           "custom spec", "second checkpoint"]
+REGISTRY = Registry()
+UPDATE_EVERY_S = 0.04  # throttle for streamed page updates (each carries both columns)
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering (pure functions of engine results)
+
+
+class TokenTexts:
+    """Each token's text as it appears in the decoded string (multi-byte characters included),
+    extended incrementally so that a stream decodes each prefix once."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.texts, self.prev = tokenizer, [], [], ""
+
+    def __call__(self, ids: list[int]) -> list[str]:
+        if ids[:len(self.ids)] != self.ids:
+            self.ids, self.texts, self.prev = [], [], ""
+        for k in range(len(self.ids), len(ids)):
+            cur = self.tokenizer.decode(ids[:k + 1], skip_special_tokens=False)
+            self.texts.append(cur[len(self.prev):] if cur.startswith(self.prev)
+                              else self.tokenizer.decode([ids[k]]))
+            self.prev = cur
+        self.ids = list(ids)
+        return self.texts
+
+
+def token_texts(tokenizer, ids: list[int]) -> list[str]:
+    return TokenTexts(tokenizer)(ids)
+
+
+def _top_text(tokenizer, top: list[tuple[int, float]]) -> str:
+    return ", ".join(f"{tokenizer.decode([i])!r} {p:.2f}" for i, p in top)
+
+
+def render_column(tokenizer, state: StreamState, side: str, fdt: int | None,
+                  texts: TokenTexts | None = None) -> str:
+    """A column of token spans with data-pos, divergence classes and top-5 hover text."""
+    steps = [s for s in state.steps if (s.dense_token if side == "dense" else s.comp_token)
+             is not None]
+    ids = [s.dense_token if side == "dense" else s.comp_token for s in steps]
+    texts = (texts or TokenTexts(tokenizer))(ids)
+    spans = []
+    for s, text in zip(steps, texts):
+        cls = ["tok"]
+        if fdt is not None and s.pos == fdt:
+            cls.append("first-divergent")
+        elif fdt is not None and s.pos > fdt:
+            cls.append("after-divergence")
+        if side == "dense":
+            hover = (f"pos {s.pos} | dense top-5: {_top_text(tokenizer, s.dense_top)} | "
+                     f"compressed top-5 (same prefix): {_top_text(tokenizer, s.forced_top)}")
+        else:
+            hover = (f"pos {s.pos} | compressed top-5: {_top_text(tokenizer, s.comp_top)} | "
+                     f"dense top-5 (dense prefix): {_top_text(tokenizer, s.dense_top)}")
+        spans.append(f'<span class="{" ".join(cls)}" data-pos="{s.pos}" '
+                     f'title="{html.escape(hover)}">{html.escape(text)}</span>')
+    return f'<div class="tokens">{"".join(spans)}</div>'
+
+
+def render_sdt_map(tokenizer, refs: list[int], agree: list[bool]) -> str:
+    """The dense continuation, each token marked by whether the compressed argmax agrees."""
+    spans = []
+    for pos, (text, ok) in enumerate(zip(token_texts(tokenizer, refs), agree)):
+        spans.append(f'<span class="tok {"agree" if ok else "disagree"}" data-pos="{pos}" '
+                     f'title="pos {pos}: compressed argmax {"agrees" if ok else "differs"}">'
+                     f"{html.escape(text)}</span>")
+    return f'<div class="tokens sdt-map">{"".join(spans)}</div>'
+
+
+def position_plot(state: StreamState) -> go.Figure:
+    steps = [s for s in state.steps if s.dense_token is not None]
+    pos = [s.pos for s in steps]
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    fig.add_trace(go.Bar(x=pos, y=[s.kl for s in steps], name="KL(dense || compressed)",
+                         marker_color="#c0392b", opacity=0.55), secondary_y=False)
+    fig.add_trace(go.Scatter(x=pos, y=[s.p_dense for s in steps], name="p_dense(dense token)",
+                             mode="lines+markers"), secondary_y=True)
+    fig.add_trace(go.Scatter(x=pos, y=[s.p_comp for s in steps], name="p_compressed(dense token)",
+                             mode="lines+markers"), secondary_y=True)
+    fig.update_layout(height=300, margin=dict(l=40, r=40, t=30, b=30),
+                      legend=dict(orientation="h", y=1.15), xaxis_title="position")
+    fig.update_yaxes(title_text="KL (nats)", secondary_y=False)
+    fig.update_yaxes(title_text="probability", range=[0, 1], secondary_y=True)
+    return fig
+
+
+def fdt_badge(state: StreamState, final: int | None = None) -> str:
+    if final is not None:
+        return str(final)
+    f = state.fdt
+    return str(f) if f is not None else f"≥{len(state.dense_tokens)}"
+
+
+# --------------------------------------------------------------------------------------------
+# Handlers
+
+
+def side_from_inputs(preset: str, spec: str, components: str, checkpoint: str) -> dict:
+    """The compressed side the form describes, validated before any model work."""
+    if preset == "second checkpoint":
+        if not (checkpoint or "").strip():
+            raise DTMError("Give the path or hub id of the second checkpoint.")
+        return {"compressed_model": checkpoint.strip()}
+    text = (spec or "").strip() if preset == "custom spec" else preset
+    if not text:
+        raise DTMError("Give a compression spec, e.g. int4:g128.")
+    sp = parse_spec(text)
+    side = {"compress": str(sp), "components": (components or "").strip() or "*.*"}
+    if sp.needs_calibration:  # wanda's activation norms: a fixed built-in set, so pairs are reused
+        side["calibration"] = tuple(load_prompts("general").prompts[:32])
+    return side
+
+
+def get_pair(model: str, side: dict):
+    return REGISTRY.pair((model or "default").strip(), **side)
+
+
+STOP_EVENTS: dict[str, threading.Event] = {}  # per browser session: the Stop button's signal
+
+
+def compare(model, preset, spec, components, checkpoint, prompt, chat, new_tokens,
+            request: gr.Request):
+    """Generator: stream both generations, then finalize with the engine's teacher-forced pass."""
+    empty = ("", "", "–", "–", None, "")
+    try:
+        if not (prompt or "").strip():
+            raise DTMError("Type a prompt first.")
+        side = side_from_inputs(preset, spec, components, checkpoint)
+        source = (model or "default").strip()
+        yield empty + ("Starting…",)
+        if not REGISTRY.cached(source):
+            yield empty + (
+                f"Loading `{source}`… (the first load of the default model de-quantizes its GGUF, "
+                "about 15 s; later loads use the cache)",)
+        pair = get_pair(source, side)
+        stop = threading.Event()
+        STOP_EVENTS[request.session_hash if request else ""] = stop
+        n = int(new_tokens)
+        tok = pair.tokenizer
+        t0 = last = time.perf_counter()
+        state = None
+        dtx, ctx = TokenTexts(tok), TokenTexts(tok)
+
+        def columns(st, f):
+            return (render_column(tok, st, "dense", f, dtx), render_column(tok, st, "comp", f, ctx))
+
+        for state in stream_pair(pair, prompt, n, chat=bool(chat), stop=stop):
+            now = time.perf_counter()
+            if now - last < UPDATE_EVERY_S and not (state.dense_done and state.comp_done):
+                continue  # the page is updated at most every UPDATE_EVERY_S seconds
+            last = now
+            yield (*columns(state, state.fdt), fdt_badge(state), f"{state.sdt:.0%}", None, "",
+                   f"Streaming… {len(state.steps)} tokens, {now - t0:.1f} s")
+        if state is None:
+            return
+        if state.stopped:
+            f = state.fdt
+            yield (*columns(state, f),
+                   fdt_badge(state), f"{state.sdt:.0%}", position_plot(state), "",
+                   f"Stopped after {len(state.steps)} tokens.")
+            return
+        # The engine's batch computation on the same prompt: the numbers the CLI reports.
+        res = divergence(pair, prompt_ids=[state.prompt_ids], new_tokens=n,
+                         references=[state.dense_tokens])
+        row = res.table.iloc[0]
+        f = int(row.fdt)
+        tm = res.tokens[0]
+        note = "" if f == state.fdt else (f" (the live stream saw {state.fdt}: a numerical "
+                                          "near-tie between cached and full forward passes)")
+        yield (*columns(state, f), str(f), f"{row.sdt:.0%}", position_plot(state),
+               render_sdt_map(tok, state.dense_tokens, tm.agree.tolist()),
+               f"Done: {len(state.dense_tokens)} dense tokens, FDT {f}, SDT {row.sdt:.1%}, "
+               f"mean KL {row.kl_mean:.4f} nats, {pair.dense.source} vs {pair.label}{note}. "
+               f"{DEFAULT_DESCRIPTION if pair.dense.source == 'default' else ''}")
+    except DTMError as exc:
+        yield empty + (f"⚠️ {exc}",)
+
+
+def stop_stream(request: gr.Request):
+    ev = STOP_EVENTS.get(request.session_hash if request else "")
+    if ev is not None:
+        ev.set()
+    return "Stopping…"
+
+
+# --------------------------------------------------------------------------------------------
+# Layout
 
 
 def build_app(default_model: str = "default") -> gr.Blocks:
     with gr.Blocks(title="DTM Inspector") as demo:
         gr.Markdown("# DTM Inspector\nWhere and how a compressed LLM stops behaving like its "
-                    f"dense original.\n\nModel: `{default_model}`. {DEFAULT_DESCRIPTION}")
+                    "dense original (Divergent Token Metrics, Deiseroth et al. 2024).")
+        with gr.Tab("Compare"):
+            with gr.Row():
+                model = gr.Textbox(value=default_model, label="Dense model",
+                                   info="'default', a hub id (local cache), a folder or a .gguf",
+                                   elem_id="model-source", scale=2)
+                preset = gr.Dropdown(PRESETS, value="int8", label="Compressed side",
+                                     elem_id="preset")
+                spec = gr.Textbox(label="Custom spec", placeholder="int4:g64:asym",
+                                  elem_id="spec")
+                components = gr.Textbox(value="*.*", label="Components",
+                                        info="LAYERS.KIND, e.g. *.q,*.k,0-3.down",
+                                        elem_id="components")
+                checkpoint = gr.Textbox(label="Second checkpoint", elem_id="checkpoint",
+                                        placeholder="path, .gguf or hub id")
+            with gr.Row():
+                prompt = gr.Textbox(label="Prompt", lines=3, elem_id="prompt", scale=4,
+                                    placeholder="The capital of France is")
+                with gr.Column(scale=1):
+                    chat = gr.Checkbox(value=False, label="Chat template", elem_id="chat")
+                    new_tokens = gr.Slider(1, 512, value=48, step=1, label="Max new tokens",
+                                           elem_id="new-tokens")
+                    with gr.Row():
+                        generate = gr.Button("Generate", variant="primary", elem_id="generate")
+                        stop = gr.Button("Stop", variant="stop", elem_id="stop")
+            status = gr.Markdown("", elem_id="status")
+            with gr.Row(elem_classes="badges"):
+                gr.Markdown("**First divergent token (FDT)**")
+                fdt = gr.HTML("–", elem_id="fdt")
+                gr.Markdown("**Share of divergent tokens (SDT)**")
+                sdt = gr.HTML("–", elem_id="sdt")
+            with gr.Row():
+                with gr.Column():
+                    gr.Markdown("### Dense")
+                    dense_out = gr.HTML("", elem_id="dense-output")
+                with gr.Column():
+                    gr.Markdown("### Compressed")
+                    comp_out = gr.HTML("", elem_id="compressed-output")
+            plot = gr.Plot(label="Per position: KL and probability of the dense token",
+                           elem_id="position-plot")
+            gr.Markdown("### Teacher-forced view (SDT map): green where the compressed model's "
+                        "argmax on the dense prefix agrees, red where it differs")
+            sdt_map = gr.HTML("", elem_id="sdt-map")
+            generate.click(compare, [model, preset, spec, components, checkpoint, prompt,
+                                     chat, new_tokens],
+                                [dense_out, comp_out, fdt, sdt, plot, sdt_map, status],
+                                concurrency_limit=1, concurrency_id="model")
+            stop.click(stop_stream, None, [status], queue=False)
     return demo
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description="DTM Inspector web app")
-    ap.add_argument("--model", default="default")
-    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--model", default="default",
+                    help="dense model preselected in the page (default: the embedded SmolLM2)")
+    ap.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     ap.add_argument("--port", type=int, default=7860)
     args = ap.parse_args(argv)
-    build_app(args.model).queue().launch(server_name=args.host, server_port=args.port,
-                                         share=False)
+    build_app(args.model).queue(default_concurrency_limit=1).launch(
+        server_name=args.host, server_port=args.port, share=False,
+        css_paths=[str(ASSETS / "app.css")])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,127 @@
+"""The Compare view in a real browser: Playwright driving Debian's Chromium."""
+import shutil
+
+import pytest
+
+from apphelpers import running_app
+
+pytestmark = pytest.mark.skipif(shutil.which("chromium") is None,
+                                reason="Debian's chromium is not installed (run.sh installs it)")
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+
+RECORDER = """
+() => {
+  window.__counts = [];
+  const sample = () => {
+    const d = document.querySelectorAll('#dense-output [data-pos]').length;
+    const c = document.querySelectorAll('#compressed-output [data-pos]').length;
+    const last = window.__counts[window.__counts.length - 1];
+    if (!last || last[0] !== d || last[1] !== c) window.__counts.push([d, c]);
+  };
+  new MutationObserver(sample).observe(document.body, {subtree: true, childList: true,
+                                                        characterData: true});
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=shutil.which("chromium"), headless=True,
+                              args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def app_url():
+    with running_app() as url:
+        yield url
+
+
+def set_tokens(page, n):
+    box = page.locator("#new-tokens input[type=number]")
+    box.fill(str(n))
+    box.press("Enter")
+
+
+def test_stream_highlight_matches_engine_and_stop(browser, app_url, default_model):
+    from dtm_core.compress import Recipe
+    from dtm_core.divergence import divergence
+    from dtm_core.pair import make_pair
+
+    page = browser.new_page()
+    page.goto(app_url)
+    page.locator("#prompt textarea").fill("The capital of France is")
+    set_tokens(page, 40)
+    page.evaluate(RECORDER)
+    page.locator("#generate").click()
+    page.wait_for_function("document.querySelector('#status').innerText.includes('Done')",
+                           timeout=180_000)
+    counts = page.evaluate("window.__counts")
+    # both columns grew through at least three intermediate states before the end
+    intermediate = [c for c in counts if 0 < c[0] < max(x[0] for x in counts)]
+    assert len(intermediate) >= 3, counts
+    assert len({c[1] for c in counts if c[1] > 0}) >= 4, counts
+
+    shown = int(page.locator("#fdt").inner_text().strip())
+    engine = divergence(make_pair(default_model, Recipe.single("int8")),
+                        ["The capital of France is"], 40)
+    assert shown == int(engine.table.fdt[0])
+    assert shown < 40, "this prompt and spec diverge inside the window"
+    for col in ("#dense-output", "#compressed-output"):
+        marked = page.locator(f"{col} .first-divergent")
+        assert marked.count() == 1
+        assert int(marked.get_attribute("data-pos")) == shown
+        after = page.locator(f"{col} .after-divergence")
+        assert all(int(after.nth(i).get_attribute("data-pos")) > shown
+                   for i in range(after.count()))
+    dense_pos = page.locator("#dense-output [data-pos]")
+    title = dense_pos.first.get_attribute("title")
+    assert "dense top-5" in title and "compressed top-5" in title
+    assert page.locator("#sdt-map [data-pos]").count() == page.locator(
+        "#dense-output [data-pos]").count()
+    assert page.locator("#position-plot .js-plotly-plot").count() == 1
+
+    # Stop mid-stream: the page keeps what it has and stays usable
+    set_tokens(page, 400)
+    page.locator("#prompt textarea").fill("Once upon a time, in a small village,")
+    page.locator("#generate").click()
+    page.wait_for_function(
+        "document.querySelector('#status').innerText.includes('Streaming') && "
+        "document.querySelectorAll('#dense-output [data-pos]').length >= 5", timeout=60_000)
+    page.locator("#stop").click()
+    page.wait_for_function("document.querySelector('#status').innerText.includes('Stopped')",
+                           timeout=60_000)
+    n_stopped = page.locator("#dense-output [data-pos]").count()
+    assert 5 <= n_stopped < 400
+    page.wait_for_timeout(1000)
+    assert page.locator("#dense-output [data-pos]").count() == n_stopped
+    set_tokens(page, 8)
+    page.locator("#prompt textarea").fill("Water boils at")
+    page.locator("#generate").click()
+    page.wait_for_function("document.querySelector('#status').innerText.includes('Done')",
+                           timeout=60_000)
+    assert 1 <= page.locator("#dense-output [data-pos]").count() <= 8
+
+
+def test_bad_spec_shows_message_and_app_keeps_serving(browser, app_url):
+    page = browser.new_page()
+    page.goto(app_url)
+    page.locator("#preset input").fill("custom spec")
+    page.locator("#preset input").press("Enter")
+    page.locator("#spec textarea, #spec input").first.fill("int99")
+    page.locator("#prompt textarea").fill("Hello")
+    page.locator("#generate").click()
+    page.wait_for_function("document.querySelector('#status').innerText.includes('Accepted forms')",
+                           timeout=30_000)
+    page.reload()
+    page.locator("#prompt textarea").fill("Hello")
+    set_tokens(page, 4)
+    page.locator("#generate").click()
+    page.wait_for_function("document.querySelector('#status').innerText.includes('Done')",
+                           timeout=120_000)
