@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import html
 import os
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -16,14 +17,16 @@ from pathlib import Path
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
+import plotly.express as px  # noqa: E402
 import plotly.graph_objects as go  # noqa: E402
 from plotly.subplots import make_subplots  # noqa: E402
 
 from dtm_core import DTMError  # noqa: E402
 from dtm_core.compress import parse_spec  # noqa: E402
 from dtm_core.divergence import divergence  # noqa: E402
+from dtm_core.evaluate import EvalResult, evaluate  # noqa: E402
 from dtm_core.models import DEFAULT_DESCRIPTION  # noqa: E402
-from dtm_core.prompts import load_prompts  # noqa: E402
+from dtm_core.prompts import builtin_names, load_prompts, parse_prompt_bytes  # noqa: E402
 from dtm_core.registry import Registry  # noqa: E402
 from dtm_core.streaming import StreamState, stream_pair  # noqa: E402
 
@@ -124,6 +127,42 @@ def fdt_badge(state: StreamState, final: int | None = None) -> str:
     return str(f) if f is not None else f"≥{len(state.dense_tokens)}"
 
 
+def summary_cards(res: EvalResult) -> str:
+    s = res.summary
+    cards = [("Mean FDT", f"{s['fdt_mean']:.2f}"), ("Median FDT", f"{s['fdt_median']:.1f}"),
+             ("Mean SDT", f"{s['sdt_mean']:.1%}"), ("Mean KL", f"{s['kl_mean']:.4f}"),
+             ("PPL ratio", f"{s.get('ppl_ratio_mean', float('nan')):.3f}")]
+    if "accuracy_dense" in s:
+        cards.append(("Accuracy dense → compressed",
+                      f"{s['accuracy_dense']:.1%} → {s['accuracy_compressed']:.1%}"))
+        cards.append(("Δ accuracy (95 % CI)",
+                      f"{s['accuracy_delta']:+.1%} [{s['accuracy_delta_ci95_low']:+.1%}, "
+                      f"{s['accuracy_delta_ci95_high']:+.1%}]"))
+    body = "".join(f'<div class="card"><div class="card-label">{html.escape(k)}</div>'
+                   f'<div class="card-value">{html.escape(v)}</div></div>' for k, v in cards)
+    return f'<div class="cards">{body}</div>'
+
+
+def set_plots(res: EvalResult, n: int):
+    t = res.table
+    hist = px.histogram(t, x="fdt", nbins=min(n + 1, 50), title="FDT histogram")
+    hist.update_xaxes(range=[-0.5, n + 0.5])
+    surv = px.line(res.survival, x="position", y="surviving", markers=True,
+                   title="Survival: share of prompts with no divergence up to position t")
+    surv.update_yaxes(range=[0, 1.02])
+    scat = px.scatter(t, x="fdt", y="ppl_change", hover_data=["prompt_index", "line"],
+                      title="Per-prompt perplexity change vs FDT (what perplexity misses)",
+                      labels={"ppl_change": "PPL compressed / dense - 1"})
+    for fig in (hist, surv, scat):
+        fig.update_layout(height=300, margin=dict(l=40, r=20, t=50, b=40))
+    return hist, surv, scat
+
+
+TABLE_COLUMNS = ["prompt_index", "line", "fdt", "sdt", "kl_mean", "top1_agree", "ppl_dense",
+                 "ppl_compressed", "correct_dense", "correct_compressed", "choice_dense",
+                 "choice_compressed", "prompt", "dense_text", "compressed_text"]
+
+
 # --------------------------------------------------------------------------------------------
 # Handlers
 
@@ -216,6 +255,71 @@ def stop_stream(request: gr.Request):
     return "Stopping…"
 
 
+def load_set(upload, builtin):
+    """The prompt set the tab describes: an uploaded file wins over the built-in choice."""
+    if upload is not None:
+        path = upload if isinstance(upload, str) else getattr(upload, "name", None)
+        with open(path, "rb") as fh:
+            data = fh.read(10 * 1024 * 1024 + 1)
+        return parse_prompt_bytes(data, os.path.basename(path))
+    if not builtin:
+        raise DTMError("Upload a prompt file or pick a built-in set.")
+    return load_prompts(builtin)
+
+
+def run_set(model, preset, spec, components, checkpoint, upload, builtin, chat, new_tokens,
+            request: gr.Request, progress=gr.Progress()):
+    """Evaluate a prompt set on the current pair; returns table, cards, plots, files, message."""
+    nothing = (None, "", None, None, None, None, None)
+    try:
+        pset = load_set(upload, builtin)
+        side = side_from_inputs(preset, spec, components, checkpoint)
+        progress(0, desc="loading the pair")
+        pair = get_pair(model, side)
+        stop = threading.Event()
+        STOP_EVENTS["set:" + (request.session_hash if request else "")] = stop
+        n = int(new_tokens)
+        res = evaluate(pair, pset, n, chat=bool(chat), stop=stop,
+                       progress=lambda f, m: progress(f, desc=m))
+    except DTMError as exc:
+        return nothing + (f"⚠️ {exc}", None)
+    out_dir = Path(tempfile.mkdtemp(prefix="dtm-export-"))
+    csv_path, json_path = out_dir / "dtm_results.csv", out_dir / "dtm_results.json"
+    csv_path.write_text(res.to_csv(), encoding="utf-8")
+    json_path.write_text(res.to_json(), encoding="utf-8")
+    table = res.table[[c for c in TABLE_COLUMNS if c in res.table.columns]]
+    msg = (f"{'Stopped: ' if res.stopped else 'Done: '}{len(res.table)} prompts of "
+           f"{pset.name} on {pair.dense.source} vs {pair.label}.")
+    if res.rejected:
+        msg += " ⚠️ " + "; ".join(f"line {n_}: {r}" for n_, r in res.rejected[:20])
+        if len(res.rejected) > 20:
+            msg += f" (and {len(res.rejected) - 20} more)"
+    state = {"chat": bool(chat), "new_tokens": n,
+             "prompts": [[int(i), p] for i, p in zip(res.table.prompt_index, res.table.prompt)]}
+    return (table, summary_cards(res), *set_plots(res, n), str(csv_path), str(json_path), msg,
+            state)
+
+
+def stop_set(request: gr.Request):
+    ev = STOP_EVENTS.get("set:" + (request.session_hash if request else ""))
+    if ev is not None:
+        ev.set()
+    return "Stopping after the current chunk…"
+
+
+def open_in_compare(run_state, evt: gr.SelectData):
+    """A selected table row opens its prompt in the Compare tab with the same pair."""
+    if evt is None or not run_state:
+        return gr.update(), gr.update(), gr.update(), gr.update()
+    prompts = dict((i, p) for i, p in run_state["prompts"])
+    row = getattr(evt, "row_value", None)
+    if row:  # the table's first column is prompt_index, wherever the user sorted the row to
+        text = prompts.get(int(row[0]))
+    else:
+        text = run_state["prompts"][evt.index[0]][1]
+    return (gr.Tabs(selected="compare"), text, run_state["chat"], run_state["new_tokens"])
+
+
 # --------------------------------------------------------------------------------------------
 # Layout
 
@@ -224,54 +328,104 @@ def build_app(default_model: str = "default") -> gr.Blocks:
     with gr.Blocks(title="DTM Inspector") as demo:
         gr.Markdown("# DTM Inspector\nWhere and how a compressed LLM stops behaving like its "
                     "dense original (Divergent Token Metrics, Deiseroth et al. 2024).")
-        with gr.Tab("Compare"):
-            with gr.Row():
-                model = gr.Textbox(value=default_model, label="Dense model",
-                                   info="'default', a hub id (local cache), a folder or a .gguf",
-                                   elem_id="model-source", scale=2)
-                preset = gr.Dropdown(PRESETS, value="int8", label="Compressed side",
-                                     elem_id="preset")
-                spec = gr.Textbox(label="Custom spec", placeholder="int4:g64:asym",
-                                  elem_id="spec")
-                components = gr.Textbox(value="*.*", label="Components",
-                                        info="LAYERS.KIND, e.g. *.q,*.k,0-3.down",
-                                        elem_id="components")
-                checkpoint = gr.Textbox(label="Second checkpoint", elem_id="checkpoint",
-                                        placeholder="path, .gguf or hub id")
-            with gr.Row():
-                prompt = gr.Textbox(label="Prompt", lines=3, elem_id="prompt", scale=4,
-                                    placeholder="The capital of France is")
-                with gr.Column(scale=1):
-                    chat = gr.Checkbox(value=False, label="Chat template", elem_id="chat")
-                    new_tokens = gr.Slider(1, 512, value=48, step=1, label="Max new tokens",
-                                           elem_id="new-tokens")
-                    with gr.Row():
-                        generate = gr.Button("Generate", variant="primary", elem_id="generate")
-                        stop = gr.Button("Stop", variant="stop", elem_id="stop")
-            status = gr.Markdown("", elem_id="status")
-            with gr.Row(elem_classes="badges"):
-                gr.Markdown("**First divergent token (FDT)**")
-                fdt = gr.HTML("–", elem_id="fdt")
-                gr.Markdown("**Share of divergent tokens (SDT)**")
-                sdt = gr.HTML("–", elem_id="sdt")
-            with gr.Row():
-                with gr.Column():
-                    gr.Markdown("### Dense")
-                    dense_out = gr.HTML("", elem_id="dense-output")
-                with gr.Column():
-                    gr.Markdown("### Compressed")
-                    comp_out = gr.HTML("", elem_id="compressed-output")
-            plot = gr.Plot(label="Per position: KL and probability of the dense token",
-                           elem_id="position-plot")
-            gr.Markdown("### Teacher-forced view (SDT map): green where the compressed model's "
-                        "argmax on the dense prefix agrees, red where it differs")
-            sdt_map = gr.HTML("", elem_id="sdt-map")
-            generate.click(compare, [model, preset, spec, components, checkpoint, prompt,
-                                     chat, new_tokens],
-                                [dense_out, comp_out, fdt, sdt, plot, sdt_map, status],
-                                concurrency_limit=1, concurrency_id="model")
-            stop.click(stop_stream, None, [status], queue=False)
+        # the pair: shared by every tab
+        with gr.Row():
+            model = gr.Textbox(value=default_model, label="Dense model",
+                               info="'default', a hub id (local cache), a folder or a .gguf",
+                               elem_id="model-source", scale=2)
+            preset = gr.Dropdown(PRESETS, value="int8", label="Compressed side", elem_id="preset")
+            spec = gr.Textbox(label="Custom spec", placeholder="int4:g64:asym", elem_id="spec")
+            components = gr.Textbox(value="*.*", label="Components",
+                                    info="LAYERS.KIND, e.g. *.q,*.k,0-3.down",
+                                    elem_id="components")
+            checkpoint = gr.Textbox(label="Second checkpoint", elem_id="checkpoint",
+                                    placeholder="path, .gguf or hub id")
+        pair_inputs = [model, preset, spec, components, checkpoint]
+        with gr.Tabs() as tabs:
+            with gr.Tab("Compare", id="compare"):
+                compare_tab(pair_inputs)
+            with gr.Tab("Prompt sets", id="prompt-sets"):
+                sets_tab(pair_inputs)
+        # a row selected in the results table opens in Compare (wired here: it spans tabs)
+        ui = UI
+        ui["results"].select(open_in_compare, [ui["run_state"]],
+                             [tabs, ui["prompt"], ui["chat"], ui["new_tokens"]])
     return demo
+
+
+UI: dict = {}  # components that handlers of one tab wire to another's
+
+
+def compare_tab(pair_inputs):
+    with gr.Row():
+        prompt = gr.Textbox(label="Prompt", lines=3, elem_id="prompt", scale=4,
+                            placeholder="The capital of France is")
+        with gr.Column(scale=1):
+            chat = gr.Checkbox(value=False, label="Chat template", elem_id="chat")
+            new_tokens = gr.Slider(1, 512, value=48, step=1, label="Max new tokens",
+                                   elem_id="new-tokens")
+            with gr.Row():
+                generate = gr.Button("Generate", variant="primary", elem_id="generate")
+                stop = gr.Button("Stop", variant="stop", elem_id="stop")
+    status = gr.Markdown("", elem_id="status")
+    with gr.Row(elem_classes="badges"):
+        gr.Markdown("**First divergent token (FDT)**")
+        fdt = gr.HTML("–", elem_id="fdt")
+        gr.Markdown("**Share of divergent tokens (SDT)**")
+        sdt = gr.HTML("–", elem_id="sdt")
+    with gr.Row():
+        with gr.Column():
+            gr.Markdown("### Dense")
+            dense_out = gr.HTML("", elem_id="dense-output")
+        with gr.Column():
+            gr.Markdown("### Compressed")
+            comp_out = gr.HTML("", elem_id="compressed-output")
+    plot = gr.Plot(label="Per position: KL and probability of the dense token",
+                   elem_id="position-plot")
+    gr.Markdown("### Teacher-forced view (SDT map): green where the compressed model's argmax on "
+                "the dense prefix agrees, red where it differs")
+    sdt_map = gr.HTML("", elem_id="sdt-map")
+    generate.click(compare, pair_inputs + [prompt, chat, new_tokens],
+                   [dense_out, comp_out, fdt, sdt, plot, sdt_map, status],
+                   concurrency_limit=1, concurrency_id="model")
+    stop.click(stop_stream, None, [status], queue=False)
+    UI.update(prompt=prompt, chat=chat, new_tokens=new_tokens)
+
+
+def sets_tab(pair_inputs):
+    gr.Markdown("Evaluate a prompt set on the pair above. Upload `.txt` (one prompt per line), "
+                "`.jsonl` or `.csv` (header row; prompt field `prompt`, `text`, `question`, "
+                "`instruction` or `input`; optional `answer`/`answers`/`target`, `context`, "
+                "`choices`), or pick a built-in set. Select a row to open it in Compare.")
+    with gr.Row():
+        upload = gr.File(label="Prompt file", file_types=[".txt", ".jsonl", ".csv"],
+                         elem_id="set-upload")
+        with gr.Column():
+            builtin = gr.Dropdown(builtin_names(), value="general", label="Built-in set",
+                                  elem_id="set-builtin")
+            chat = gr.Checkbox(value=False, label="Chat template", elem_id="set-chat")
+            new_tokens = gr.Slider(1, 256, value=32, step=1, label="New tokens (N)",
+                                   elem_id="set-new-tokens")
+            with gr.Row():
+                run = gr.Button("Run set", variant="primary", elem_id="set-run")
+                stop = gr.Button("Stop", variant="stop", elem_id="set-stop")
+    status = gr.Markdown("", elem_id="set-status")
+    cards = gr.HTML("", elem_id="set-summary")
+    with gr.Row():
+        hist = gr.Plot(elem_id="set-hist")
+        surv = gr.Plot(elem_id="set-survival")
+        scat = gr.Plot(elem_id="set-scatter")
+    results = gr.Dataframe(label="Per prompt", elem_id="set-table", interactive=False,
+                           wrap=True, max_height=500)
+    with gr.Row():
+        csv_file = gr.File(label="Export CSV", elem_id="set-csv")
+        json_file = gr.File(label="Export JSON", elem_id="set-json")
+    run_state = gr.State(None)
+    run.click(run_set, pair_inputs + [upload, builtin, chat, new_tokens],
+              [results, cards, hist, surv, scat, csv_file, json_file, status, run_state],
+              concurrency_limit=1, concurrency_id="model")
+    stop.click(stop_set, None, [status], queue=False)
+    UI.update(results=results, run_state=run_state)
 
 
 def main(argv=None) -> None:

@@ -50,7 +50,20 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also generate the compressed model's full greedy text (slower)")
     div.add_argument("--out", help="CSV file with one row per prompt")
     div.add_argument("--json", help="write the aggregates as JSON here")
+    ev = sub.add_parser("evaluate", help="a prompt set: divergence metrics and task accuracy")
+    _model_args(ev)
+    ev.add_argument("--prompts", required=True,
+                    help="a .txt/.jsonl/.csv file or a built-in set: " + ", ".join(_builtins()))
+    ev.add_argument("--new-tokens", type=int, default=32, metavar="N")
+    ev.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
+    ev.add_argument("--out", help="CSV with one row per prompt (run configuration in a # line)")
+    ev.add_argument("--json", help="JSON with configuration, summary and rows")
     return parser
+
+
+def _builtins() -> list[str]:
+    from .prompts import builtin_names
+    return builtin_names()
 
 
 def _load_pair(args, prompts: list[str]):
@@ -98,14 +111,41 @@ def cmd_divergence(args) -> int:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(res.summary, fh, indent=2)
-    print(f"pair: {pair.dense.source} vs {pair.label}   prompts: {len(pset.records)}   "
-          f"N: {args.new_tokens}")
-    for k, v in res.summary.items():
-        print(f"{k:>16}: {v:.4g}" if isinstance(v, float) else f"{k:>16}: {v}")
+    _print_summary(f"pair: {pair.dense.source} vs {pair.label}   prompts: {len(pset.records)}   "
+                   f"N: {args.new_tokens}", res.summary)
     return 0
 
 
-COMMANDS = {"divergence": cmd_divergence}
+def _print_summary(header: str, summary: dict) -> None:
+    print(header)
+    for k, v in summary.items():
+        print(f"{k:>24}: {v:.4g}" if isinstance(v, float) else f"{k:>24}: {v}")
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate
+    from .prompts import load_prompts
+
+    _check_common(args)
+    pset = load_prompts(args.prompts)
+    pair = _load_pair(args, pset.prompts)
+    res = evaluate(pair, pset, args.new_tokens, chat=args.chat, batch_size=args.batch_size)
+    if res.rejected:
+        print("warning: " + pset.rejection_message() if pset.rejected == res.rejected else
+              "warning: rejected " + "; ".join(f"line {n}: {r}" for n, r in res.rejected),
+              file=sys.stderr)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as fh:
+            fh.write(res.to_csv())
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            fh.write(res.to_json())
+    _print_summary(f"pair: {pair.dense.source} vs {pair.label}   set: {pset.name} "
+                   f"({len(res.table)} prompts)   N: {args.new_tokens}", res.summary)
+    return 0
+
+
+COMMANDS = {"divergence": cmd_divergence, "evaluate": cmd_evaluate}
 
 
 def main(argv: list[str] | None = None) -> int:

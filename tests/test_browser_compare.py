@@ -125,3 +125,46 @@ def test_bad_spec_shows_message_and_app_keeps_serving(browser, app_url):
     page.locator("#generate").click()
     page.wait_for_function("document.querySelector('#status').innerText.includes('Done')",
                            timeout=120_000)
+
+
+def test_prompt_set_upload_table_plots_and_row_to_compare(browser, app_url, tmp_path):
+    f = tmp_path / "qa.jsonl"
+    f.write_text('{"question": "What is the capital of France?", "answer": "Paris"}\n'
+                 "{broken\n"
+                 '{"question": "What is the capital of Italy?", "answer": "Rome"}\n')
+    page = browser.new_page()
+    page.goto(app_url)
+    page.get_by_role("tab", name="Prompt sets").click()
+    page.locator("#set-upload input[type=file]").set_input_files(str(f))
+    page.locator("#set-new-tokens input[type=number]").fill("8")
+    page.locator("#set-new-tokens input[type=number]").press("Enter")
+    page.locator("#set-run").click()
+    page.wait_for_function("document.querySelector('#set-status').innerText.includes('Done')",
+                           timeout=180_000)
+    status = page.locator("#set-status").inner_text()
+    assert "line 2" in status and "malformed JSON" in status   # told exactly what was rejected
+    table_text = page.locator("#set-table").inner_text()
+    assert "capital of Italy" in table_text and "correct_dense" in table_text
+    for plot in ("#set-hist", "#set-survival", "#set-scatter"):
+        page.wait_for_selector(f"{plot} .js-plotly-plot", timeout=20_000)
+    assert "Mean FDT" in page.locator("#set-summary").inner_text()
+    assert page.locator("#set-csv a, #set-csv [download]").count() >= 1
+    # selecting a row opens its prompt in Compare
+    page.locator("#set-table [role=gridcell]").filter(has_text="capital of Italy").first.click()
+    page.wait_for_function(
+        "document.querySelector('#prompt textarea').value.includes('capital of Italy')",
+        timeout=20_000)
+    assert page.locator("#prompt").is_visible()
+
+
+def test_prompt_set_bad_file_message(browser, app_url, tmp_path):
+    f = tmp_path / "bad.csv"
+    f.write_text("foo,bar\n1,2\n")
+    page = browser.new_page()
+    page.goto(app_url)
+    page.get_by_role("tab", name="Prompt sets").click()
+    page.locator("#set-upload input[type=file]").set_input_files(str(f))
+    page.locator("#set-run").click()
+    page.wait_for_function(
+        "document.querySelector('#set-status').innerText.includes('no prompt column')",
+        timeout=60_000)

@@ -1,0 +1,152 @@
+"""Prompt-set evaluation: LLM-KICK accuracy against a slow reference, bootstrap, export, rejects."""
+import io
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from dtm_core.compress import Recipe
+from dtm_core.evaluate import (answer_correct, chosen_letter, evaluate, normalize,
+                               paired_bootstrap)
+from dtm_core.generation import encode_prompts
+from dtm_core.models import eos_ids
+from dtm_core.pair import make_pair
+from dtm_core.prompts import PromptSet, PromptRecord, load_prompts
+
+from conftest import make_tiny
+
+
+def test_normalize_and_contains():
+    assert normalize("The  Eiffel-Tower, in Paris!") == "eiffeltower in paris"
+    assert answer_correct("It is the city of Paris.", ["paris"])
+    assert not answer_correct("It is London.", ["Paris", "Lyon"])
+    assert answer_correct("A blue whale", ["Blue whale"])
+    assert not answer_correct("anything", [""])
+
+
+def test_chosen_letter():
+    assert chosen_letter(" B. Jupiter", 4) == "B"
+    assert chosen_letter("The answer is (C)", 4) == "C"
+    assert chosen_letter("E is not a choice, A is", 4) == "A"
+    assert chosen_letter("no letter here", 4) is None
+
+
+def test_paired_bootstrap_reference():
+    a = np.array([1, 1, 0, 1, 0, 1, 1, 0, 1, 1], float)
+    b = np.array([0, 1, 0, 0, 0, 1, 1, 0, 0, 1], float)
+    mean, lo, hi = paired_bootstrap(a, b, n=500, seed=3)
+    rng = np.random.default_rng(3)
+    idx = rng.integers(0, 10, size=(500, 10))
+    slow = sorted(sum(b[j] - a[j] for j in row) / 10 for row in idx)
+    assert mean == pytest.approx(-0.3)
+    assert lo == pytest.approx(np.percentile(slow, 2.5)) and hi == pytest.approx(
+        np.percentile(slow, 97.5))
+    assert lo <= mean <= hi
+
+
+def test_too_long_prompts_are_rejected_by_line():
+    lm = make_tiny("llama")
+    pair = make_pair(lm, Recipe.single("int8"))
+
+    class Tok(type(lm.tokenizer)):
+        def __call__(self, text, add_special_tokens=True):
+            class R:
+                input_ids = [int(w) for w in text.split()]
+            return R()
+
+    lm.tokenizer = Tok()
+    recs = [PromptRecord(prompt="5 6 7", line=1), PromptRecord(prompt=" ".join(["9"] * 250), line=2),
+            PromptRecord(prompt="8 9", line=4)]
+    res = evaluate(pair, PromptSet("x.txt", recs, sha256="0"), 10)
+    assert list(res.table.line) == [1, 4]
+    assert res.rejected and res.rejected[0][0] == 2 and "context of 256" in res.rejected[0][1]
+
+
+def slow_generate(model, ids, n, eos):
+    x = torch.tensor([ids])
+    out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
+                         eos_token_id=sorted(eos), pad_token_id=2)[0, len(ids):].tolist()
+    for k, t in enumerate(out):
+        if t in eos:
+            return out[:k + 1]
+    return out
+
+
+def slow_correct(text, record):
+    """An independent re-implementation of the LLM-KICK rule for the reference."""
+    def norm(s):
+        s = re.sub(r"[^\w\s]|_", "", s.lower())
+        s = re.sub(r"\b(a|an|the)\b", " ", s)
+        return " ".join(s.split())
+    if record.choices:
+        letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[:len(record.choices)]
+        m = re.search(r"\b([%s])\b" % letters, text.strip())
+        return float(bool(m) and m.group(1) in record.answers)
+    return float(any(norm(a) in norm(text) for a in record.answers if norm(a)))
+
+
+@pytest.mark.parametrize("set_name,n_prompts", [("factoid_qa", 10), ("multiple_choice", 8)])
+def test_accuracy_equals_slow_reference(default_model, set_name, n_prompts, tmp_path):
+    full = load_prompts(set_name)
+    pset = PromptSet(full.name, full.records[:n_prompts], sha256=full.sha256)
+    pair = make_pair(default_model, Recipe.single("magnitude:0.2", "*.up,*.gate"))
+    res = evaluate(pair, pset, 12, chat=True, chunk=4)
+    tok, eos = default_model.tokenizer, eos_ids(default_model)
+    ids = encode_prompts(tok, pset.prompts, chat=True)
+    for i, rec in enumerate(pset.records):
+        for side, model in (("dense", default_model.model), ("compressed", pair.compressed)):
+            text = tok.decode(slow_generate(model, ids[i], 12, eos), skip_special_tokens=True)
+            assert res.table[f"correct_{side}"][i] == slow_correct(text, rec), (side, i, text)
+    s = res.summary
+    assert s["accuracy_dense"] == res.table.correct_dense.mean()
+    assert s["accuracy_compressed"] == res.table.correct_compressed.mean()
+    # export: CSV with the configuration in a comment line, JSON with everything
+    csv_text = res.to_csv()
+    cfg = json.loads(csv_text.splitlines()[0].removeprefix("# config: "))
+    assert cfg["prompt_set_sha256"] == full.sha256 and cfg["new_tokens"] == 12
+    assert cfg["recipe"] == [{"spec": "magnitude:0.2", "components": "*.up,*.gate"}]
+    assert {"torch", "transformers", "dtm_core"} <= set(cfg["versions"])
+    back = pd.read_csv(io.StringIO(csv_text), comment="#")
+    assert list(back.fdt) == list(res.table.fdt)
+    data = json.loads(res.to_json())
+    assert data["config"] == cfg and len(data["rows"]) == n_prompts
+
+
+def test_builtin_sets_sizes():
+    sizes = {n: len(load_prompts(n).records) for n in
+             ["general", "factoid_qa", "multiple_choice", "retrieval_qa", "instructions"]}
+    assert sizes["general"] >= 50 and sizes["factoid_qa"] >= 50
+    assert sizes["multiple_choice"] >= 30 and sizes["retrieval_qa"] >= 20
+    assert sizes["instructions"] >= 20
+    assert all(r.answers for r in load_prompts("factoid_qa").records)
+    assert all(r.choices and r.answers[0] in "ABCD" for r in load_prompts("multiple_choice").records)
+    assert all(r.context and r.answers for r in load_prompts("retrieval_qa").records)
+
+
+def test_stop_keeps_finished_chunks():
+    import threading
+
+    lm = make_tiny("llama")
+    pair = make_pair(lm, Recipe.single("int8"))
+
+    class Tok(type(lm.tokenizer)):
+        def __call__(self, text, add_special_tokens=True):
+            class R:
+                input_ids = [int(w) for w in text.split()]
+            return R()
+
+    lm.tokenizer = Tok()
+    recs = [PromptRecord(prompt=f"{5 + i} {6 + i} 7", line=i + 1) for i in range(10)]
+    stop = threading.Event()
+    seen = []
+
+    def progress(frac, msg):
+        seen.append(frac)
+        stop.set()  # ask to stop as soon as the first chunk is done
+
+    res = evaluate(pair, PromptSet("s.txt", recs, sha256="0"), 6, chunk=3, stop=stop,
+                   progress=progress)
+    assert res.stopped and len(res.table) == 3 and seen == [0.3]
