@@ -82,3 +82,23 @@ def random_prompts(n: int, seed: int = 0, lo: int = 3, hi: int = 12) -> list[lis
     g = torch.Generator().manual_seed(seed)
     lens = torch.randint(lo, hi, (n,), generator=g).tolist()
     return [torch.randint(3, VOCAB, (L,), generator=g).tolist() for L in lens]
+
+
+class NumberTokenizer(TinyTokenizer):
+    """Text is whitespace-separated token ids: lets tests write exact prompts for tiny models."""
+
+    def __call__(self, text, add_special_tokens=True):
+        class Encoded:
+            input_ids = [int(w) for w in text.split()]
+        return Encoded()
+
+
+def hf_greedy(model, ids, n, eos, pad_id=0):
+    """transformers' own generate, one prompt at a time, cut after the first EOS: ground truth."""
+    x = torch.tensor([ids])
+    out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
+                         eos_token_id=sorted(eos), pad_token_id=pad_id)[0, len(ids):].tolist()
+    for k, t in enumerate(out):
+        if t in eos:
+            return out[:k + 1]
+    return out

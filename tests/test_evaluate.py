@@ -6,7 +6,6 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from dtm_core.compress import Recipe
 from dtm_core.evaluate import (answer_correct, chosen_letter, evaluate, normalize,
@@ -16,7 +15,7 @@ from dtm_core.models import eos_ids
 from dtm_core.pair import make_pair
 from dtm_core.prompts import PromptSet, PromptRecord, load_prompts
 
-from conftest import make_tiny
+from conftest import NumberTokenizer, hf_greedy, make_tiny
 
 
 def test_normalize_and_contains():
@@ -50,29 +49,12 @@ def test_paired_bootstrap_reference():
 def test_too_long_prompts_are_rejected_by_line():
     lm = make_tiny("llama")
     pair = make_pair(lm, Recipe.single("int8"))
-
-    class Tok(type(lm.tokenizer)):
-        def __call__(self, text, add_special_tokens=True):
-            class R:
-                input_ids = [int(w) for w in text.split()]
-            return R()
-
-    lm.tokenizer = Tok()
+    lm.tokenizer = NumberTokenizer()
     recs = [PromptRecord(prompt="5 6 7", line=1), PromptRecord(prompt=" ".join(["9"] * 250), line=2),
             PromptRecord(prompt="8 9", line=4)]
     res = evaluate(pair, PromptSet("x.txt", recs, sha256="0"), 10)
     assert list(res.table.line) == [1, 4]
     assert res.rejected and res.rejected[0][0] == 2 and "context of 256" in res.rejected[0][1]
-
-
-def slow_generate(model, ids, n, eos):
-    x = torch.tensor([ids])
-    out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
-                         eos_token_id=sorted(eos), pad_token_id=2)[0, len(ids):].tolist()
-    for k, t in enumerate(out):
-        if t in eos:
-            return out[:k + 1]
-    return out
 
 
 def slow_correct(text, record):
@@ -98,7 +80,7 @@ def test_accuracy_equals_slow_reference(default_model, set_name, n_prompts, tmp_
     ids = encode_prompts(tok, pset.prompts, chat=True)
     for i, rec in enumerate(pset.records):
         for side, model in (("dense", default_model.model), ("compressed", pair.compressed)):
-            text = tok.decode(slow_generate(model, ids[i], 12, eos), skip_special_tokens=True)
+            text = tok.decode(hf_greedy(model, ids[i], 12, eos, pad_id=2), skip_special_tokens=True)
             assert res.table[f"correct_{side}"][i] == slow_correct(text, rec), (side, i, text)
     s = res.summary
     assert s["accuracy_dense"] == res.table.correct_dense.mean()
@@ -131,14 +113,7 @@ def test_stop_keeps_finished_chunks():
 
     lm = make_tiny("llama")
     pair = make_pair(lm, Recipe.single("int8"))
-
-    class Tok(type(lm.tokenizer)):
-        def __call__(self, text, add_special_tokens=True):
-            class R:
-                input_ids = [int(w) for w in text.split()]
-            return R()
-
-    lm.tokenizer = Tok()
+    lm.tokenizer = NumberTokenizer()
     recs = [PromptRecord(prompt=f"{5 + i} {6 + i} 7", line=i + 1) for i in range(10)]
     stop = threading.Event()
     seen = []

@@ -8,18 +8,7 @@ from dtm_core.generation import greedy_generate, plan_batches
 from dtm_core.models import eos_ids
 from dtm_core.pair import make_pair
 
-from conftest import random_prompts
-
-
-def hf_greedy(model, ids, n, eos):
-    """transformers' own generate, one prompt at a time: the ground truth."""
-    x = torch.tensor([ids])
-    out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
-                         eos_token_id=sorted(eos), pad_token_id=0)[0, len(ids):].tolist()
-    for k, t in enumerate(out):
-        if t in eos:
-            return out[:k + 1]
-    return out
+from conftest import hf_greedy, random_prompts
 
 
 def test_batched_greedy_equals_unbatched_generate(tiny):

@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from dtm_core.compress import Recipe
 from dtm_core.divergence import divergence, first_difference
@@ -12,7 +11,7 @@ from dtm_core.generation import encode_prompts
 from dtm_core.models import eos_ids
 from dtm_core.pair import make_pair
 
-from conftest import ROOT
+from conftest import ROOT, hf_greedy
 
 PROMPTS = [
     "The capital of France is", "Once upon a time", "def fibonacci(n):",
@@ -22,16 +21,6 @@ PROMPTS = [
     "Translate to French: cat", "Reply with just OK.", "List three fruits:", "2 + 2 =",
 ]
 N = 24
-
-
-def hf_greedy(model, ids, eos):
-    x = torch.tensor([ids])
-    out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=N, do_sample=False,
-                         eos_token_id=sorted(eos), pad_token_id=2)[0, len(ids):].tolist()
-    for k, t in enumerate(out):
-        if t in eos:
-            return out[:k + 1]
-    return out
 
 
 @pytest.mark.parametrize("recipe,chat", [("int8", False), ("int4:g64@*.v,*.o", True),
@@ -45,7 +34,8 @@ def test_fdt_equals_real_greedy_divergence(default_model, recipe, chat):
     assert len({len(i) for i in ids}) > 3, "prompts of several lengths, so batches are padded"
     eos = eos_ids(default_model)
     for i, p in enumerate(ids):
-        gd, gc = hf_greedy(default_model.model, p, eos), hf_greedy(pair.compressed, p, eos)
+        gd = hf_greedy(default_model.model, p, N, eos, pad_id=2)
+        gc = hf_greedy(pair.compressed, p, N, eos, pad_id=2)
         assert res.references[i] == gd, f"prompt {i}: reference differs from real greedy"
         assert res.table.fdt[i] == first_difference(gd, gc, N), f"prompt {i}"
     assert (res.table.dense_self_agree == 1.0).all()
