@@ -187,7 +187,23 @@ def get_pair(model: str, side: dict):
     return REGISTRY.pair((model or "default").strip(), **side)
 
 
-STOP_EVENTS: dict[str, threading.Event] = {}  # per browser session: the Stop button's signal
+STOP_EVENTS: dict[str, threading.Event] = {}  # per browser session and job: Stop's signal
+
+
+def new_stop_event(job: str, request: gr.Request | None) -> threading.Event:
+    ev = threading.Event()
+    STOP_EVENTS[f"{job}:{request.session_hash if request else ''}"] = ev
+    return ev
+
+
+def stopper(job: str, message: str):
+    """The handler of a Stop button: signals the session's running job of that kind."""
+    def stop(request: gr.Request):
+        ev = STOP_EVENTS.get(f"{job}:{request.session_hash if request else ''}")
+        if ev is not None:
+            ev.set()
+        return message
+    return stop
 
 
 def compare(model, preset, spec, components, checkpoint, prompt, chat, new_tokens,
@@ -205,8 +221,7 @@ def compare(model, preset, spec, components, checkpoint, prompt, chat, new_token
                 f"Loading `{source}`… (the first load of the default model de-quantizes its GGUF, "
                 "about 15 s; later loads use the cache)",)
         pair = get_pair(source, side)
-        stop = threading.Event()
-        STOP_EVENTS[request.session_hash if request else ""] = stop
+        stop = new_stop_event("compare", request)
         n = int(new_tokens)
         tok = pair.tokenizer
         t0 = last = time.perf_counter()
@@ -248,13 +263,6 @@ def compare(model, preset, spec, components, checkpoint, prompt, chat, new_token
         yield empty + (f"⚠️ {exc}",)
 
 
-def stop_stream(request: gr.Request):
-    ev = STOP_EVENTS.get(request.session_hash if request else "")
-    if ev is not None:
-        ev.set()
-    return "Stopping…"
-
-
 def load_set(upload, builtin):
     """The prompt set the tab describes: an uploaded file wins over the built-in choice."""
     if upload is not None:
@@ -276,8 +284,7 @@ def run_set(model, preset, spec, components, checkpoint, upload, builtin, chat, 
         side = side_from_inputs(preset, spec, components, checkpoint)
         progress(0, desc="loading the pair")
         pair = get_pair(model, side)
-        stop = threading.Event()
-        STOP_EVENTS["set:" + (request.session_hash if request else "")] = stop
+        stop = new_stop_event("set", request)
         n = int(new_tokens)
         res = evaluate(pair, pset, n, chat=bool(chat), stop=stop,
                        progress=lambda f, m: progress(f, desc=m))
@@ -300,13 +307,6 @@ def run_set(model, preset, spec, components, checkpoint, upload, builtin, chat, 
             state)
 
 
-def stop_set(request: gr.Request):
-    ev = STOP_EVENTS.get("set:" + (request.session_hash if request else ""))
-    if ev is not None:
-        ev.set()
-    return "Stopping after the current chunk…"
-
-
 def open_in_compare(run_state, evt: gr.SelectData):
     """A selected table row opens its prompt in the Compare tab with the same pair."""
     if evt is None or not run_state:
@@ -318,6 +318,119 @@ def open_in_compare(run_state, evt: gr.SelectData):
     else:
         text = run_state["prompts"][evt.index[0]][1]
     return (gr.Tabs(selected="compare"), text, run_state["chat"], run_state["new_tokens"])
+
+
+def sensitivity_heatmap(table, metric: str) -> go.Figure:
+    from dtm_core.sweep import METRICS, heatmap_frame
+
+    z = heatmap_frame(table, metric)
+    params = heatmap_frame(table, "params")
+    fig = go.Figure(go.Heatmap(
+        z=z.values, x=list(z.columns), y=list(z.index), customdata=params.values,
+        colorscale="RdYlGn" if metric.startswith("fdt") else "RdYlGn_r",
+        hovertemplate="layer %{y}, %{x}<br>" + METRICS[metric] + " %{z:.4g}<br>"
+                      "params %{customdata:,}<extra></extra>"))
+    fig.update_layout(height=max(300, 18 * len(z.index) + 120), yaxis_title="layer",
+                      xaxis_title="kind", title=f"{METRICS[metric]} when one component is "
+                                                "compressed alone",
+                      margin=dict(l=50, r=20, t=50, b=40), yaxis=dict(autorange="reversed"))
+    return fig
+
+
+def run_sweep(model, spec, upload, builtin, chat, new_tokens, layers, kinds, metric,
+              request: gr.Request, progress=gr.Progress()):
+    from dtm_core.generation import encode_prompts
+    from dtm_core.sweep import sweep
+
+    try:
+        parse_spec(spec)
+        pset = load_set(upload, builtin)
+        source = (model or "default").strip()
+        progress(0, desc="loading the model")
+        dense = REGISTRY.dense(source)
+        ids = encode_prompts(dense.tokenizer, pset.prompts, chat=bool(chat))
+        stop = new_stop_event("sweep", request)
+        res = sweep(dense, spec, ids, int(new_tokens), layers=(layers or "").strip() or None,
+                    kinds=(kinds or "").strip() or None, stop=stop,
+                    progress=lambda f, m: progress(f, desc=m))
+    except DTMError as exc:
+        return None, None, f"⚠️ {exc}", None, None
+    if res.table.empty:
+        return None, None, "Stopped before any cell finished.", None, None
+    out = Path(tempfile.mkdtemp(prefix="dtm-sweep-")) / "sweep.csv"
+    res.table.to_csv(out, index=False)
+    msg = (f"{'Stopped' if res.stopped else 'Done'}: {len(res.table)} components "
+           f"({res.computed} computed, {res.reused} reused from the store) for {spec} on "
+           f"{pset.name}. Select a row to open that single-component pair in Compare.")
+    state = {"table": res.table.to_dict("records"), "spec": str(parse_spec(spec)),
+             "prompts": pset.prompts, "chat": bool(chat), "new_tokens": int(new_tokens)}
+    return sensitivity_heatmap(res.table, metric), res.table, msg, str(out), state
+
+
+def rerender_heatmap(state, metric):
+    import pandas as pd
+    if not state:
+        return None
+    return sensitivity_heatmap(pd.DataFrame(state["table"]), metric)
+
+
+def cell_to_compare(state, evt: gr.SelectData):
+    """A selected sweep row opens that single-component pair in Compare."""
+    if evt is None or not state:
+        return (gr.update(),) * 7
+    row = getattr(evt, "row_value", None)
+    comp = row[2] if row else state["table"][evt.index[0]]["component"]
+    return (gr.Tabs(selected="compare"), "custom spec", state["spec"], comp,
+            state["prompts"][0], state["chat"], state["new_tokens"])
+
+
+def run_plan(model, state, budget, progress=gr.Progress()):
+    import pandas as pd
+
+    from dtm_core.generation import encode_prompts
+    from dtm_core.plan import make_plan
+    from dtm_core.sweep import prepare
+
+    if not state:
+        return "Run a sweep first.", None, None
+    try:
+        dense = REGISTRY.dense((model or "default").strip())
+        ids = encode_prompts(dense.tokenizer, state["prompts"], chat=state["chat"])
+        n = state["new_tokens"]
+        progress(0, desc="dense references")
+        ctx = prepare(dense, ids, n)
+        plan = make_plan(dense, pd.DataFrame(state["table"]), state["spec"], ids, ctx.references,
+                         n, float(budget), progress=lambda k, m: progress(None, desc=m))
+    except DTMError as exc:
+        return f"⚠️ {exc}", None, None
+    path = Path(tempfile.mkdtemp(prefix="dtm-plan-")) / "plan.json"
+    plan.save(str(path))
+    fig = px.line(plan.curve, x="share_params", y="fdt_mean", markers=True,
+                  hover_data=["k"], title="Bisection probes: mean FDT of the combined compression")
+    fig.add_hline(y=plan.budget_fdt, line_dash="dash", annotation_text="budget")
+    fig.update_layout(height=300)
+    msg = (f"Plan: {len(plan.components)} components ({plan.share_params:.1%} of component "
+           f"parameters) compressed with {plan.spec}; mean FDT {plan.fdt_mean:.2f} "
+           f"(budget {plan.budget_fdt:.2f}), verified with {len(plan.curve) - 1} evaluations. "
+           "Load the JSON with `--recipe` in the CLI.")
+    return msg, str(path), fig
+
+
+def run_levels(model, upload, builtin, chat, new_tokens, method, levels, kinds,
+               progress=gr.Progress()):
+    from dtm_core.levels import level_curves
+
+    try:
+        pset = load_set(upload, builtin)
+        dense = REGISTRY.dense((model or "default").strip())
+        table = level_curves(dense, method, levels, kinds, pset.prompts, int(new_tokens),
+                             chat=bool(chat), progress=lambda f, m: progress(f, desc=m))
+    except DTMError as exc:
+        return None, f"⚠️ {exc}"
+    fig = px.line(table, x="level", y="fdt_mean", color="kind", markers=True,
+                  title=f"Mean FDT against {method} level, one line per kind (all layers)")
+    fig.update_layout(height=320)
+    return fig, f"Done: {len(table)} points."
 
 
 # --------------------------------------------------------------------------------------------
@@ -346,10 +459,15 @@ def build_app(default_model: str = "default") -> gr.Blocks:
                 compare_tab(pair_inputs)
             with gr.Tab("Prompt sets", id="prompt-sets"):
                 sets_tab(pair_inputs)
+            with gr.Tab("Sensitivity", id="sensitivity"):
+                sensitivity_tab(model)
         # a row selected in the results table opens in Compare (wired here: it spans tabs)
         ui = UI
         ui["results"].select(open_in_compare, [ui["run_state"]],
                              [tabs, ui["prompt"], ui["chat"], ui["new_tokens"]])
+        ui["cells"].select(cell_to_compare, [ui["sweep_state"]],
+                           [tabs, preset, spec, components, ui["prompt"], ui["chat"],
+                            ui["new_tokens"]])
     return demo
 
 
@@ -388,8 +506,69 @@ def compare_tab(pair_inputs):
     generate.click(compare, pair_inputs + [prompt, chat, new_tokens],
                    [dense_out, comp_out, fdt, sdt, plot, sdt_map, status],
                    concurrency_limit=1, concurrency_id="model")
-    stop.click(stop_stream, None, [status], queue=False)
+    stop.click(stopper("compare", "Stopping…"), None, [status], queue=False)
     UI.update(prompt=prompt, chat=chat, new_tokens=new_tokens)
+
+
+def sensitivity_tab(model):
+    from dtm_core.sweep import METRICS
+
+    gr.Markdown("Compress each `LAYER.KIND` alone with one spec and measure the divergence on a "
+                "prompt set. Finished cells are stored on disk: a stopped sweep resumes, a "
+                "finished one reopens instantly.")
+    with gr.Row():
+        spec = gr.Textbox(value="int4:g128", label="Spec", elem_id="sens-spec")
+        builtin = gr.Dropdown(builtin_names(), value="general", label="Built-in set",
+                              elem_id="sens-builtin")
+        upload = gr.File(label="or a prompt file", file_types=[".txt", ".jsonl", ".csv"],
+                         elem_id="sens-upload")
+    with gr.Row():
+        chat = gr.Checkbox(value=False, label="Chat template", elem_id="sens-chat")
+        new_tokens = gr.Slider(1, 128, value=32, step=1, label="N", elem_id="sens-new-tokens")
+        layers = gr.Textbox(label="Layers (optional)", placeholder="0-3", elem_id="sens-layers")
+        kinds = gr.Textbox(label="Kinds (optional)", placeholder="q,k", elem_id="sens-kinds")
+        metric = gr.Dropdown(list(METRICS), value="fdt_mean", label="Heatmap metric",
+                             elem_id="sens-metric")
+    with gr.Row():
+        run = gr.Button("Run sweep", variant="primary", elem_id="sens-run")
+        stop = gr.Button("Stop", variant="stop", elem_id="sens-stop")
+    status = gr.Markdown("", elem_id="sens-status")
+    heat = gr.Plot(elem_id="sens-heatmap")
+    cells = gr.Dataframe(label="Cells (select a row to open it in Compare)", interactive=False,
+                         elem_id="sens-table", max_height=400)
+    csv_file = gr.File(label="Sweep CSV", elem_id="sens-csv")
+    state = gr.State(None)
+    run.click(run_sweep, [model, spec, upload, builtin, chat, new_tokens, layers, kinds, metric],
+              [heat, cells, status, csv_file, state], concurrency_limit=1,
+              concurrency_id="model")
+    stop.click(stopper("sweep", "Stopping after the current cell…"), None, [status],
+               queue=False)
+    metric.change(rerender_heatmap, [state, metric], [heat])
+    gr.Markdown("### Plan: the largest least-sensitive set within a budget")
+    with gr.Row():
+        budget = gr.Slider(0.1, 1.0, value=0.9, step=0.01, label="Budget: mean FDT >= budget x N",
+                           elem_id="plan-budget")
+        plan_btn = gr.Button("Make plan", elem_id="plan-run")
+    plan_status = gr.Markdown("", elem_id="plan-status")
+    with gr.Row():
+        plan_file = gr.File(label="Plan JSON (recipe)", elem_id="plan-json")
+        plan_plot = gr.Plot(elem_id="plan-curve")
+    plan_btn.click(run_plan, [model, state, budget], [plan_status, plan_file, plan_plot],
+                   concurrency_limit=1, concurrency_id="model")
+    gr.Markdown("### Level curves: a metric against sparsity or bit width, one line per kind")
+    with gr.Row():
+        method = gr.Dropdown(["magnitude", "wanda", "int", "int:g128"], value="magnitude",
+                             label="Method", elem_id="lvl-method")
+        levels = gr.Textbox(value="0.1,0.3,0.5,0.7,0.9", label="Levels (sparsities or bits)",
+                            elem_id="lvl-levels")
+        lvl_kinds = gr.Textbox(value="q,down", label="Kinds", elem_id="lvl-kinds")
+        lvl_btn = gr.Button("Draw level curves", elem_id="lvl-run")
+    lvl_status = gr.Markdown("", elem_id="lvl-status")
+    lvl_plot = gr.Plot(elem_id="lvl-plot")
+    lvl_btn.click(run_levels, [model, upload, builtin, chat, new_tokens, method, levels,
+                               lvl_kinds], [lvl_plot, lvl_status], concurrency_limit=1,
+                  concurrency_id="model")
+    UI.update(cells=cells, sweep_state=state)
 
 
 def sets_tab(pair_inputs):
@@ -424,7 +603,7 @@ def sets_tab(pair_inputs):
     run.click(run_set, pair_inputs + [upload, builtin, chat, new_tokens],
               [results, cards, hist, surv, scat, csv_file, json_file, status, run_state],
               concurrency_limit=1, concurrency_id="model")
-    stop.click(stop_set, None, [status], queue=False)
+    stop.click(stopper("set", "Stopping after the current chunk…"), None, [status], queue=False)
     UI.update(results=results, run_state=run_state)
 
 

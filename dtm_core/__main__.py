@@ -58,6 +58,30 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
     ev.add_argument("--out", help="CSV with one row per prompt (run configuration in a # line)")
     ev.add_argument("--json", help="JSON with configuration, summary and rows")
+    for name, helptext in (("sweep", "compress one LAYER.KIND at a time (sensitivity map)"),
+                           ("plan", "sweep, then the largest set of components within a budget")):
+        sp = sub.add_parser(name, help=helptext)
+        sp.add_argument("--model", default="default")
+        sp.add_argument("--compress", required=True, metavar="SPEC")
+        sp.add_argument("--prompts", required=True)
+        sp.add_argument("--new-tokens", type=int, default=32, metavar="N")
+        sp.add_argument("--chat", action="store_true")
+        sp.add_argument("--layers", help="layer range(s), e.g. 0-3 or 0,5,10-12")
+        sp.add_argument("--kinds", help="comma-separated kinds, e.g. q,k")
+        sp.add_argument("--device", default="auto")
+        sp.add_argument("--dtype", default="auto")
+        sp.add_argument("--trust-remote-code", action="store_true")
+        sp.add_argument("--cache-dir", help="where cells are stored (default "
+                                            "$XDG_CACHE_HOME/dtm-inspector)")
+        sp.add_argument("--batch-size", type=int, default=16)
+        if name == "sweep":
+            sp.add_argument("--out", help="CSV with one row per component")
+        else:
+            sp.add_argument("--budget", type=float, default=0.9,
+                            help="keep mean FDT of the combined compression >= BUDGET x N")
+            sp.add_argument("--out", help="plan JSON (a recipe the CLI and the app load)")
+            sp.add_argument("--save", metavar="DIR", help="save the compressed model here "
+                                                          "(save_pretrained, safetensors)")
     return parser
 
 
@@ -145,11 +169,84 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-COMMANDS = {"divergence": cmd_divergence, "evaluate": cmd_evaluate}
+def _sweep_setup(args):
+    import os
+
+    from .compress import parse_spec
+    from .generation import encode_prompts
+    from .models import load_model
+    from .prompts import load_prompts
+
+    _check_common(args)
+    parse_spec(args.compress)
+    pset = load_prompts(args.prompts)
+    dense = load_model(args.model, device=args.device, dtype=args.dtype,
+                       trust_remote_code=args.trust_remote_code, cache_dir=args.cache_dir)
+    ids = encode_prompts(dense.tokenizer, pset.prompts, chat=args.chat)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:  # torchrun: share the cores between the ranks
+        import torch
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+    return dense, ids, rank, world
+
+
+def cmd_sweep(args) -> int:
+    from .sweep import sweep
+
+    dense, ids, rank, world = _sweep_setup(args)
+    res = sweep(dense, args.compress, ids, args.new_tokens, layers=args.layers, kinds=args.kinds,
+                cache_dir=args.cache_dir, batch_size=args.batch_size, rank=rank, world=world)
+    if rank != 0:
+        return 0
+    if args.out:
+        res.table.to_csv(args.out, index=False)
+    print(f"sweep {args.compress} on {dense.source}: {len(res.table)} components "
+          f"({res.computed} computed here, {res.reused} from the store {res.folder}"
+          f"{f', {world} ranks' if world > 1 else ''})")
+    cols = ["component", "params", "fdt_mean", "sdt_mean", "kl_mean"]
+    print(res.table[cols].sort_values("fdt_mean").head(10).to_string(index=False))
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from .plan import make_plan, save_compressed
+    from .sweep import prepare, sweep
+
+    dense, ids, rank, world = _sweep_setup(args)
+    ctx = prepare(dense, ids, args.new_tokens, args.batch_size)
+    res = sweep(dense, args.compress, ids, args.new_tokens, layers=args.layers, kinds=args.kinds,
+                cache_dir=args.cache_dir, batch_size=args.batch_size, rank=rank, world=world,
+                ctx=ctx)
+    if rank != 0:
+        return 0
+    plan = make_plan(dense, res.table, args.compress, ids, ctx.references, args.new_tokens,
+                     args.budget)
+    if args.out:
+        plan.save(args.out)
+    if args.save:
+        save_compressed(dense, plan.recipe, args.save)
+    print(f"plan {plan.spec}: {len(plan.components)} of {len(res.table)} components, "
+          f"{plan.share_params:.1%} of all component parameters compressed; "
+          f"mean FDT {plan.fdt_mean:.2f} (budget {plan.budget_fdt:.2f})")
+    print(plan.curve.to_string(index=False))
+    return 0
+
+
+COMMANDS = {"divergence": cmd_divergence, "evaluate": cmd_evaluate, "sweep": cmd_sweep,
+            "plan": cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     args = build_parser().parse_args(argv)
+    try:
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
     try:
         return COMMANDS[args.command](args)
     except DTMError as exc:

@@ -23,19 +23,21 @@ class Family:
     layers: str                    # attribute path of the decoder layer list
     kinds: dict[str, str]          # kind -> attribute path inside one layer
     transposed: bool = False       # Conv1D keeps weights as (in, out)
+    tail: tuple[str, ...] = ()     # modules between the last layer and the LM head (if present)
 
 
 FAMILIES = (
     Family("llama", "model.layers", {
         "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
         "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
-        "down": "mlp.down_proj"}),
+        "down": "mlp.down_proj"}, tail=("model.norm",)),
     Family("gpt2", "transformer.h", {
         "qkv": "attn.c_attn", "o": "attn.c_proj", "up": "mlp.c_fc", "down": "mlp.c_proj"},
-        transposed=True),
+        transposed=True, tail=("transformer.ln_f",)),
     Family("opt", "model.decoder.layers", {
         "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
-        "o": "self_attn.out_proj", "up": "fc1", "down": "fc2"}),
+        "o": "self_attn.out_proj", "up": "fc1", "down": "fc2"},
+        tail=("model.decoder.final_layer_norm", "model.decoder.project_out")),
 )
 
 
@@ -77,6 +79,23 @@ def family_of(model) -> Family:
     arch = type(model).__name__
     raise DTMError(f"Architecture {arch} is not supported: components are named for the Llama "
                    "(Llama, Mistral, Qwen2, SmolLM), GPT-2 and OPT families.")
+
+
+def decoder_layers(model) -> list:
+    return list(_get(model, family_of(model).layers))
+
+
+def tail_modules(model) -> list:
+    """The modules applied after the last decoder layer and before the LM head."""
+    out = []
+    for path in family_of(model).tail:
+        try:
+            mod = _get(model, path)
+        except AttributeError:
+            continue
+        if mod is not None:
+            out.append(mod)
+    return out
 
 
 def num_layers(model) -> int:

@@ -72,14 +72,18 @@ def kl_per_position(d_logp: torch.Tensor, c_logp: torch.Tensor) -> torch.Tensor:
 
 def token_metrics(dense_logits: torch.Tensor, comp_logits: torch.Tensor, ref: torch.Tensor,
                   n_new: int) -> TokenMetrics:
-    """Metrics from the logits that predict each reference token (shape (L, V) each)."""
+    """Metrics from the logits that predict each reference token (shape (L, V) each).
+
+    Argmaxes are taken on the raw logits, exactly as greedy decoding picks its token.
+    """
     d = torch.log_softmax(dense_logits.float(), -1)
     c = torch.log_softmax(comp_logits.float(), -1)
     ref = ref.to(d.device)
     idx = ref[:, None]
     return TokenMetrics(
-        ref=ref.cpu(), dense_argmax=d.argmax(-1).cpu(), comp_argmax=c.argmax(-1).cpu(),
-        kl=kl_per_position(d, c).cpu(), p_dense_ref=d.gather(-1, idx)[:, 0].exp().cpu(),
+        ref=ref.cpu(), dense_argmax=dense_logits.argmax(-1).cpu(),
+        comp_argmax=comp_logits.argmax(-1).cpu(), kl=kl_per_position(d, c).cpu(),
+        p_dense_ref=d.gather(-1, idx)[:, 0].exp().cpu(),
         p_comp_ref=c.gather(-1, idx)[:, 0].exp().cpu(), n_new=n_new)
 
 

@@ -97,9 +97,9 @@ def stream_pair(pair: Pair, prompt: str | None = None, new_tokens: int = 48, *, 
         d_logp = torch.log_softmax(ld[0].float(), -1)
         c_logp = torch.log_softmax(lc[0].float(), -1)
         f_logp = torch.log_softmax(lc[1].float(), -1)
-        d_tok = None if state.dense_done else int(d_logp.argmax())
-        c_tok = None if state.comp_done else int(c_logp.argmax())
-        f_tok = None if state.dense_done else int(f_logp.argmax())
+        d_tok = None if state.dense_done else int(ld[0].argmax())
+        c_tok = None if state.comp_done else int(lc[0].argmax())
+        f_tok = None if state.dense_done else int(lc[1].argmax())
         step = Step(pos=t, dense_token=d_tok, comp_token=c_tok, forced_token=f_tok,
                     dense_top=_top(d_logp) if d_tok is not None else [],
                     comp_top=_top(c_logp) if c_tok is not None else [],

@@ -112,8 +112,9 @@ def test_stream_highlight_matches_engine_and_stop(browser, app_url, default_mode
 def test_bad_spec_shows_message_and_app_keeps_serving(browser, app_url):
     page = browser.new_page()
     page.goto(app_url)
-    page.locator("#preset input").fill("custom spec")
-    page.locator("#preset input").press("Enter")
+    page.locator("#preset input").click()
+    page.get_by_role("option", name="custom spec").click()
+    assert page.locator("#preset input").input_value() == "custom spec"
     page.locator("#spec textarea, #spec input").first.fill("int99")
     page.locator("#prompt textarea").fill("Hello")
     page.locator("#generate").click()
@@ -133,9 +134,7 @@ def test_prompt_set_upload_table_plots_and_row_to_compare(browser, app_url, tmp_
                  "{broken\n"
                  '{"question": "What is the capital of Italy?", "answer": "Rome"}\n')
     page = browser.new_page()
-    page.goto(app_url)
-    page.get_by_role("tab", name="Prompt sets").click()
-    page.locator("#set-upload input[type=file]").set_input_files(str(f))
+    upload_to_tab(page, app_url, "Prompt sets", "#set-upload", f)
     page.locator("#set-new-tokens input[type=number]").fill("8")
     page.locator("#set-new-tokens input[type=number]").press("Enter")
     page.locator("#set-run").click()
@@ -157,14 +156,39 @@ def test_prompt_set_upload_table_plots_and_row_to_compare(browser, app_url, tmp_
     assert page.locator("#prompt").is_visible()
 
 
+def upload_to_tab(page, url, tab, upload_id, path):
+    page.goto(url)
+    page.get_by_role("tab", name=tab).click()
+    page.locator(f"{upload_id} input[type=file]").set_input_files(str(path))
+
+
 def test_prompt_set_bad_file_message(browser, app_url, tmp_path):
     f = tmp_path / "bad.csv"
     f.write_text("foo,bar\n1,2\n")
     page = browser.new_page()
-    page.goto(app_url)
-    page.get_by_role("tab", name="Prompt sets").click()
-    page.locator("#set-upload input[type=file]").set_input_files(str(f))
+    upload_to_tab(page, app_url, "Prompt sets", "#set-upload", f)
     page.locator("#set-run").click()
     page.wait_for_function(
         "document.querySelector('#set-status').innerText.includes('no prompt column')",
         timeout=60_000)
+
+
+def test_sensitivity_heatmap_and_cell_to_compare(browser, app_url, tmp_path):
+    f = tmp_path / "few.txt"
+    f.write_text("The capital of France is\nWater boils at\n")
+    page = browser.new_page()
+    upload_to_tab(page, app_url, "Sensitivity", "#sens-upload", f)
+    page.locator("#sens-layers textarea, #sens-layers input").first.fill("0-1")
+    page.locator("#sens-kinds textarea, #sens-kinds input").first.fill("q,down")
+    page.locator("#sens-new-tokens input[type=number]").fill("8")
+    page.locator("#sens-new-tokens input[type=number]").press("Enter")
+    page.locator("#sens-run").click()
+    page.wait_for_function("document.querySelector('#sens-status').innerText.includes('Done')",
+                           timeout=180_000)
+    assert "4 components" in page.locator("#sens-status").inner_text()
+    page.wait_for_selector("#sens-heatmap .js-plotly-plot", timeout=20_000)
+    page.locator("#sens-table [role=gridcell]").filter(has_text="1.down").first.click()
+    page.wait_for_function(
+        "document.querySelector('#components textarea, #components input').value === '1.down'",
+        timeout=20_000)
+    assert page.locator("#prompt textarea").input_value() == "The capital of France is"

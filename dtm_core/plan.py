@@ -1,0 +1,126 @@
+"""Turn a sensitivity map into a deployable plan (the paper's use of the map).
+
+Components are ordered from least to most sensitive (highest single-component mean FDT first). The
+plan is the longest prefix of that order whose *combined* compression keeps the mean FDT at or above
+the budget, found by bisection over the prefix length with a real evaluation at each probe (so about
+log2(components) evaluations, not one per component).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from .compress import Recipe, RecipeItem, parse_spec
+from .components import all_components
+from .divergence import divergence
+from .errors import DTMError
+from .models import LoadedModel
+from .pair import make_pair
+
+GGUF_NAMES = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output", "qkv": "attn_qkv",
+              "gate": "ffn_gate", "up": "ffn_up", "down": "ffn_down"}
+
+
+@dataclass
+class Plan:
+    spec: str
+    components: list[str]
+    budget_fdt: float
+    fdt_mean: float
+    share_params: float
+    curve: pd.DataFrame = field(repr=False)   # every probe: k, share_params, fdt_mean
+
+    @property
+    def recipe(self) -> Recipe:
+        if not self.components:
+            return Recipe((RecipeItem("*.*", parse_spec("none")),))
+        return Recipe((RecipeItem(",".join(self.components), parse_spec(self.spec)),))
+
+    def llama_cpp_overrides(self) -> list[str]:
+        """``--tensor-type`` arguments for llama-quantize (quantization plans only)."""
+        return llama_cpp_overrides(self.spec, self.components)
+
+    def to_json(self) -> dict:
+        sp = parse_spec(self.spec)
+        return {"recipe": self.recipe.to_json(), "spec": self.spec, "components": self.components,
+                "budget_fdt_mean": self.budget_fdt, "fdt_mean": self.fdt_mean,
+                "share_params": self.share_params,
+                "curve": json.loads(self.curve.to_json(orient="records")),
+                "llama_cpp_tensor_types": self.llama_cpp_overrides() if sp.is_quantization
+                else []}
+
+    def save(self, path: str) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=2), encoding="utf-8")
+
+
+def llama_cpp_type(spec: str) -> str:
+    sp = parse_spec(spec)
+    if sp.method == "w8a8" or (sp.method == "int" and sp.bits == 8):
+        return "q8_0"
+    if sp.method != "int":
+        raise DTMError(f"'{spec}' is not a quantization spec; llama.cpp overrides need intB.")
+    return {6: "q6_K", 5: "q5_1" if sp.asym else "q5_0", 4: "q4_1" if sp.asym else "q4_0",
+            3: "q3_K", 2: "q2_K", 7: "q8_0"}[sp.bits]
+
+
+def llama_cpp_overrides(spec: str, components: list[str]) -> list[str]:
+    qtype = llama_cpp_type(spec)
+    out = []
+    for name in components:
+        layer, kind = name.split(".")
+        out.append(f"--tensor-type blk\\.{layer}\\.{GGUF_NAMES[kind]}\\.weight={qtype}")
+    return out
+
+
+def make_plan(dense: LoadedModel, sweep_table: pd.DataFrame, spec: str, prompt_ids, references,
+              new_tokens: int, budget: float = 0.9, progress=None) -> Plan:
+    """The largest least-sensitive-first set of components whose combined compression keeps
+    mean FDT >= budget * N, verified by real evaluations (bisection)."""
+    if sweep_table.empty:
+        raise DTMError("The sweep has no cells to plan from.")
+    if not 0 < budget <= 1:
+        raise DTMError("The budget is a share of N in (0, 1], e.g. 0.9.")
+    order = sweep_table.sort_values(["fdt_mean", "kl_mean"], ascending=[False, True])
+    names = list(order.component)
+    params = {c.name: c.params for c in all_components(dense.model)}
+    total = sum(params.values())
+    target = budget * new_tokens
+    probes: dict[int, float] = {0: float(new_tokens)}
+
+    def fdt_of(k: int) -> float:
+        if k not in probes:
+            recipe = Recipe.single(spec, ",".join(names[:k]))
+            pair = make_pair(dense, recipe, calibration=None) if not recipe.needs_calibration \
+                else None
+            if pair is None:
+                raise DTMError("Plans for wanda specs are not supported; use magnitude or intB.")
+            res = divergence(pair, prompt_ids=prompt_ids, references=references,
+                             new_tokens=new_tokens)
+            probes[k] = float(res.table.fdt.mean())
+            if progress:
+                progress(len(probes), f"{k} components: mean FDT {probes[k]:.2f}")
+        return probes[k]
+
+    lo, hi = 0, len(names)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fdt_of(mid) >= target:
+            lo = mid
+        else:
+            hi = mid - 1
+    chosen = names[:lo]
+    curve = pd.DataFrame([{"k": k, "share_params": sum(params[n] for n in names[:k]) / total,
+                           "fdt_mean": v} for k, v in sorted(probes.items())])
+    return Plan(spec=str(parse_spec(spec)), components=chosen, budget_fdt=target,
+                fdt_mean=probes[lo], share_params=sum(params[n] for n in chosen) / total,
+                curve=curve)
+
+
+def save_compressed(dense: LoadedModel, recipe: Recipe, folder: str) -> None:
+    """Write the compressed model (safetensors) and tokenizer with save_pretrained."""
+    pair = make_pair(dense, recipe)
+    pair.compressed.save_pretrained(folder)
+    dense.tokenizer.save_pretrained(folder)

@@ -1,0 +1,291 @@
+"""Sensitivity sweeps: compress one ``LAYER.KIND`` at a time and measure the divergence it causes.
+
+Layers before the compressed one see exactly the dense model's inputs, so the dense pass records
+every decoder layer's input once per prompt set (:class:`SweepContext`), and a cell reruns only the
+layers at and after its component, then the final norm and the LM head. The shapes and kernels are
+those of a full forward pass, so a cell's numbers equal ``divergence --components LAYER.KIND``.
+
+Cells are stored on disk one at a time (a small JSON file each, written atomically) under a key of
+(model fingerprint, spec, prompt tokens, N, metric version): a stopped or killed sweep resumes
+without recomputing finished cells, and a finished one loads instantly.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import METRIC_VERSION
+from .compress import Recipe, apply_recipe, parse_spec
+from .components import all_components, decoder_layers, family_of, tail_modules
+from .divergence import pad_id_of, reference_continuations
+from .errors import DTMError
+from .generation import check_lengths, plan_batches, vocab_size
+from .models import LoadedModel, cache_root
+from .pair import Pair, input_norms, shared_copy
+
+CELL_COLUMNS = ["layer", "kind", "component", "params", "fdt_mean", "fdt_median", "fdt_p25",
+                "sdt_mean", "kl_mean", "ppl_change", "seconds"]
+METRICS = {"fdt_mean": "mean FDT", "fdt_median": "median FDT", "fdt_p25": "p25 FDT",
+           "sdt_mean": "SDT", "kl_mean": "KL", "ppl_change": "perplexity change"}
+
+
+@dataclass
+class SweepContext:
+    """Dense-side work shared by every cell of a sweep over one prompt set."""
+
+    prompt_ids: list[list[int]]
+    references: list[list[int]]
+    new_tokens: int
+    batches: list[list[int]]
+    layer_inputs: list[list[tuple[tuple, dict]]]   # per batch, per layer: (args, kwargs)
+    rows: list[torch.Tensor]        # per batch: (row, position) of every continuation logit
+    pos: list[torch.Tensor]
+    dense_logp: list[torch.Tensor]  # per batch: (sum L, V) dense log-probabilities there
+    dense_p: list[torch.Tensor]     # their probabilities, and sum_v p log p per position
+    dense_negent: list[torch.Tensor]
+    refs: list[torch.Tensor]        # per batch: (sum L,) reference tokens
+
+
+@torch.no_grad()
+def prepare(dense: LoadedModel, prompt_ids: Sequence[Sequence[int]], new_tokens: int,
+            batch_size: int = 16, references=None) -> SweepContext:
+    """Reference continuations, then one dense pass recording every decoder layer's input."""
+    from .generation import teacher_forced_logits
+
+    prompt_ids = [list(p) for p in prompt_ids]
+    check_lengths(dense.model, prompt_ids, new_tokens)
+    pair = Pair(dense=dense, compressed=dense.model, label="dense")
+    refs = references or reference_continuations(pair, prompt_ids, new_tokens, batch_size)
+    full = [p + r for p, r in zip(prompt_ids, refs)]
+    batches = plan_batches([len(s) for s in full], vocab_size(dense.model), batch_size)
+    layers = decoder_layers(dense.model)
+    pad = pad_id_of(dense.tokenizer)
+    ctx = SweepContext(prompt_ids, refs, new_tokens, batches, [], [], [], [], [], [], [])
+    for idx in batches:
+        rec: list = [None] * len(layers)
+        hooks = [layer.register_forward_pre_hook(
+            lambda m, a, kw, i=i: rec.__setitem__(i, (a, dict(kw))), with_kwargs=True)
+            for i, layer in enumerate(layers)]
+        try:
+            logits = teacher_forced_logits(dense.model, [full[i] for i in idx], pad)
+        finally:
+            for h in hooks:
+                h.remove()
+        rows = torch.cat([torch.full((len(refs[i]),), j) for j, i in enumerate(idx)])
+        pos = torch.cat([torch.arange(len(refs[i])) + len(prompt_ids[i]) - 1 for i in idx])
+        dev = logits.device
+        ctx.layer_inputs.append(rec)
+        ctx.rows.append(rows.to(dev))
+        ctx.pos.append(pos.to(dev))
+        d = torch.log_softmax(logits[rows.to(dev), pos.to(dev)].float(), -1)
+        p = d.exp()
+        ctx.dense_logp.append(d)
+        ctx.dense_p.append(p)
+        ctx.dense_negent.append(torch.where(p > 0, p * d, torch.zeros_like(d)).sum(-1))
+        ctx.refs.append(torch.cat([torch.tensor(refs[i], dtype=torch.long) for i in idx]).to(dev))
+    return ctx
+
+
+@torch.no_grad()
+def continuation_hidden(model, ctx: SweepContext, b: int, start: int) -> torch.Tensor:
+    """(sum L, H) final hidden states at batch ``b``'s continuation positions when layers
+    ``start``.. of ``model`` run on the recorded inputs."""
+    args, kwargs = ctx.layer_inputs[b][start]
+    hidden = args[0] if args else kwargs["hidden_states"]
+    for layer in decoder_layers(model)[start:]:
+        if args:
+            out = layer(hidden, *args[1:], **kwargs)
+        else:
+            out = layer(**{**kwargs, "hidden_states": hidden})
+        hidden = out[0] if isinstance(out, tuple) else out
+    for mod in tail_modules(model):
+        hidden = mod(hidden)
+    return hidden[ctx.rows[b], ctx.pos[b]]
+
+
+ROW_CHUNK = 64  # LM-head rows per step: each chunk's logits are reduced while still in cache
+
+
+@torch.no_grad()
+def cell_table(model, ctx: SweepContext, start: int) -> pd.DataFrame:
+    """Per-prompt FDT, SDT, KL and perplexities of ``model`` (compressed at layer ``start`` or
+    later) against the dense model: the definitions of :func:`token_metrics`, vectorized."""
+    head = model.get_output_embeddings()
+    rows = []
+    for b, idx in enumerate(ctx.batches):
+        hidden = continuation_hidden(model, ctx, b, start)
+        agree, kl, lp_c = [], [], []
+        for s in range(0, len(hidden), ROW_CHUNK):
+            sl = slice(s, s + ROW_CHUNK)
+            logits = head(hidden[sl]).float()
+            ref = ctx.refs[b][sl]
+            agree.append(logits.argmax(-1) == ref)
+            lse = torch.logsumexp(logits, -1)
+            # KL(d || c) = sum p_d log p_d - (sum p_d z_c - logsumexp z_c)
+            kl.append(ctx.dense_negent[b][sl] - torch.linalg.vecdot(ctx.dense_p[b][sl], logits)
+                      + lse)
+            lp_c.append(logits.gather(-1, ref[:, None])[:, 0] - lse)
+        agree = torch.cat(agree).cpu()
+        kl = torch.cat(kl).clamp(min=0).cpu()
+        lp_c = torch.cat(lp_c).double().cpu()
+        lp_d = ctx.dense_logp[b].gather(-1, ctx.refs[b][:, None])[:, 0].double().cpu()
+        sizes = [len(ctx.references[i]) for i in idx]
+        for i, a, k, ld, lc in zip(idx, agree.split(sizes), kl.split(sizes), lp_d.split(sizes),
+                                   lp_c.split(sizes)):
+            bad = (~a).nonzero()
+            rows.append({"prompt_index": i,
+                         "fdt": int(bad[0, 0]) if len(bad) else ctx.new_tokens,
+                         "sdt": int((~a).sum()) / len(a), "kl_mean": float(k.mean()),
+                         "ppl_dense": float(torch.exp(-ld.mean())),
+                         "ppl_compressed": float(torch.exp(-lc.mean()))})
+    return pd.DataFrame(rows).sort_values("prompt_index").reset_index(drop=True)
+
+
+def summarize_cell(t: pd.DataFrame) -> dict:
+    fdt = t.fdt.to_numpy(float)
+    return {"fdt_mean": float(fdt.mean()), "fdt_median": float(np.median(fdt)),
+            "fdt_p25": float(np.percentile(fdt, 25)), "sdt_mean": float(t.sdt.mean()),
+            "kl_mean": float(t.kl_mean.mean()),
+            "ppl_change": float((t.ppl_compressed / t.ppl_dense - 1).mean())}
+
+
+# --------------------------------------------------------------------------------------------
+# The on-disk store
+
+
+def sweep_key(dense: LoadedModel, spec: str, prompt_ids, new_tokens: int, extra: str = "") -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([dense.fingerprint, str(parse_spec(spec)), new_tokens, METRIC_VERSION,
+                         extra]).encode())
+    h.update(json.dumps(prompt_ids).encode())
+    return h.hexdigest()[:24]
+
+
+class CellStore:
+    """One JSON file per finished cell, written atomically (temporary file, then rename)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        (folder / "cells").mkdir(parents=True, exist_ok=True)
+
+    def path(self, name: str) -> Path:
+        return self.folder / "cells" / f"{name}.json"
+
+    def get(self, name: str) -> dict | None:
+        try:
+            return json.loads(self.path(name).read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def put(self, name: str, row: dict) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.folder / "cells", prefix=".tmp-")
+        with os.fdopen(fd, "w") as fh:
+            json.dump(row, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path(name))
+
+    def write_meta(self, meta: dict) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".tmp-")
+        with os.fdopen(fd, "w") as fh:
+            json.dump(meta, fh, indent=2)
+        os.replace(tmp, self.folder / "meta.json")
+
+
+@dataclass
+class SweepResult:
+    table: pd.DataFrame
+    key: str
+    folder: Path
+    computed: int
+    reused: int
+    stopped: bool = False
+
+
+def select_components(model, layers: str | None = None, kinds: str | None = None) -> list:
+    """The components of a sweep: all, or those in a layer range and a list of kinds."""
+    comps = all_components(model)
+    fam = family_of(model)
+    if kinds:
+        wanted = [k.strip() for k in kinds.split(",") if k.strip()]
+        bad = [k for k in wanted if k not in fam.kinds]
+        if bad:
+            raise DTMError(f"Unknown kind(s) {', '.join(bad)}: valid kinds are "
+                           f"{', '.join(fam.kinds)}.")
+        comps = [c for c in comps if c.kind in wanted]
+    if layers:
+        from .components import parse_selection
+        names = set(parse_selection(",".join(f"{part.strip()}.*" for part in layers.split(",")),
+                                    model))
+        comps = [c for c in comps if c.name in names]
+    return comps
+
+
+def sweep(dense: LoadedModel, spec: str, prompt_ids: Sequence[Sequence[int]], new_tokens: int,
+          *, layers: str | None = None, kinds: str | None = None, cache_dir=None,
+          batch_size: int = 16, rank: int = 0, world: int = 1, wait_s: float = 7200.0,
+          progress: Callable[[float, str], None] | None = None,
+          stop: threading.Event | None = None, ctx: SweepContext | None = None) -> SweepResult:
+    """Compress each selected component alone with ``spec`` and measure it; resumable.
+
+    With ``world`` > 1 (torchrun), rank r computes cells r, r + world, ...; rank 0 then waits for
+    the other ranks' cells in the shared store and returns the merged table.
+    """
+    sp = parse_spec(spec)
+    prompt_ids = [list(p) for p in prompt_ids]
+    comps = select_components(dense.model, layers, kinds)
+    key = sweep_key(dense, spec, prompt_ids, new_tokens)
+    store = CellStore(cache_root(cache_dir) / "sweeps" / key)
+    store.write_meta({"model": dense.source, "fingerprint": dense.fingerprint, "spec": str(sp),
+                      "new_tokens": new_tokens, "prompts": len(prompt_ids),
+                      "metric_version": METRIC_VERSION})
+    note = progress or (lambda f, m: None)
+    todo = [c for k, c in enumerate(comps) if k % world == rank and store.get(c.name) is None]
+    computed, stopped = 0, False
+    if todo:
+        ctx = ctx or prepare(dense, prompt_ids, new_tokens, batch_size)
+        work = shared_copy(dense.model)   # compressed in place, one cell at a time
+        work_comps = {c.name: c for c in all_components(work)}
+        norms = None
+        if sp.needs_calibration:
+            norms = input_norms(dense.model, [c.path for c in todo], prompt_ids)
+        for n, comp in enumerate(todo):
+            if stop is not None and stop.is_set():
+                stopped = True
+                break
+            t0 = time.perf_counter()
+            with apply_recipe(work, Recipe.single(sp, comp.name), norms):
+                summary = summarize_cell(cell_table(work, ctx, comp.layer))
+            row = {"layer": comp.layer, "kind": comp.kind, "component": comp.name,
+                   "params": work_comps[comp.name].params, **summary,
+                   "seconds": time.perf_counter() - t0}
+            store.put(comp.name, row)
+            computed += 1
+            note((n + 1) / len(todo), f"{comp.name}: mean FDT {summary['fdt_mean']:.1f}")
+    if rank == 0 and world > 1 and not stopped:
+        deadline = time.time() + wait_s
+        while any(store.get(c.name) is None for c in comps):
+            if time.time() > deadline:
+                raise DTMError("Timed out waiting for the other ranks' sweep cells.")
+            time.sleep(0.5)
+    rows = [r for r in (store.get(c.name) for c in comps) if r is not None]
+    table = pd.DataFrame(rows, columns=CELL_COLUMNS)
+    return SweepResult(table=table, key=key, folder=store.folder, computed=computed,
+                       reused=len(rows) - computed, stopped=stopped)
+
+
+def heatmap_frame(table: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """layers x kinds matrix of one metric (kinds in model order)."""
+    kinds = list(dict.fromkeys(table.kind))
+    return table.pivot(index="layer", columns="kind", values=metric)[kinds]
