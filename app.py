@@ -510,6 +510,33 @@ def compare_tab(pair_inputs):
     UI.update(prompt=prompt, chat=chat, new_tokens=new_tokens)
 
 
+def run_kld(model, preset, spec, components, checkpoint, text_file, ctx, progress=gr.Progress()):
+    from dtm_core.__main__ import read_text
+    from dtm_core.kld import format_report, score_text
+
+    try:
+        if text_file is None:
+            raise DTMError("Upload a plain-text file to score.")
+        path = text_file if isinstance(text_file, str) else text_file.name
+        text = read_text(path)
+        side = side_from_inputs(preset, spec, components, checkpoint)
+        progress(0, desc="loading the pair")
+        pair = get_pair(model, side)
+        stats, values = score_text(pair, text, int(ctx), progress=lambda f, m: progress(f, desc=m))
+    except DTMError as exc:
+        return f"⚠️ {exc}", None, None
+    import numpy as np
+    kld = px.histogram(x=np.asarray(values.kld), nbins=60, log_y=True,
+                       title="KL divergence per scored position",
+                       labels={"x": "KLD (nats)"})
+    dp = px.histogram(x=np.exp(values.logp_comp) - np.exp(values.logp_base), nbins=60,
+                      log_y=True, title="Δp: change in the probability of the real next token",
+                      labels={"x": "Δp"})
+    for fig in (kld, dp):
+        fig.update_layout(height=300)
+    return f"{pair.dense.source} vs {pair.label}, ctx {int(ctx)}\n" + format_report(stats), kld, dp
+
+
 def sensitivity_tab(model):
     from dtm_core.sweep import METRICS
 
@@ -599,6 +626,19 @@ def sets_tab(pair_inputs):
     with gr.Row():
         csv_file = gr.File(label="Export CSV", elem_id="set-csv")
         json_file = gr.File(label="Export JSON", elem_id="set-json")
+    gr.Markdown("### llama.cpp-style KL-divergence report on a plain-text file\n"
+                "The text is cut into chunks of `ctx` tokens and the second half of each chunk is "
+                "scored, as `llama-perplexity --kl-divergence` does.")
+    with gr.Row():
+        text_file = gr.File(label="Text file", file_types=[".txt"], elem_id="kld-upload")
+        ctx = gr.Number(value=512, precision=0, minimum=4, label="ctx", elem_id="kld-ctx")
+        kld_btn = gr.Button("Score text", elem_id="kld-run")
+    kld_report = gr.Textbox(label="Report", lines=12, elem_id="kld-report", interactive=False)
+    with gr.Row():
+        kld_plot = gr.Plot(elem_id="kld-hist")
+        dp_plot = gr.Plot(elem_id="kld-dp")
+    kld_btn.click(run_kld, pair_inputs + [text_file, ctx], [kld_report, kld_plot, dp_plot],
+                  concurrency_limit=1, concurrency_id="model")
     run_state = gr.State(None)
     run.click(run_set, pair_inputs + [upload, builtin, chat, new_tokens],
               [results, cards, hist, surv, scat, csv_file, json_file, status, run_state],

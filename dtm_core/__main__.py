@@ -58,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
     ev.add_argument("--out", help="CSV with one row per prompt (run configuration in a # line)")
     ev.add_argument("--json", help="JSON with configuration, summary and rows")
+    kl = sub.add_parser("kld", help="llama.cpp-style KL-divergence statistics on a text")
+    _model_args(kl)
+    kl.add_argument("--text", required=True, help="a UTF-8 text file")
+    kl.add_argument("--ctx", type=int, default=512, help="chunk size in tokens (default 512)")
+    kl.add_argument("--json", help="write the statistics as JSON here")
     for name, helptext in (("sweep", "compress one LAYER.KIND at a time (sensitivity map)"),
                            ("plan", "sweep, then the largest set of components within a budget")):
         sp = sub.add_parser(name, help=helptext)
@@ -169,6 +174,35 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def read_text(path: str) -> str:
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        raise DTMError(f"Could not read '{path}': {exc.strerror}.") from None
+    if b"\x00" in data:
+        raise DTMError(f"'{path}' looks like binary data, not text.")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DTMError(f"'{path}' is not UTF-8 text (bad byte at offset {exc.start}).") from None
+
+
+def cmd_kld(args) -> int:
+    from .kld import format_report, score_text
+
+    _check_common(args)
+    text = read_text(args.text)
+    pair = _load_pair(args, [line for line in text.splitlines() if line.strip()][:64])
+    stats, _ = score_text(pair, text, args.ctx)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(stats, fh, indent=2)
+    print(f"pair: {pair.dense.source} vs {pair.label}   ctx: {args.ctx}")
+    print(format_report(stats))
+    return 0
+
+
 def _sweep_setup(args):
     import os
 
@@ -233,7 +267,7 @@ def cmd_plan(args) -> int:
 
 
 COMMANDS = {"divergence": cmd_divergence, "evaluate": cmd_evaluate, "sweep": cmd_sweep,
-            "plan": cmd_plan}
+            "plan": cmd_plan, "kld": cmd_kld}
 
 
 def main(argv: list[str] | None = None) -> int:

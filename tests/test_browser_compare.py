@@ -192,3 +192,20 @@ def test_sensitivity_heatmap_and_cell_to_compare(browser, app_url, tmp_path):
         "document.querySelector('#components textarea, #components input').value === '1.down'",
         timeout=20_000)
     assert page.locator("#prompt textarea").input_value() == "The capital of France is"
+
+
+def test_kld_report_from_uploaded_text(browser, app_url):
+    from conftest import ROOT
+
+    page = browser.new_page()
+    upload_to_tab(page, app_url, "Prompt sets", "#kld-upload",
+                  ROOT / "assets" / "texts" / "licenses.txt")
+    page.locator("#kld-ctx input").fill("128")
+    page.locator("#kld-run").click()
+    page.wait_for_function(
+        "document.querySelector('#kld-report textarea').value.includes('Same top p')",
+        timeout=300_000)
+    report = page.locator("#kld-report textarea").input_value()
+    assert "Mean    KLD" in report and "ctx 128" in report
+    page.wait_for_selector("#kld-hist .js-plotly-plot", timeout=20_000)
+    page.wait_for_selector("#kld-dp .js-plotly-plot", timeout=20_000)
