@@ -511,14 +511,14 @@ def compare_tab(pair_inputs):
 
 
 def run_kld(model, preset, spec, components, checkpoint, text_file, ctx, progress=gr.Progress()):
-    from dtm_core.__main__ import read_text
     from dtm_core.kld import format_report, score_text
+    from dtm_core.prompts import read_text_file
 
     try:
         if text_file is None:
             raise DTMError("Upload a plain-text file to score.")
         path = text_file if isinstance(text_file, str) else text_file.name
-        text = read_text(path)
+        text = read_text_file(path)
         side = side_from_inputs(preset, spec, components, checkpoint)
         progress(0, desc="loading the pair")
         pair = get_pair(model, side)

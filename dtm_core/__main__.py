@@ -174,25 +174,12 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def read_text(path: str) -> str:
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read()
-    except OSError as exc:
-        raise DTMError(f"Could not read '{path}': {exc.strerror}.") from None
-    if b"\x00" in data:
-        raise DTMError(f"'{path}' looks like binary data, not text.")
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise DTMError(f"'{path}' is not UTF-8 text (bad byte at offset {exc.start}).") from None
-
-
 def cmd_kld(args) -> int:
     from .kld import format_report, score_text
+    from .prompts import read_text_file
 
     _check_common(args)
-    text = read_text(args.text)
+    text = read_text_file(args.text)
     pair = _load_pair(args, [line for line in text.splitlines() if line.strip()][:64])
     stats, _ = score_text(pair, text, args.ctx)
     if args.json:

@@ -132,11 +132,13 @@ def _letter(answer: str, choices: tuple[str, ...]) -> str:
     raise ValueError(f"answer '{a}' is not one of the choice letters")
 
 
-def _decode(data: bytes, name: str) -> str:
+def decode_text(data: bytes, name: str, max_bytes: int | None = MAX_BYTES) -> str:
+    """UTF-8 text from bytes, or a DTMError saying why not (empty, too big, binary, encoding)."""
     if not data.strip():
         raise DTMError(f"'{name}' is empty.")
-    if len(data) > MAX_BYTES:
-        raise DTMError(f"'{name}' is {len(data) / 2**20:.1f} MB; the limit is 10 MB.")
+    if max_bytes is not None and len(data) > max_bytes:
+        raise DTMError(f"'{name}' is {len(data) / 2**20:.1f} MB; the limit is "
+                       f"{max_bytes / 2**20:g} MB.")
     if b"\x00" in data:
         raise DTMError(f"'{name}' looks like binary data, not a text prompt file.")
     try:
@@ -147,7 +149,7 @@ def _decode(data: bytes, name: str) -> str:
 
 def parse_prompt_bytes(data: bytes, name: str) -> PromptSet:
     """Parse the bytes of a prompt file named ``name`` (its extension picks the format)."""
-    text = _decode(data, name)
+    text = decode_text(data, name)
     ext = Path(name).suffix.lower()
     records: list[PromptRecord] = []
     rejected: list[tuple[int, str]] = []
@@ -202,6 +204,16 @@ def parse_prompt_bytes(data: bytes, name: str) -> PromptSet:
         raise DTMError(f"'{name}' holds no usable prompt{why}.")
     return PromptSet(name=Path(name).name, records=records, rejected=rejected,
                      sha256=hashlib.sha256(data).hexdigest())
+
+
+def read_text_file(path: str) -> str:
+    """A whole UTF-8 text file (no size limit: texts to score can be long)."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        raise DTMError(f"Could not read '{path}': {exc.strerror}.") from None
+    return decode_text(data, path, max_bytes=None)
 
 
 def builtin_names() -> list[str]:
