@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import html
+import logging
 import os
 import tempfile
 import threading
@@ -22,6 +23,7 @@ import plotly.graph_objects as go  # noqa: E402
 from plotly.subplots import make_subplots  # noqa: E402
 
 from dtm_core import DTMError  # noqa: E402
+from dtm_core.errors import user_error  # noqa: E402
 from dtm_core.compress import parse_spec  # noqa: E402
 from dtm_core.divergence import divergence  # noqa: E402
 from dtm_core.evaluate import EvalResult, evaluate  # noqa: E402
@@ -190,6 +192,16 @@ def get_pair(model: str, side: dict):
 STOP_EVENTS: dict[str, threading.Event] = {}  # per browser session and job: Stop's signal
 
 
+def friendly(exc: Exception) -> str:
+    """The message a handler shows for a failure; the app keeps serving either way."""
+    err = user_error(exc)
+    if err is not None:
+        return f"⚠️ {err}"
+    logging.getLogger("dtm_inspector").exception("unexpected failure")
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return f"⚠️ Unexpected {type(exc).__name__}: {first}"
+
+
 def new_stop_event(job: str, request: gr.Request | None) -> threading.Event:
     ev = threading.Event()
     STOP_EVENTS[f"{job}:{request.session_hash if request else ''}"] = ev
@@ -259,8 +271,8 @@ def compare(model, preset, spec, components, checkpoint, prompt, chat, new_token
                f"Done: {len(state.dense_tokens)} dense tokens, FDT {f}, SDT {row.sdt:.1%}, "
                f"mean KL {row.kl_mean:.4f} nats, {pair.dense.source} vs {pair.label}{note}. "
                f"{DEFAULT_DESCRIPTION if pair.dense.source == 'default' else ''}")
-    except DTMError as exc:
-        yield empty + (f"⚠️ {exc}",)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a message
+        yield empty + (friendly(exc),)
 
 
 def load_set(upload, builtin):
@@ -288,8 +300,8 @@ def run_set(model, preset, spec, components, checkpoint, upload, builtin, chat, 
         n = int(new_tokens)
         res = evaluate(pair, pset, n, chat=bool(chat), stop=stop,
                        progress=lambda f, m: progress(f, desc=m))
-    except DTMError as exc:
-        return nothing + (f"⚠️ {exc}", None)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a message
+        return nothing + (friendly(exc), None)
     out_dir = Path(tempfile.mkdtemp(prefix="dtm-export-"))
     csv_path, json_path = out_dir / "dtm_results.csv", out_dir / "dtm_results.json"
     csv_path.write_text(res.to_csv(), encoding="utf-8")
@@ -353,8 +365,8 @@ def run_sweep(model, spec, upload, builtin, chat, new_tokens, layers, kinds, met
         res = sweep(dense, spec, ids, int(new_tokens), layers=(layers or "").strip() or None,
                     kinds=(kinds or "").strip() or None, stop=stop,
                     progress=lambda f, m: progress(f, desc=m))
-    except DTMError as exc:
-        return None, None, f"⚠️ {exc}", None, None
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a message
+        return None, None, friendly(exc), None, None
     if res.table.empty:
         return None, None, "Stopped before any cell finished.", None, None
     out = Path(tempfile.mkdtemp(prefix="dtm-sweep-")) / "sweep.csv"
@@ -401,8 +413,8 @@ def run_plan(model, state, budget, progress=gr.Progress()):
         ctx = prepare(dense, ids, n)
         plan = make_plan(dense, pd.DataFrame(state["table"]), state["spec"], ids, ctx.references,
                          n, float(budget), progress=lambda k, m: progress(None, desc=m))
-    except DTMError as exc:
-        return f"⚠️ {exc}", None, None
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a message
+        return friendly(exc), None, None
     path = Path(tempfile.mkdtemp(prefix="dtm-plan-")) / "plan.json"
     plan.save(str(path))
     fig = px.line(plan.curve, x="share_params", y="fdt_mean", markers=True,
@@ -425,8 +437,8 @@ def run_levels(model, upload, builtin, chat, new_tokens, method, levels, kinds,
         dense = REGISTRY.dense((model or "default").strip())
         table = level_curves(dense, method, levels, kinds, pset.prompts, int(new_tokens),
                              chat=bool(chat), progress=lambda f, m: progress(f, desc=m))
-    except DTMError as exc:
-        return None, f"⚠️ {exc}"
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a message
+        return None, friendly(exc)
     fig = px.line(table, x="level", y="fdt_mean", color="kind", markers=True,
                   title=f"Mean FDT against {method} level, one line per kind (all layers)")
     fig.update_layout(height=320)
@@ -505,7 +517,7 @@ def compare_tab(pair_inputs):
     sdt_map = gr.HTML("", elem_id="sdt-map")
     generate.click(compare, pair_inputs + [prompt, chat, new_tokens],
                    [dense_out, comp_out, fdt, sdt, plot, sdt_map, status],
-                   concurrency_limit=1, concurrency_id="model")
+                   concurrency_id="model")
     stop.click(stopper("compare", "Stopping…"), None, [status], queue=False)
     UI.update(prompt=prompt, chat=chat, new_tokens=new_tokens)
 
@@ -523,8 +535,8 @@ def run_kld(model, preset, spec, components, checkpoint, text_file, ctx, progres
         progress(0, desc="loading the pair")
         pair = get_pair(model, side)
         stats, values = score_text(pair, text, int(ctx), progress=lambda f, m: progress(f, desc=m))
-    except DTMError as exc:
-        return f"⚠️ {exc}", None, None
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a message
+        return friendly(exc), None, None
     import numpy as np
     kld = px.histogram(x=np.asarray(values.kld), nbins=60, log_y=True,
                        title="KL divergence per scored position",
@@ -566,8 +578,7 @@ def sensitivity_tab(model):
     csv_file = gr.File(label="Sweep CSV", elem_id="sens-csv")
     state = gr.State(None)
     run.click(run_sweep, [model, spec, upload, builtin, chat, new_tokens, layers, kinds, metric],
-              [heat, cells, status, csv_file, state], concurrency_limit=1,
-              concurrency_id="model")
+              [heat, cells, status, csv_file, state], concurrency_id="model")
     stop.click(stopper("sweep", "Stopping after the current cell…"), None, [status],
                queue=False)
     metric.change(rerender_heatmap, [state, metric], [heat])
@@ -581,7 +592,7 @@ def sensitivity_tab(model):
         plan_file = gr.File(label="Plan JSON (recipe)", elem_id="plan-json")
         plan_plot = gr.Plot(elem_id="plan-curve")
     plan_btn.click(run_plan, [model, state, budget], [plan_status, plan_file, plan_plot],
-                   concurrency_limit=1, concurrency_id="model")
+                   concurrency_id="model")
     gr.Markdown("### Level curves: a metric against sparsity or bit width, one line per kind")
     with gr.Row():
         method = gr.Dropdown(["magnitude", "wanda", "int", "int:g128"], value="magnitude",
@@ -593,8 +604,7 @@ def sensitivity_tab(model):
     lvl_status = gr.Markdown("", elem_id="lvl-status")
     lvl_plot = gr.Plot(elem_id="lvl-plot")
     lvl_btn.click(run_levels, [model, upload, builtin, chat, new_tokens, method, levels,
-                               lvl_kinds], [lvl_plot, lvl_status], concurrency_limit=1,
-                  concurrency_id="model")
+                               lvl_kinds], [lvl_plot, lvl_status], concurrency_id="model")
     UI.update(cells=cells, sweep_state=state)
 
 
@@ -638,25 +648,51 @@ def sets_tab(pair_inputs):
         kld_plot = gr.Plot(elem_id="kld-hist")
         dp_plot = gr.Plot(elem_id="kld-dp")
     kld_btn.click(run_kld, pair_inputs + [text_file, ctx], [kld_report, kld_plot, dp_plot],
-                  concurrency_limit=1, concurrency_id="model")
+                  concurrency_id="model")
     run_state = gr.State(None)
     run.click(run_set, pair_inputs + [upload, builtin, chat, new_tokens],
               [results, cards, hist, surv, scat, csv_file, json_file, status, run_state],
-              concurrency_limit=1, concurrency_id="model")
+              concurrency_id="model")
     stop.click(stopper("set", "Stopping after the current chunk…"), None, [status], queue=False)
     UI.update(results=results, run_state=run_state)
 
 
+def parse_auth(text: str | None) -> tuple[str, str] | None:
+    if not text:
+        return None
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password:
+        raise SystemExit("--auth (or DTM_AUTH) must be USER:PASS")
+    return user, password
+
+
 def main(argv=None) -> None:
+    global REGISTRY
     ap = argparse.ArgumentParser(description="DTM Inspector web app")
     ap.add_argument("--model", default="default",
                     help="dense model preselected in the page (default: the embedded SmolLM2)")
-    ap.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    ap.add_argument("--host", default="127.0.0.1",
+                    help="bind address (default 127.0.0.1: only this machine can connect)")
     ap.add_argument("--port", type=int, default=7860)
+    ap.add_argument("--auth", default=os.environ.get("DTM_AUTH"),
+                    help="USER:PASS required to open the page (or set DTM_AUTH)")
+    ap.add_argument("--share", action="store_true",
+                    help="ask Gradio for a public share link (off unless given)")
+    ap.add_argument("--trust-remote-code", action="store_true",
+                    help="let models run their own Python code (off unless given)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--max-file-size", default="10mb", help="largest upload the server accepts")
+    ap.add_argument("--concurrency", type=int, default=1,
+                    help="heavy jobs run at once per device (queued beyond that)")
     args = ap.parse_args(argv)
-    build_app(args.model).queue(default_concurrency_limit=1).launch(
-        server_name=args.host, server_port=args.port, share=False,
-        css_paths=[str(ASSETS / "app.css")])
+    REGISTRY = Registry(device=args.device, dtype=args.dtype,
+                        trust_remote_code=args.trust_remote_code)
+    demo = build_app(args.model)
+    demo.queue(default_concurrency_limit=args.concurrency)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share,
+                auth=parse_auth(args.auth), max_file_size=args.max_file_size,
+                css_paths=[str(ASSETS / "app.css")], show_error=True)
 
 
 if __name__ == "__main__":

@@ -190,6 +190,44 @@ def _load_gguf(path: Path, *, device, dtype, cache_dir, trust_remote_code):
     return tok, model, False
 
 
+def _available_bytes(device: torch.device) -> int:
+    """Memory a model can be placed in: free GPU memory plus free RAM (accelerate offloads)."""
+    free = 0
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    free = int(line.split()[1]) * 1024
+    except OSError:
+        return 1 << 62
+    if device.type == "cuda":
+        free += sum(torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count()))
+    return free
+
+
+def _estimated_bytes(kind: str, path: Path | None, dtype: torch.dtype) -> int | None:
+    """Rough size of the loaded weights, from the files, before loading anything."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    if kind in ("default", "gguf") and path is not None:
+        # GGUF weights average 4-8 bits; the de-quantized model holds dtype-sized values
+        return int(path.stat().st_size * 8 / 4.5 * elem)
+    if kind == "folder" and path is not None:
+        files = list(path.glob("*.safetensors")) or list(path.glob("*.bin"))
+        stored = sum(f.stat().st_size for f in files)
+        return int(stored / 2 * elem) if stored else None  # checkpoints are mostly 16-bit
+    return None
+
+
+def check_fits(source: str, kind: str, path: Path | None, device: torch.device,
+               dtype: torch.dtype) -> None:
+    need = _estimated_bytes(kind, path, dtype)
+    have = _available_bytes(device)
+    if need is not None and need > have:
+        raise DTMError(f"Model '{source}' needs about {need / 2**30:.1f} GiB in {dtype} but only "
+                       f"{have / 2**30:.1f} GiB are free on this machine ({device.type}); pick a "
+                       "smaller model or a lower-precision dtype.")
+
+
 def load_model(source: str = "default", *, device: str | None = None, dtype: str | None = None,
                trust_remote_code: bool = False, cache_dir: str | None = None) -> LoadedModel:
     """Load a causal LM and its tokenizer from ``default``, a folder, a ``.gguf`` file or a hub id.
@@ -199,6 +237,7 @@ def load_model(source: str = "default", *, device: str | None = None, dtype: str
     kind, path = _classify(source)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    check_fits(source, kind, path, dev, dt)
     from_cache = False
     try:
         if kind in ("default", "gguf"):
