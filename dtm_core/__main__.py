@@ -158,7 +158,8 @@ def cmd_evaluate(args) -> int:
     _check_common(args)
     pset = load_prompts(args.prompts)
     pair = _load_pair(args, pset.prompts)
-    res = evaluate(pair, pset, args.new_tokens, chat=args.chat, batch_size=args.batch_size)
+    res = evaluate(pair, pset, args.new_tokens, chat=args.chat, batch_size=args.batch_size,
+                   progress=stderr_progress)
     if res.rejected:
         print("warning: " + pset.rejection_message() if pset.rejected == res.rejected else
               "warning: rejected " + "; ".join(f"line {n}: {r}" for n, r in res.rejected),
@@ -174,6 +175,16 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def stderr_progress(frac: float, message: str) -> None:
+    """A one-line progress bar on stderr (only when stderr is a terminal)."""
+    if sys.stderr.isatty():
+        bar = "#" * int(30 * frac)
+        print(f"\r[{bar:<30}] {100 * frac:5.1f}% {message[:60]:<60}", end="", file=sys.stderr,
+              flush=True)
+        if frac >= 1:
+            print(file=sys.stderr)
+
+
 def cmd_kld(args) -> int:
     from .kld import format_report, score_text
     from .prompts import read_text_file
@@ -181,7 +192,7 @@ def cmd_kld(args) -> int:
     _check_common(args)
     text = read_text_file(args.text)
     pair = _load_pair(args, [line for line in text.splitlines() if line.strip()][:64])
-    stats, _ = score_text(pair, text, args.ctx)
+    stats, _ = score_text(pair, text, args.ctx, progress=stderr_progress)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(stats, fh, indent=2)
@@ -216,7 +227,8 @@ def cmd_sweep(args) -> int:
 
     dense, ids, rank, world = _sweep_setup(args)
     res = sweep(dense, args.compress, ids, args.new_tokens, layers=args.layers, kinds=args.kinds,
-                cache_dir=args.cache_dir, batch_size=args.batch_size, rank=rank, world=world)
+                cache_dir=args.cache_dir, batch_size=args.batch_size, rank=rank, world=world,
+                progress=stderr_progress if rank == 0 else None)
     if rank != 0:
         return 0
     if args.out:
