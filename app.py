@@ -401,7 +401,7 @@ def run_plan(model, state, budget, progress=gr.Progress()):
 
     from dtm_core.generation import encode_prompts
     from dtm_core.plan import make_plan
-    from dtm_core.sweep import prepare
+    from dtm_core.divergence import reference_continuations
 
     if not state:
         return "Run a sweep first.", None, None
@@ -410,8 +410,8 @@ def run_plan(model, state, budget, progress=gr.Progress()):
         ids = encode_prompts(dense.tokenizer, state["prompts"], chat=state["chat"])
         n = state["new_tokens"]
         progress(0, desc="dense references")
-        ctx = prepare(dense, ids, n)
-        plan = make_plan(dense, pd.DataFrame(state["table"]), state["spec"], ids, ctx.references,
+        refs = reference_continuations(dense, ids, n)
+        plan = make_plan(dense, pd.DataFrame(state["table"]), state["spec"], ids, refs,
                          n, float(budget), progress=lambda k, m: progress(None, desc=m))
     except Exception as exc:  # noqa: BLE001 - every failure becomes a message
         return friendly(exc), None, None

@@ -19,7 +19,7 @@ import torch
 from .generation import (check_lengths, encode_prompts, greedy_generate, plan_batches,
                          teacher_forced_logits, vocab_size)
 from .metrics import TokenMetrics, aggregate, perplexity, survival_curve, token_metrics
-from .models import eos_ids
+from .models import LoadedModel, eos_ids
 from .pair import Pair
 
 Progress = Callable[[float, str], None]
@@ -45,11 +45,11 @@ def pad_id_of(tokenizer) -> int:
     return int(pid if pid is not None else (tokenizer.eos_token_id or 0))
 
 
-def reference_continuations(pair: Pair, seqs: Sequence[Sequence[int]], new_tokens: int,
+def reference_continuations(dense: LoadedModel, seqs: Sequence[Sequence[int]], new_tokens: int,
                             batch_size: int = 16) -> list[list[int]]:
     """The dense model's greedy continuations (up to N tokens, ending at the first EOS)."""
-    return greedy_generate(pair.dense.model, seqs, new_tokens, pad_id_of(pair.tokenizer),
-                           eos_ids(pair.dense), batch_size)
+    return greedy_generate(dense.model, seqs, new_tokens, pad_id_of(dense.tokenizer),
+                           eos_ids(dense), batch_size)
 
 
 def divergence(pair: Pair, prompts: Sequence[str] | None = None, new_tokens: int = 32, *,
@@ -73,7 +73,7 @@ def divergence(pair: Pair, prompts: Sequence[str] | None = None, new_tokens: int
     pad = pad_id_of(tok)
     if references is None:
         note(0.0, "dense model: greedy reference continuations")
-        references = reference_continuations(pair, prompt_ids, new_tokens, batch_size)
+        references = reference_continuations(pair.dense, prompt_ids, new_tokens, batch_size)
     references = [list(r) for r in references]
     eos = eos_ids(pair.dense)
     full = [p + r for p, r in zip(prompt_ids, references)]

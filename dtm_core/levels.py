@@ -8,7 +8,7 @@ from .divergence import divergence, reference_continuations
 from .errors import DTMError
 from .generation import encode_prompts
 from .models import LoadedModel
-from .pair import Pair, make_pair
+from .pair import make_pair
 
 
 def level_specs(method: str, levels: str) -> list[tuple[float, str]]:
@@ -34,7 +34,7 @@ def level_curves(dense: LoadedModel, method: str, levels: str, kinds: str, promp
     if not kinds_l:
         raise DTMError("Give at least one kind, e.g. q,down.")
     ids = encode_prompts(dense.tokenizer, list(prompts), chat=chat)
-    refs = reference_continuations(Pair(dense, dense.model, "dense"), ids, new_tokens)
+    refs = reference_continuations(dense, ids, new_tokens)
     rows, total = [], len(specs) * len(kinds_l)
     for kind in kinds_l:
         for level, spec in specs:

@@ -83,6 +83,8 @@ def make_plan(dense: LoadedModel, sweep_table: pd.DataFrame, spec: str, prompt_i
         raise DTMError("The sweep has no cells to plan from.")
     if not 0 < budget <= 1:
         raise DTMError("The budget is a share of N in (0, 1], e.g. 0.9.")
+    if parse_spec(spec).needs_calibration:
+        raise DTMError("Plans for wanda specs are not supported; use magnitude, nm or intB.")
     order = sweep_table.sort_values(["fdt_mean", "kl_mean"], ascending=[False, True])
     names = list(order.component)
     params = {c.name: c.params for c in all_components(dense.model)}
@@ -92,11 +94,7 @@ def make_plan(dense: LoadedModel, sweep_table: pd.DataFrame, spec: str, prompt_i
 
     def fdt_of(k: int) -> float:
         if k not in probes:
-            recipe = Recipe.single(spec, ",".join(names[:k]))
-            pair = make_pair(dense, recipe, calibration=None) if not recipe.needs_calibration \
-                else None
-            if pair is None:
-                raise DTMError("Plans for wanda specs are not supported; use magnitude or intB.")
+            pair = make_pair(dense, Recipe.single(spec, ",".join(names[:k])))
             res = divergence(pair, prompt_ids=prompt_ids, references=references,
                              new_tokens=new_tokens)
             probes[k] = float(res.table.fdt.mean())

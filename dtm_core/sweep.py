@@ -17,7 +17,7 @@ import os
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -30,9 +30,9 @@ from .compress import Recipe, apply_recipe, parse_spec
 from .components import all_components, decoder_layers, family_of, tail_modules
 from .divergence import pad_id_of, reference_continuations
 from .errors import DTMError
-from .generation import check_lengths, plan_batches, vocab_size
+from .generation import check_lengths, plan_batches, teacher_forced_logits, vocab_size
 from .models import LoadedModel, cache_root
-from .pair import Pair, input_norms, shared_copy
+from .pair import input_norms, shared_copy
 
 CELL_COLUMNS = ["layer", "kind", "component", "params", "fdt_mean", "fdt_median", "fdt_p25",
                 "sdt_mean", "kl_mean", "ppl_change", "seconds"]
@@ -51,9 +51,9 @@ class SweepContext:
     layer_inputs: list[list[tuple[tuple, dict]]]   # per batch, per layer: (args, kwargs)
     rows: list[torch.Tensor]        # per batch: (row, position) of every continuation logit
     pos: list[torch.Tensor]
-    dense_logp: list[torch.Tensor]  # per batch: (sum L, V) dense log-probabilities there
-    dense_p: list[torch.Tensor]     # their probabilities, and sum_v p log p per position
-    dense_negent: list[torch.Tensor]
+    dense_p: list[torch.Tensor]     # per batch: (sum L, V) dense probabilities there,
+    dense_negent: list[torch.Tensor]  # sum_v p log p per position,
+    dense_lp_ref: list[torch.Tensor]  # and the log-probability of the reference token
     refs: list[torch.Tensor]        # per batch: (sum L,) reference tokens
 
 
@@ -61,12 +61,9 @@ class SweepContext:
 def prepare(dense: LoadedModel, prompt_ids: Sequence[Sequence[int]], new_tokens: int,
             batch_size: int = 16, references=None) -> SweepContext:
     """Reference continuations, then one dense pass recording every decoder layer's input."""
-    from .generation import teacher_forced_logits
-
     prompt_ids = [list(p) for p in prompt_ids]
     check_lengths(dense.model, prompt_ids, new_tokens)
-    pair = Pair(dense=dense, compressed=dense.model, label="dense")
-    refs = references or reference_continuations(pair, prompt_ids, new_tokens, batch_size)
+    refs = references or reference_continuations(dense, prompt_ids, new_tokens, batch_size)
     full = [p + r for p, r in zip(prompt_ids, refs)]
     batches = plan_batches([len(s) for s in full], vocab_size(dense.model), batch_size)
     layers = decoder_layers(dense.model)
@@ -90,10 +87,11 @@ def prepare(dense: LoadedModel, prompt_ids: Sequence[Sequence[int]], new_tokens:
         ctx.pos.append(pos.to(dev))
         d = torch.log_softmax(logits[rows.to(dev), pos.to(dev)].float(), -1)
         p = d.exp()
-        ctx.dense_logp.append(d)
+        ref = torch.cat([torch.tensor(refs[i], dtype=torch.long) for i in idx]).to(dev)
         ctx.dense_p.append(p)
         ctx.dense_negent.append(torch.where(p > 0, p * d, torch.zeros_like(d)).sum(-1))
-        ctx.refs.append(torch.cat([torch.tensor(refs[i], dtype=torch.long) for i in idx]).to(dev))
+        ctx.dense_lp_ref.append(d.gather(-1, ref[:, None])[:, 0].double().cpu())
+        ctx.refs.append(ref)
     return ctx
 
 
@@ -139,7 +137,7 @@ def cell_table(model, ctx: SweepContext, start: int) -> pd.DataFrame:
         agree = torch.cat(agree).cpu()
         kl = torch.cat(kl).clamp(min=0).cpu()
         lp_c = torch.cat(lp_c).double().cpu()
-        lp_d = ctx.dense_logp[b].gather(-1, ctx.refs[b][:, None])[:, 0].double().cpu()
+        lp_d = ctx.dense_lp_ref[b]
         sizes = [len(ctx.references[i]) for i in idx]
         for i, a, k, ld, lc in zip(idx, agree.split(sizes), kl.split(sizes), lp_d.split(sizes),
                                    lp_c.split(sizes)):
