@@ -162,7 +162,9 @@ def set_plots(res: EvalResult, n: int):
 
 TABLE_COLUMNS = ["prompt_index", "line", "fdt", "sdt", "kl_mean", "top1_agree", "ppl_dense",
                  "ppl_compressed", "correct_dense", "correct_compressed", "choice_dense",
-                 "choice_compressed", "prompt", "dense_text", "compressed_text"]
+                 "choice_compressed", "pivots", "fdt_intactkv", "sdt_intactkv", "kl_mean_intactkv",
+                 "correct_compressed_intactkv", "choice_compressed_intactkv", "prompt",
+                 "dense_text", "compressed_text", "compressed_text_intactkv"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,6 +189,35 @@ def side_from_inputs(preset: str, spec: str, components: str, checkpoint: str) -
 
 def get_pair(model: str, side: dict):
     return REGISTRY.pair((model or "default").strip(), **side)
+
+
+def pivot_note(tokenizer, ikv, text: str, chat) -> str:
+    """Which tokens the pivots are, for the first prompt of a set (tokenizers without BOS)."""
+    from dtm_core.generation import encode_prompts
+    from dtm_core.intactkv import describe_pivots
+
+    if ikv is None:
+        return ""
+    ids = encode_prompts(tokenizer, [text], chat=bool(chat))[0]
+    return " For the first prompt: " + describe_pivots(tokenizer, ids,
+                                                       ikv.pivot_lengths(tokenizer, [ids])[0])
+
+
+def intact_setting(pair, text, calibrated, steps, chat, prompts=None, progress=None):
+    """The IntactKV choice of the form (None when off); calibrated on ``prompts`` (the set in use)
+    or on the built-in 'general' set when asked. Calibrations are cached on disk."""
+    from dtm_core.generation import encode_prompts
+    from dtm_core.intactkv import IntactKV, calibrate
+
+    ikv = IntactKV.parse(text)
+    if ikv is None or not calibrated:
+        return ikv
+    texts = list(prompts) if prompts else load_prompts("general").prompts
+    ids = encode_prompts(pair.tokenizer, texts, chat=bool(chat))
+    cal = calibrate(pair, ids, ikv, steps=int(steps),
+                    progress=None if progress is None else
+                    (lambda f, m: progress(f, desc=f"calibrating pivot KV: {m}")))
+    return ikv.with_calibration(cal)
 
 
 STOP_EVENTS: dict[str, threading.Event] = {}  # per browser session and job: Stop's signal
@@ -219,7 +250,7 @@ def stopper(job: str, message: str):
 
 
 def compare(model, preset, spec, components, checkpoint, prompt, chat, new_tokens,
-            request: gr.Request):
+            ikv_text="off", ikv_cal=False, calib_steps=50, request: gr.Request = None):
     """Generator: stream both generations, then finalize with the engine's teacher-forced pass."""
     empty = ("", "", "–", "–", None, "")
     try:
@@ -236,6 +267,18 @@ def compare(model, preset, spec, components, checkpoint, prompt, chat, new_token
         stop = new_stop_event("compare", request)
         n = int(new_tokens)
         tok = pair.tokenizer
+        if ikv_cal and (ikv_text or "off") != "off":
+            yield empty + ("Calibrating the pivot KV on the built-in 'general' set (cached "
+                           "after the first time)…",)
+        ikv = intact_setting(pair, ikv_text, ikv_cal, calib_steps, chat)
+        pivots = ""
+        if ikv is not None:
+            from dtm_core.generation import encode_prompts
+            from dtm_core.intactkv import describe_pivots
+            ids0 = encode_prompts(tok, [prompt], chat=bool(chat))[0]
+            k0 = ikv.pivot_lengths(tok, [ids0])[0]
+            pivots = " " + describe_pivots(tok, ids0, k0) + (
+                " (calibrated)" if ikv.calibrated is not None else "")
         t0 = last = time.perf_counter()
         state = None
         dtx, ctx = TokenTexts(tok), TokenTexts(tok)
@@ -243,13 +286,13 @@ def compare(model, preset, spec, components, checkpoint, prompt, chat, new_token
         def columns(st, f):
             return (render_column(tok, st, "dense", f, dtx), render_column(tok, st, "comp", f, ctx))
 
-        for state in stream_pair(pair, prompt, n, chat=bool(chat), stop=stop):
+        for state in stream_pair(pair, prompt, n, chat=bool(chat), stop=stop, intactkv=ikv):
             now = time.perf_counter()
             if now - last < UPDATE_EVERY_S and not (state.dense_done and state.comp_done):
                 continue  # the page is updated at most every UPDATE_EVERY_S seconds
             last = now
             yield (*columns(state, state.fdt), fdt_badge(state), f"{state.sdt:.0%}", None, "",
-                   f"Streaming… {len(state.steps)} tokens, {now - t0:.1f} s")
+                   f"Streaming… {len(state.steps)} tokens, {now - t0:.1f} s.{pivots}")
         if state is None:
             return
         if state.stopped:
@@ -260,8 +303,13 @@ def compare(model, preset, spec, components, checkpoint, prompt, chat, new_token
             return
         # The engine's batch computation on the same prompt: the numbers the CLI reports.
         res = divergence(pair, prompt_ids=[state.prompt_ids], new_tokens=n,
-                         references=[state.dense_tokens])
+                         references=[state.dense_tokens], intactkv=ikv)
         row = res.table.iloc[0]
+        if ikv is not None:
+            plain = divergence(pair, prompt_ids=[state.prompt_ids], new_tokens=n,
+                               references=[state.dense_tokens]).table.iloc[0]
+            pivots += (f" Without IntactKV: FDT {int(plain.fdt)}, SDT {plain.sdt:.1%}, "
+                       f"mean KL {plain.kl_mean:.4f}.")
         f = int(row.fdt)
         tm = res.tokens[0]
         note = "" if f == state.fdt else (f" (the live stream saw {state.fdt}: a numerical "
@@ -269,10 +317,64 @@ def compare(model, preset, spec, components, checkpoint, prompt, chat, new_token
         yield (*columns(state, f), str(f), f"{row.sdt:.0%}", position_plot(state),
                render_sdt_map(tok, state.dense_tokens, tm.agree.tolist()),
                f"Done: {len(state.dense_tokens)} dense tokens, FDT {f}, SDT {row.sdt:.1%}, "
-               f"mean KL {row.kl_mean:.4f} nats, {pair.dense.source} vs {pair.label}{note}. "
+               f"mean KL {row.kl_mean:.4f} nats, `{pair.dense.source}` vs `{pair.label}`"
+               f"{f' with IntactKV {ikv.label}' if ikv else ''}{note}.{pivots} "
                f"{DEFAULT_DESCRIPTION if pair.dense.source == 'default' else ''}")
     except Exception as exc:  # noqa: BLE001 - every failure becomes a message
         yield empty + (friendly(exc),)
+
+
+def sink_figures(shares, acts) -> tuple[go.Figure, go.Figure]:
+    """Heatmaps (layer x head) of attention share on the pivots, dense next to compressed, and
+    the per-layer massive-activation ratio."""
+    models = ["dense", "compressed"]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=[f"{m}" for m in models],
+                        horizontal_spacing=0.08)
+    for c, m in enumerate(models, 1):
+        z = shares[shares.model == m].pivot(index="layer", columns="head", values="share")
+        fig.add_trace(go.Heatmap(z=z.values, x=list(z.columns), y=list(z.index), zmin=0, zmax=1,
+                                 colorscale="Viridis", showscale=c == 2,
+                                 hovertemplate=f"{m}<br>layer %{{y}}, head %{{x}}<br>"
+                                               "attention on pivots %{z:.3f}<extra></extra>"),
+                      row=1, col=c)
+    fig.update_yaxes(autorange="reversed", title_text="layer", row=1, col=1)
+    fig.update_yaxes(autorange="reversed", row=1, col=2)
+    fig.update_xaxes(title_text="head")
+    fig.update_layout(height=max(320, 14 * shares.layer.nunique() + 120),
+                      title="Share of attention that later queries put on the pivot tokens",
+                      margin=dict(l=50, r=20, t=70, b=40))
+    act = px.line(acts, x="layer", y="ratio", color="model", markers=True, log_y=True,
+                  hover_data=["pivot_max", "other_max", "median_abs"],
+                  title="Massive activations: largest |hidden| at the pivots / median |hidden| "
+                        "elsewhere")
+    act.update_layout(height=300, margin=dict(l=50, r=20, t=50, b=40))
+    return fig, act
+
+
+def run_sinks(model, preset, spec, components, checkpoint, ikv_text, prompt, chat, k):
+    from dtm_core.generation import encode_prompts
+    from dtm_core.intactkv import IntactKV, describe_pivots
+    from dtm_core.sinks import pair_sinks
+
+    try:
+        if not (prompt or "").strip():
+            raise DTMError("Type a prompt first.")
+        side = side_from_inputs(preset, spec, components, checkpoint)
+        pair = get_pair(model, side)
+        ids = encode_prompts(pair.tokenizer, [prompt], chat=bool(chat))[0]
+        k = int(k or 0)
+        if k < 1:  # follow the IntactKV setting, else the first token
+            ikv = IntactKV.parse(ikv_text)
+            k = ikv.pivot_lengths(pair.tokenizer, [ids])[0] if ikv else 1
+        shares, acts = pair_sinks(pair, ids, k)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a message
+        return None, None, friendly(exc)
+    heat, act = sink_figures(shares, acts)
+    mean = shares.groupby("model").share.mean()
+    msg = (f"{describe_pivots(pair.tokenizer, ids, k)} Mean share of attention on them: dense "
+           f"{mean['dense']:.1%}, compressed {mean['compressed']:.1%} "
+           f"({len(ids)} prompt tokens, eager attention).")
+    return heat, act, msg
 
 
 def load_set(upload, builtin):
@@ -288,7 +390,8 @@ def load_set(upload, builtin):
 
 
 def run_set(model, preset, spec, components, checkpoint, upload, builtin, chat, new_tokens,
-            request: gr.Request, progress=gr.Progress()):
+            ikv_text="off", ikv_cal=False, calib_steps=50, request: gr.Request = None,
+            progress=gr.Progress()):
     """Evaluate a prompt set on the current pair; returns table, cards, plots, files, message."""
     nothing = (None, "", None, None, None, None, None)
     try:
@@ -296,27 +399,36 @@ def run_set(model, preset, spec, components, checkpoint, upload, builtin, chat, 
         side = side_from_inputs(preset, spec, components, checkpoint)
         progress(0, desc="loading the pair")
         pair = get_pair(model, side)
+        ikv = intact_setting(pair, ikv_text, ikv_cal, calib_steps, chat, pset.prompts,
+                             progress)
         stop = new_stop_event("set", request)
         n = int(new_tokens)
-        res = evaluate(pair, pset, n, chat=bool(chat), stop=stop,
+        res = evaluate(pair, pset, n, chat=bool(chat), stop=stop, intactkv=ikv,
                        progress=lambda f, m: progress(f, desc=m))
     except Exception as exc:  # noqa: BLE001 - every failure becomes a message
-        return nothing + (friendly(exc), None)
+        return nothing + (friendly(exc), None, None)
     out_dir = Path(tempfile.mkdtemp(prefix="dtm-export-"))
     csv_path, json_path = out_dir / "dtm_results.csv", out_dir / "dtm_results.json"
     csv_path.write_text(res.to_csv(), encoding="utf-8")
     json_path.write_text(res.to_json(), encoding="utf-8")
     table = res.table[[c for c in TABLE_COLUMNS if c in res.table.columns]]
     msg = (f"{'Stopped: ' if res.stopped else 'Done: '}{len(res.table)} prompts of "
-           f"{pset.name} on {pair.dense.source} vs {pair.label}.")
+           f"{pset.name} on {pair.dense.source} vs {pair.label}"
+           f"{f', with and without IntactKV {ikv.label}' if ikv else ''}."
+           f"{pivot_note(pair.tokenizer, ikv, pset.prompts[0], chat)}")
     if res.rejected:
         msg += " ⚠️ " + "; ".join(f"line {n_}: {r}" for n_, r in res.rejected[:20])
         if len(res.rejected) > 20:
             msg += f" (and {len(res.rejected) - 20} more)"
     state = {"chat": bool(chat), "new_tokens": n,
              "prompts": [[int(i), p] for i, p in zip(res.table.prompt_index, res.table.prompt)]}
+    comparison = None
+    if res.comparison is not None:
+        comparison = res.comparison.drop(columns="key").rename(
+            columns={"plain": "without IntactKV", "intactkv": f"IntactKV {ikv.label}",
+                     "delta": "Δ (IntactKV − plain)"})
     return (table, summary_cards(res), *set_plots(res, n), str(csv_path), str(json_path), msg,
-            state)
+            state, comparison)
 
 
 def open_in_compare(run_state, evt: gr.SelectData):
@@ -332,25 +444,35 @@ def open_in_compare(run_state, evt: gr.SelectData):
     return (gr.Tabs(selected="compare"), text, run_state["chat"], run_state["new_tokens"])
 
 
-def sensitivity_heatmap(table, metric: str) -> go.Figure:
+def sensitivity_heatmap(table, metric: str, suffix: str = "", diverging: bool = False
+                        ) -> go.Figure:
     from dtm_core.sweep import METRICS, heatmap_frame
 
     z = heatmap_frame(table, metric)
     params = heatmap_frame(table, "params")
+    good_high = metric.startswith("fdt")
+    extra = {}
+    if diverging:
+        lim = float(abs(z.values).max()) or 1.0
+        extra = dict(zmid=0, zmin=-lim, zmax=lim)
     fig = go.Figure(go.Heatmap(
-        z=z.values, x=list(z.columns), y=list(z.index), customdata=params.values,
-        colorscale="RdYlGn" if metric.startswith("fdt") else "RdYlGn_r",
+        z=z.values, x=list(z.columns), y=list(z.index), customdata=params.values, **extra,
+        colorscale="RdYlGn" if good_high else "RdYlGn_r",
         hovertemplate="layer %{y}, %{x}<br>" + METRICS[metric] + " %{z:.4g}<br>"
                       "params %{customdata:,}<extra></extra>"))
     fig.update_layout(height=max(300, 18 * len(z.index) + 120), yaxis_title="layer",
                       xaxis_title="kind", title=f"{METRICS[metric]} when one component is "
-                                                "compressed alone",
+                                                f"compressed alone{suffix}",
                       margin=dict(l=50, r=20, t=50, b=40), yaxis=dict(autorange="reversed"))
     return fig
 
 
+SWEEP_VIEWS = ["IntactKV", "plain", "IntactKV − plain"]
+
+
 def run_sweep(model, spec, upload, builtin, chat, new_tokens, layers, kinds, metric,
-              request: gr.Request, progress=gr.Progress()):
+              ikv_text="off", view="IntactKV", request: gr.Request = None,
+              progress=gr.Progress()):
     from dtm_core.generation import encode_prompts
     from dtm_core.sweep import sweep
 
@@ -361,10 +483,19 @@ def run_sweep(model, spec, upload, builtin, chat, new_tokens, layers, kinds, met
         progress(0, desc="loading the model")
         dense = REGISTRY.dense(source)
         ids = encode_prompts(dense.tokenizer, pset.prompts, chat=bool(chat))
+        from dtm_core.intactkv import IntactKV
+        ikv = IntactKV.parse(ikv_text)
+        if ikv is not None:
+            ikv.pivot_lengths(dense.tokenizer, ids)   # a bad setting fails before the sweep
         stop = new_stop_event("sweep", request)
-        res = sweep(dense, spec, ids, int(new_tokens), layers=(layers or "").strip() or None,
-                    kinds=(kinds or "").strip() or None, stop=stop,
-                    progress=lambda f, m: progress(f, desc=m))
+        kw = dict(layers=(layers or "").strip() or None, kinds=(kinds or "").strip() or None,
+                  stop=stop)
+        plain = sweep(dense, spec, ids, int(new_tokens), **kw,
+                      progress=lambda f, m: progress(f, desc=("plain sweep: " if ikv else "") + m))
+        res = plain
+        if ikv is not None and not plain.stopped:
+            res = sweep(dense, spec, ids, int(new_tokens), **kw, intactkv=ikv,
+                        progress=lambda f, m: progress(f, desc=f"IntactKV {ikv.label}: {m}"))
     except Exception as exc:  # noqa: BLE001 - every failure becomes a message
         return None, None, friendly(exc), None, None
     if res.table.empty:
@@ -376,14 +507,50 @@ def run_sweep(model, spec, upload, builtin, chat, new_tokens, layers, kinds, met
            f"{pset.name}. Select a row to open that single-component pair in Compare.")
     state = {"table": res.table.to_dict("records"), "spec": str(parse_spec(spec)),
              "prompts": pset.prompts, "chat": bool(chat), "new_tokens": int(new_tokens)}
+    if ikv is not None and res is not plain:
+        both = intact_sweep_table(plain.table, res.table)
+        both.to_csv(out, index=False)
+        msg = (f"{'Stopped' if res.stopped else 'Done'}: {len(res.table)} components with "
+               f"IntactKV {ikv.label} and without ({res.computed + plain.computed} computed, "
+               f"{res.reused + plain.reused} reused) for {spec} on {pset.name}; mean FDT over "
+               f"cells {plain.table.fdt_mean.mean():.2f} → {res.table.fdt_mean.mean():.2f}. "
+               "Select a row to open that single-component pair in Compare."
+               f"{pivot_note(dense.tokenizer, ikv, pset.prompts[0], chat)}")
+        state.update(plain=plain.table.to_dict("records"), intactkv=ikv.label)
+        return (sweep_view_figure(state, metric, view), both, msg, str(out), state)
     return sensitivity_heatmap(res.table, metric), res.table, msg, str(out), state
 
 
-def rerender_heatmap(state, metric):
+def intact_sweep_table(plain, intact):
+    """The IntactKV sweep's rows with the plain sweep's metrics beside them (``*_plain``)."""
+    from dtm_core.sweep import METRICS
+
+    extra = plain.set_index("component")[list(METRICS)].add_suffix("_plain")
+    return intact.join(extra, on="component")
+
+
+def sweep_view_figure(state, metric, view):
     import pandas as pd
+
+    table = pd.DataFrame(state["table"])
+    if not state.get("plain"):
+        return sensitivity_heatmap(table, metric)
+    plain = pd.DataFrame(state["plain"])
+    if view == "plain":
+        return sensitivity_heatmap(plain, metric, " (plain)")
+    if view == "IntactKV − plain":
+        diff = table.copy()
+        merged = table.set_index("component")[metric] - plain.set_index("component")[metric]
+        diff[metric] = diff.component.map(merged)
+        return sensitivity_heatmap(diff, metric, f" : IntactKV {state['intactkv']} − plain",
+                                   diverging=True)
+    return sensitivity_heatmap(table, metric, f" (IntactKV {state['intactkv']})")
+
+
+def rerender_heatmap(state, metric, view="IntactKV"):
     if not state:
         return None
-    return sensitivity_heatmap(pd.DataFrame(state["table"]), metric)
+    return sweep_view_figure(state, metric, view)
 
 
 def cell_to_compare(state, evt: gr.SelectData):
@@ -465,14 +632,26 @@ def build_app(default_model: str = "default") -> gr.Blocks:
                                     elem_id="components")
             checkpoint = gr.Textbox(label="Second checkpoint", elem_id="checkpoint",
                                     placeholder="path, .gguf or hub id")
+        with gr.Row(elem_classes="intactkv-row"):
+            intactkv = gr.Dropdown(["off", "1", "2", "4", "prefix"], value="off",
+                                   allow_custom_value=True, label="IntactKV",
+                                   info="keep the dense KV of the first K tokens, or of the chat "
+                                        "template's system prefix",
+                                   elem_id="intactkv")
+            ikv_cal = gr.Checkbox(value=False, label="Calibrate the pivot KV (IntactKV+Cal)",
+                                  info="trained on the prompt set in use (cached); needs the "
+                                       "same first tokens in every prompt", elem_id="intactkv-cal")
+            calib_steps = gr.Slider(1, 500, value=50, step=1, label="Calibration steps",
+                                    elem_id="calib-steps")
         pair_inputs = [model, preset, spec, components, checkpoint]
+        ikv_inputs = [intactkv, ikv_cal, calib_steps]
         with gr.Tabs() as tabs:
             with gr.Tab("Compare", id="compare"):
-                compare_tab(pair_inputs)
+                compare_tab(pair_inputs, ikv_inputs)
             with gr.Tab("Prompt sets", id="prompt-sets"):
-                sets_tab(pair_inputs)
+                sets_tab(pair_inputs, ikv_inputs)
             with gr.Tab("Sensitivity", id="sensitivity"):
-                sensitivity_tab(model)
+                sensitivity_tab(model, intactkv)
         # a row selected in the results table opens in Compare (wired here: it spans tabs)
         ui = UI
         ui["results"].select(open_in_compare, [ui["run_state"]],
@@ -486,7 +665,7 @@ def build_app(default_model: str = "default") -> gr.Blocks:
 UI: dict = {}  # components that handlers of one tab wire to another's
 
 
-def compare_tab(pair_inputs):
+def compare_tab(pair_inputs, ikv_inputs):
     with gr.Row():
         prompt = gr.Textbox(label="Prompt", lines=3, elem_id="prompt", scale=4,
                             placeholder="The capital of France is")
@@ -515,9 +694,24 @@ def compare_tab(pair_inputs):
     gr.Markdown("### Teacher-forced view (SDT map): green where the compressed model's argmax on "
                 "the dense prefix agrees, red where it differs")
     sdt_map = gr.HTML("", elem_id="sdt-map")
-    generate.click(compare, pair_inputs + [prompt, chat, new_tokens],
+    # IntactKV inputs last: API clients written before them keep working (defaults: off)
+    generate.click(compare, pair_inputs + [prompt, chat, new_tokens] + ikv_inputs,
                    [dense_out, comp_out, fdt, sdt, plot, sdt_map, status],
                    concurrency_id="model")
+    with gr.Accordion("Attention sinks and massive activations", open=False,
+                      elem_id="sinks-panel"):
+        gr.Markdown("How much attention later tokens put on the first K tokens of this prompt, "
+                    "per layer and head (hover for values), dense next to compressed; and the "
+                    "largest hidden-state magnitude at those tokens against the median.")
+        with gr.Row():
+            sink_k = gr.Number(value=0, precision=0, minimum=0, label="K (0: the IntactKV "
+                               "setting, else 1)", elem_id="sinks-k")
+            sink_btn = gr.Button("Show attention sinks", elem_id="sinks-run")
+        sink_status = gr.Markdown("", elem_id="sinks-status")
+        sink_heat = gr.Plot(elem_id="sink-heatmap")
+        sink_act = gr.Plot(elem_id="massive-plot")
+    sink_btn.click(run_sinks, pair_inputs + [ikv_inputs[0], prompt, chat, sink_k],
+                   [sink_heat, sink_act, sink_status], concurrency_id="model")
     stop.click(stopper("compare", "Stopping…"), None, [status], queue=False)
     UI.update(prompt=prompt, chat=chat, new_tokens=new_tokens)
 
@@ -549,7 +743,7 @@ def run_kld(model, preset, spec, components, checkpoint, text_file, ctx, progres
     return f"{pair.dense.source} vs {pair.label}, ctx {int(ctx)}\n" + format_report(stats), kld, dp
 
 
-def sensitivity_tab(model):
+def sensitivity_tab(model, intactkv):
     from dtm_core.sweep import METRICS
 
     gr.Markdown("Compress each `LAYER.KIND` alone with one spec and measure the divergence on a "
@@ -568,6 +762,8 @@ def sensitivity_tab(model):
         kinds = gr.Textbox(label="Kinds (optional)", placeholder="q,k", elem_id="sens-kinds")
         metric = gr.Dropdown(list(METRICS), value="fdt_mean", label="Heatmap metric",
                              elem_id="sens-metric")
+        view = gr.Radio(SWEEP_VIEWS, value="IntactKV", label="With IntactKV on, show",
+                        elem_id="sens-view")
     with gr.Row():
         run = gr.Button("Run sweep", variant="primary", elem_id="sens-run")
         stop = gr.Button("Stop", variant="stop", elem_id="sens-stop")
@@ -577,11 +773,13 @@ def sensitivity_tab(model):
                          elem_id="sens-table", max_height=400)
     csv_file = gr.File(label="Sweep CSV", elem_id="sens-csv")
     state = gr.State(None)
-    run.click(run_sweep, [model, spec, upload, builtin, chat, new_tokens, layers, kinds, metric],
+    run.click(run_sweep, [model, spec, upload, builtin, chat, new_tokens, layers, kinds, metric,
+                          intactkv, view],
               [heat, cells, status, csv_file, state], concurrency_id="model")
     stop.click(stopper("sweep", "Stopping after the current cell…"), None, [status],
                queue=False)
-    metric.change(rerender_heatmap, [state, metric], [heat])
+    metric.change(rerender_heatmap, [state, metric, view], [heat])
+    view.change(rerender_heatmap, [state, metric, view], [heat])
     gr.Markdown("### Plan: the largest least-sensitive set within a budget")
     with gr.Row():
         budget = gr.Slider(0.1, 1.0, value=0.9, step=0.01, label="Budget: mean FDT >= budget x N",
@@ -608,7 +806,7 @@ def sensitivity_tab(model):
     UI.update(cells=cells, sweep_state=state)
 
 
-def sets_tab(pair_inputs):
+def sets_tab(pair_inputs, ikv_inputs):
     gr.Markdown("Evaluate a prompt set on the pair above. Upload `.txt` (one prompt per line), "
                 "`.jsonl` or `.csv` (header row; prompt field `prompt`, `text`, `question`, "
                 "`instruction` or `input`; optional `answer`/`answers`/`target`, `context`, "
@@ -627,6 +825,8 @@ def sets_tab(pair_inputs):
                 stop = gr.Button("Stop", variant="stop", elem_id="set-stop")
     status = gr.Markdown("", elem_id="set-status")
     cards = gr.HTML("", elem_id="set-summary")
+    comparison = gr.Dataframe(label="With and without IntactKV (set IntactKV above)",
+                              elem_id="intactkv-comparison", interactive=False)
     with gr.Row():
         hist = gr.Plot(elem_id="set-hist")
         surv = gr.Plot(elem_id="set-survival")
@@ -650,9 +850,9 @@ def sets_tab(pair_inputs):
     kld_btn.click(run_kld, pair_inputs + [text_file, ctx], [kld_report, kld_plot, dp_plot],
                   concurrency_id="model")
     run_state = gr.State(None)
-    run.click(run_set, pair_inputs + [upload, builtin, chat, new_tokens],
-              [results, cards, hist, surv, scat, csv_file, json_file, status, run_state],
-              concurrency_id="model")
+    run.click(run_set, pair_inputs + [upload, builtin, chat, new_tokens] + ikv_inputs,
+              [results, cards, hist, surv, scat, csv_file, json_file, status, run_state,
+               comparison], concurrency_id="model")
     stop.click(stopper("set", "Stopping after the current chunk…"), None, [status], queue=False)
     UI.update(results=results, run_state=run_state)
 

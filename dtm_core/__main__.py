@@ -37,6 +37,20 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16)
 
 
+def _intactkv_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("IntactKV (the compressed model uses the dense KV of pivot tokens)")
+    g.add_argument("--intactkv", metavar="K|prefix",
+                   help="keep the dense model's KV cache for the first K input tokens, or for "
+                        "the chat template's system prefix ('prefix', needs --chat); "
+                        "default off. Runs are compared with the plain compressed model.")
+    g.add_argument("--intactkv-calibrated", action="store_true",
+                   help="use calibrated pivot KV (trained on the prompts, or on --calibration; "
+                        "cached, so a second run reuses it)")
+    g.add_argument("--calib-steps", type=int, default=50, metavar="S",
+                   help="calibration steps (default 50)")
+    g.add_argument("--calib-lr", type=float, default=1e-2, help="calibration learning rate")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dtm_core",
                                      description="Divergent token metrics of compressed LLMs.")
@@ -50,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also generate the compressed model's full greedy text (slower)")
     div.add_argument("--out", help="CSV file with one row per prompt")
     div.add_argument("--json", help="write the aggregates as JSON here")
+    _intactkv_args(div)
     ev = sub.add_parser("evaluate", help="a prompt set: divergence metrics and task accuracy")
     _model_args(ev)
     ev.add_argument("--prompts", required=True,
@@ -58,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
     ev.add_argument("--out", help="CSV with one row per prompt (run configuration in a # line)")
     ev.add_argument("--json", help="JSON with configuration, summary and rows")
+    _intactkv_args(ev)
     kl = sub.add_parser("kld", help="llama.cpp-style KL-divergence statistics on a text")
     _model_args(kl)
     kl.add_argument("--text", required=True, help="a UTF-8 text file")
@@ -81,12 +97,30 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--batch-size", type=int, default=16)
         if name == "sweep":
             sp.add_argument("--out", help="CSV with one row per component")
+            sp.add_argument("--intactkv", metavar="K|prefix",
+                            help="run every cell with the dense model's KV for the first K "
+                                 "tokens or the chat prefix (stored apart from plain sweeps)")
         else:
             sp.add_argument("--budget", type=float, default=0.9,
                             help="keep mean FDT of the combined compression >= BUDGET x N")
             sp.add_argument("--out", help="plan JSON (a recipe the CLI and the app load)")
             sp.add_argument("--save", metavar="DIR", help="save the compressed model here "
                                                           "(save_pretrained, safetensors)")
+    cal = sub.add_parser("intactkv-calibrate",
+                         help="train the pivot KV (IntactKV+Cal) and compare FDT with plain "
+                              "and uncalibrated IntactKV")
+    _model_args(cal)
+    cal.add_argument("--prompts", required=True,
+                     help="calibration prompts (a file or a built-in set)")
+    cal.add_argument("--eval-prompts", help="prompts to measure FDT on (default: --prompts)")
+    cal.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
+    cal.add_argument("--intactkv", metavar="K|prefix",
+                     help="pivot tokens (default: 'prefix' with --chat, else 1)")
+    cal.add_argument("--steps", type=int, default=50)
+    cal.add_argument("--lr", type=float, default=1e-2)
+    cal.add_argument("--new-tokens", type=int, default=32, metavar="N")
+    cal.add_argument("--out", help="also write the calibrated KV here (.safetensors)")
+    cal.add_argument("--json", help="write the comparison as JSON here")
     return parser
 
 
@@ -133,16 +167,58 @@ def cmd_divergence(args) -> int:
     if pset.rejected:
         print("warning: " + pset.rejection_message(), file=sys.stderr)
     pair = _load_pair(args, pset.prompts)
+    ikv = _intactkv(args, pair, pset.prompts)
     res = divergence(pair, pset.prompts, args.new_tokens, chat=args.chat,
                      batch_size=args.batch_size, generate_compressed=args.generate_compressed)
+    header = (f"pair: {pair.dense.source} vs {pair.label}   prompts: {len(pset.records)}   "
+              f"N: {args.new_tokens}")
+    if ikv is None:
+        table, summary = res.table, res.summary
+        _print_summary(header, summary)
+    else:
+        intact = divergence(pair, prompt_ids=res.prompt_ids, new_tokens=args.new_tokens,
+                            references=res.references, batch_size=args.batch_size,
+                            generate_compressed=args.generate_compressed, intactkv=ikv)
+        table = intact.table.copy()
+        for col in ("fdt", "sdt", "kl_mean", "compressed_text"):
+            table[f"{col}_plain"] = res.table[col]
+        summary = {"plain": res.summary, "intactkv": intact.summary, "intactkv_setting": ikv.label}
+        _print_comparison(header + f"   IntactKV: {ikv.label}", res.summary, intact.summary)
     if args.out:
-        res.table.to_csv(args.out, index=False)
+        table.to_csv(args.out, index=False)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump(res.summary, fh, indent=2)
-    _print_summary(f"pair: {pair.dense.source} vs {pair.label}   prompts: {len(pset.records)}   "
-                   f"N: {args.new_tokens}", res.summary)
+            json.dump(summary, fh, indent=2)
     return 0
+
+
+def _print_comparison(header: str, plain: dict, intact: dict) -> None:
+    print(header)
+    print(f"{'':>24}  {'plain':>10}  {'IntactKV':>10}  {'delta':>10}")
+    for k, v in plain.items():
+        if isinstance(v, float) and isinstance(intact.get(k), float):
+            print(f"{k:>24}: {v:10.4g}  {intact[k]:10.4g}  {intact[k] - v:+10.4g}")
+
+
+def _intactkv(args, pair, prompts: list[str]):
+    """The IntactKV setting of a command (None when off), calibrated when asked."""
+    from .generation import encode_prompts
+    from .intactkv import IntactKV, calibrate
+    from .prompts import load_prompts
+
+    ikv = IntactKV.parse(getattr(args, "intactkv", None))
+    if getattr(args, "intactkv_calibrated", False):
+        if ikv is None:
+            raise DTMError("--intactkv-calibrated needs --intactkv K or --intactkv prefix.")
+        texts = (load_prompts(args.calibration).prompts if getattr(args, "calibration", None)
+                 else prompts)
+        ids = encode_prompts(pair.tokenizer, texts, chat=getattr(args, "chat", False))
+        cal = calibrate(pair, ids, ikv, steps=args.calib_steps, lr=args.calib_lr,
+                        cache_dir=args.cache_dir, progress=stderr_progress)
+        print(f"calibrated pivot KV: loss {cal.loss_before:.4g} -> {cal.loss_after:.4g}",
+              file=sys.stderr)
+        ikv = ikv.with_calibration(cal)
+    return ikv
 
 
 def _print_summary(header: str, summary: dict) -> None:
@@ -158,8 +234,9 @@ def cmd_evaluate(args) -> int:
     _check_common(args)
     pset = load_prompts(args.prompts)
     pair = _load_pair(args, pset.prompts)
+    ikv = _intactkv(args, pair, pset.prompts)
     res = evaluate(pair, pset, args.new_tokens, chat=args.chat, batch_size=args.batch_size,
-                   progress=stderr_progress)
+                   progress=stderr_progress, intactkv=ikv)
     if res.rejected:
         print("warning: " + pset.rejection_message() if pset.rejected == res.rejected else
               "warning: rejected " + "; ".join(f"line {n}: {r}" for n, r in res.rejected),
@@ -172,6 +249,9 @@ def cmd_evaluate(args) -> int:
             fh.write(res.to_json())
     _print_summary(f"pair: {pair.dense.source} vs {pair.label}   set: {pset.name} "
                    f"({len(res.table)} prompts)   N: {args.new_tokens}", res.summary)
+    if res.comparison is not None:
+        print(f"\nplain vs IntactKV ({ikv.label}):")
+        print(res.comparison.drop(columns="key").to_string(index=False))
     return 0
 
 
@@ -226,14 +306,19 @@ def cmd_sweep(args) -> int:
     from .sweep import sweep
 
     dense, ids, rank, world = _sweep_setup(args)
+    from .intactkv import IntactKV
+    ikv = IntactKV.parse(args.intactkv)
+    if ikv is not None:
+        ikv.pivot_lengths(dense.tokenizer, ids)  # a bad setting fails before the sweep
     res = sweep(dense, args.compress, ids, args.new_tokens, layers=args.layers, kinds=args.kinds,
                 cache_dir=args.cache_dir, batch_size=args.batch_size, rank=rank, world=world,
-                progress=stderr_progress if rank == 0 else None)
+                progress=stderr_progress if rank == 0 else None, intactkv=ikv)
     if rank != 0:
         return 0
     if args.out:
         res.table.to_csv(args.out, index=False)
-    print(f"sweep {args.compress} on {dense.source}: {len(res.table)} components "
+    print(f"sweep {args.compress}{f' IntactKV {ikv.label}' if ikv else ''} on {dense.source}: "
+          f"{len(res.table)} components "
           f"({res.computed} computed here, {res.reused} from the store {res.folder}"
           f"{f', {world} ranks' if world > 1 else ''})")
     cols = ["component", "params", "fdt_mean", "sdt_mean", "kl_mean"]
@@ -265,8 +350,48 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_intactkv_calibrate(args) -> int:
+    from .generation import encode_prompts
+    from .intactkv import IntactKV, calibrate, compare_variants
+    from .prompts import load_prompts
+
+    _check_common(args)
+    if not 1 <= args.steps <= 10000:
+        raise DTMError("--steps must be between 1 and 10000.")
+    ikv = IntactKV.parse(args.intactkv or ("prefix" if args.chat else "1"))
+    if ikv is None:
+        raise DTMError("IntactKV calibration needs pivot tokens: --intactkv K or prefix.")
+    cal_set = load_prompts(args.prompts)
+    eval_set = load_prompts(args.eval_prompts) if args.eval_prompts else cal_set
+    pair = _load_pair(args, cal_set.prompts)
+    cal_ids = encode_prompts(pair.tokenizer, cal_set.prompts, chat=args.chat)
+    eval_ids = encode_prompts(pair.tokenizer, eval_set.prompts, chat=args.chat)
+    cal = calibrate(pair, cal_ids, ikv, steps=args.steps, lr=args.lr, cache_dir=args.cache_dir,
+                    progress=stderr_progress)
+    if args.out:
+        from pathlib import Path
+        cal.save(Path(args.out))
+    table = compare_variants(pair, eval_ids, args.new_tokens,
+                             {"plain": None, f"IntactKV {ikv.label}": ikv,
+                              f"IntactKV {ikv.label}+cal": ikv.with_calibration(cal)},
+                             batch_size=args.batch_size)
+    print(f"pair: {pair.dense.source} vs {pair.label}   pivot tokens: {len(cal.ids)} "
+          f"{pair.tokenizer.decode(list(cal.ids))!r}")
+    print(f"calibration loss (mean over layers of output MSE): {cal.loss_before:.4g} -> "
+          f"{cal.loss_after:.4g} in {cal.steps} steps on {len(cal_ids)} prompts")
+    print(table.to_string(index=False))
+    gain = table.fdt_mean.iloc[2] - table.fdt_mean.iloc[1]
+    print(f"FDT gain of calibration over plain IntactKV: {gain:+.3f}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump({"loss_before": cal.loss_before, "loss_after": cal.loss_after,
+                       "steps": cal.steps, "pivot_ids": list(cal.ids),
+                       "variants": json.loads(table.to_json(orient="records"))}, fh, indent=2)
+    return 0
+
+
 COMMANDS = {"divergence": cmd_divergence, "evaluate": cmd_evaluate, "sweep": cmd_sweep,
-            "plan": cmd_plan, "kld": cmd_kld}
+            "plan": cmd_plan, "kld": cmd_kld, "intactkv-calibrate": cmd_intactkv_calibrate}
 
 
 def main(argv: list[str] | None = None) -> int:

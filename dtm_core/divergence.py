@@ -57,13 +57,19 @@ def divergence(pair: Pair, prompts: Sequence[str] | None = None, new_tokens: int
                prompt_ids: Sequence[Sequence[int]] | None = None,
                references: Sequence[Sequence[int]] | None = None,
                generate_compressed: bool = False,
+               intactkv=None,
                progress: Progress | None = None) -> DivergenceResult:
     """FDT, SDT, KL, top-1 agreement, Δp and perplexities for each prompt, and their aggregates.
 
     ``prompt_ids`` / ``references`` may be given to reuse a tokenization or reference generation.
     With ``generate_compressed`` the compressed model's own greedy text is generated too (slower)
     and ``fdt_generated`` records where the two generations first differ.
+    ``intactkv`` (an :class:`~dtm_core.intactkv.IntactKV`) runs the compressed model with the dense
+    model's KV for the pivot tokens; the table then has a ``pivots`` column (K per prompt).
     """
+    from .intactkv import IntactKV, teacher_forced_pair
+
+    ikv = IntactKV.parse(intactkv)
     tok = pair.tokenizer
     note = progress or (lambda f, m: None)
     if prompt_ids is None:
@@ -76,6 +82,7 @@ def divergence(pair: Pair, prompts: Sequence[str] | None = None, new_tokens: int
         references = reference_continuations(pair.dense, prompt_ids, new_tokens, batch_size)
     references = [list(r) for r in references]
     eos = eos_ids(pair.dense)
+    ks = ikv.pivot_lengths(tok, prompt_ids) if ikv is not None else None
     full = [p + r for p, r in zip(prompt_ids, references)]
     rows: list[dict | None] = [None] * len(full)
     tms: list[TokenMetrics | None] = [None] * len(full)
@@ -83,8 +90,12 @@ def divergence(pair: Pair, prompts: Sequence[str] | None = None, new_tokens: int
     done = 0
     for idx in batches:
         seqs = [full[i] for i in idx]
-        d_logits = teacher_forced_logits(pair.dense.model, seqs, pad)
-        c_logits = teacher_forced_logits(pair.compressed, seqs, pad)
+        if ikv is not None:
+            d_logits, c_logits = teacher_forced_pair(pair.dense.model, pair.compressed, seqs, pad,
+                                                     [ks[i] for i in idx], ikv)
+        else:
+            d_logits = teacher_forced_logits(pair.dense.model, seqs, pad)
+            c_logits = teacher_forced_logits(pair.compressed, seqs, pad)
         for j, i in enumerate(idx):
             P, L = len(prompt_ids[i]), len(references[i])
             ref = torch.tensor(references[i], dtype=torch.long)
@@ -96,6 +107,8 @@ def divergence(pair: Pair, prompts: Sequence[str] | None = None, new_tokens: int
                    "ppl_prompt_dense": perplexity(d_logits[j, :P - 1], tgt),
                    "ppl_prompt_compressed": perplexity(c_logits[j, :P - 1], tgt),
                    "ended_eos": bool(L and references[i][-1] in eos)}
+            if ks is not None:
+                row["pivots"] = ks[i]
             rows[i] = row
         del d_logits, c_logits
         done += len(idx)
@@ -103,7 +116,8 @@ def divergence(pair: Pair, prompts: Sequence[str] | None = None, new_tokens: int
     comp_gen = None
     if generate_compressed:
         note(1.0, "compressed model: greedy generation")
-        comp_gen = greedy_generate(pair.compressed, prompt_ids, new_tokens, pad, eos, batch_size)
+        comp_gen = greedy_generate(pair.compressed, prompt_ids, new_tokens, pad, eos, batch_size,
+                                   intact=None if ikv is None else (pair.dense.model, ks, ikv))
     for i, row in enumerate(rows):
         ref = references[i]
         row["prompt"] = tok.decode(prompt_ids[i], skip_special_tokens=True)
@@ -119,7 +133,8 @@ def divergence(pair: Pair, prompts: Sequence[str] | None = None, new_tokens: int
             own = ref if f >= len(ref) else ref[:f] + [int(tms[i].comp_argmax[f])]
             row["compressed_text"] = tok.decode(own, skip_special_tokens=True)
     table = pd.DataFrame(rows)
-    cols = COLUMNS + (["fdt_generated"] if comp_gen is not None else [])
+    cols = COLUMNS + (["fdt_generated"] if comp_gen is not None else []) \
+        + (["pivots"] if ks is not None else [])
     table = table[cols]
     return DivergenceResult(table=table, summary=aggregate(table),
                             survival=survival_curve(table["fdt"], new_tokens),

@@ -70,15 +70,50 @@ class EvalResult:
     config: dict
     rejected: list[tuple[int, str]] = field(default_factory=list)
     stopped: bool = False
+    comparison: pd.DataFrame | None = None   # plain vs IntactKV, when IntactKV was on
 
     def to_json(self) -> str:
-        return json.dumps({"config": self.config, "summary": self.summary,
+        extra = {} if self.comparison is None else {
+            "intactkv_comparison": json.loads(self.comparison.to_json(orient="records"))}
+        return json.dumps({"config": self.config, "summary": self.summary, **extra,
                            "rejected": [{"line": n, "reason": r} for n, r in self.rejected],
                            "rows": json.loads(self.table.to_json(orient="records"))}, indent=2)
 
     def to_csv(self) -> str:
         """The table as CSV, preceded by ``# config: {json}`` (read back with comment='#')."""
         return f"# config: {json.dumps(self.config)}\n" + self.table.to_csv(index=False)
+
+
+INTACT_COLUMNS = ["fdt", "sdt", "kl_mean", "kl_max", "top1_agree", "dp_ref_mean", "ppl_compressed",
+                  "compressed_text", "pivots"]
+COMPARED = {"fdt_mean": "mean FDT", "fdt_median": "median FDT", "sdt_mean": "SDT",
+            "kl_mean": "mean KL", "top1_agree_mean": "top-1 agreement",
+            "ppl_ratio_mean": "PPL ratio", "accuracy_compressed": "accuracy (compressed)"}
+
+
+def intactkv_comparison(plain: dict, intact: dict) -> pd.DataFrame:
+    """metric | plain | IntactKV | delta, for the aggregates both runs have."""
+    rows = [{"metric": label, "key": key, "plain": plain[key], "intactkv": intact[key],
+             "delta": intact[key] - plain[key]}
+            for key, label in COMPARED.items() if key in plain and key in intact]
+    return pd.DataFrame(rows, columns=["metric", "key", "plain", "intactkv", "delta"])
+
+
+def _score(recs, outputs) -> tuple[list, list]:
+    """Per-record correctness (NaN without answers) and chosen letters of a list of outputs."""
+    correct, letters = [], []
+    for r, out in zip(recs, outputs):
+        if not r.answers:
+            correct.append(np.nan)
+            letters.append(None)
+        elif r.choices:
+            letter = chosen_letter(out, len(r.choices))
+            letters.append(letter)
+            correct.append(float(letter in r.answers))
+        else:
+            letters.append(None)
+            correct.append(float(answer_correct(out, r.answers)))
+    return correct, letters
 
 
 def run_config(pair: Pair, pset: PromptSet, new_tokens: int, chat: bool) -> dict:
@@ -101,12 +136,17 @@ def run_config(pair: Pair, pset: PromptSet, new_tokens: int, chat: bool) -> dict
 def evaluate(pair: Pair, pset: PromptSet, new_tokens: int = 32, *, chat: bool = False,
              batch_size: int = 16, chunk: int = 16,
              progress: Callable[[float, str], None] | None = None,
-             stop: threading.Event | None = None) -> EvalResult:
+             stop: threading.Event | None = None, intactkv=None) -> EvalResult:
     """Divergence metrics and (for sets with answers) accuracy of both models, chunk by chunk.
 
     Prompts too long for the model's context are rejected (listed with their line numbers), not
     dropped silently. ``stop`` ends the run after the current chunk with the rows done so far.
+    With ``intactkv`` every prompt is also run with the dense pivot KV (same dense references):
+    columns ``*_intactkv``, summary keys ``*_intactkv`` and a plain-vs-IntactKV ``comparison``.
     """
+    from .intactkv import IntactKV
+
+    ikv = IntactKV.parse(intactkv)
     note = progress or (lambda f, m: None)
     tok = pair.tokenizer
     texts = pset.prompts
@@ -134,6 +174,12 @@ def evaluate(pair: Pair, pset: PromptSet, new_tokens: int = 32, *, chat: bool = 
         res = divergence(pair, prompt_ids=[ids[i] for i in sel], new_tokens=new_tokens,
                          batch_size=batch_size, generate_compressed=want_text)
         t = res.table.copy()
+        if ikv is not None:
+            r2 = divergence(pair, prompt_ids=[ids[i] for i in sel], new_tokens=new_tokens,
+                            batch_size=batch_size, generate_compressed=want_text,
+                            references=res.references, intactkv=ikv)
+            for col in INTACT_COLUMNS:
+                t[f"{col}_intactkv" if col != "pivots" else col] = r2.table[col].to_numpy()
         t["prompt_index"] = sel
         parts.append(t)
         done = min(start + chunk, len(keep))
@@ -146,20 +192,12 @@ def evaluate(pair: Pair, pset: PromptSet, new_tokens: int = 32, *, chat: bool = 
     table["prompt"] = [r.text() for r in recs]
     table["ppl_change"] = table.ppl_compressed / table.ppl_dense - 1
     summary = aggregate(table)
+    sides = (("dense", "dense_text"), ("compressed", "compressed_text"))
+    if ikv is not None:
+        sides += (("compressed_intactkv", "compressed_text_intactkv"),)
     if want_text:
-        for side, col in (("dense", "dense_text"), ("compressed", "compressed_text")):
-            correct, letters = [], []
-            for r, out in zip(recs, table[col]):
-                if not r.answers:
-                    correct.append(np.nan)
-                    letters.append(None)
-                elif r.choices:
-                    letter = chosen_letter(out, len(r.choices))
-                    letters.append(letter)
-                    correct.append(float(letter in r.answers))
-                else:
-                    letters.append(None)
-                    correct.append(float(answer_correct(out, r.answers)))
+        for side, col in sides:
+            correct, letters = _score(recs, table[col])
             table[f"correct_{side}"] = correct
             if any(r.choices for r in recs):
                 table[f"choice_{side}"] = letters
@@ -169,7 +207,23 @@ def evaluate(pair: Pair, pset: PromptSet, new_tokens: int = 32, *, chat: bool = 
         d, lo, hi = paired_bootstrap(scored.correct_dense.to_numpy(),
                                      scored.correct_compressed.to_numpy())
         summary.update(accuracy_delta=d, accuracy_delta_ci95_low=lo, accuracy_delta_ci95_high=hi)
+    comparison = None
+    if ikv is not None:
+        alt = table.copy()
+        for col in INTACT_COLUMNS[:-1]:
+            alt[col] = table[f"{col}_intactkv"]
+        intact = aggregate(alt)
+        if want_text:
+            scored = table.dropna(subset=["correct_dense"])
+            intact["accuracy_compressed"] = float(scored.correct_compressed_intactkv.mean())
+            d, lo, hi = paired_bootstrap(scored.correct_compressed.to_numpy(),
+                                         scored.correct_compressed_intactkv.to_numpy())
+            summary.update(accuracy_gain_intactkv=d, accuracy_gain_intactkv_ci95_low=lo,
+                           accuracy_gain_intactkv_ci95_high=hi)
+        comparison = intactkv_comparison(summary, intact)
+        summary.update({f"{k}_intactkv": v for k, v in intact.items() if k in COMPARED})
+    config = run_config(pair, pset, new_tokens, chat)
+    config["intactkv"] = None if ikv is None else ikv.label
     return EvalResult(table=table, summary=summary,
                       survival=survival_curve(table.fdt, new_tokens),
-                      config=run_config(pair, pset, new_tokens, chat), rejected=rejected,
-                      stopped=stopped)
+                      config=config, rejected=rejected, stopped=stopped, comparison=comparison)

@@ -51,8 +51,10 @@ def model_device(model) -> torch.device:
 class GreedyDecoder:
     """Step-by-step greedy decoding of a batch with a KV cache (left padding, explicit positions)."""
 
-    def __init__(self, model, seqs: Sequence[Sequence[int]], pad_id: int, eos: set[int]):
+    def __init__(self, model, seqs: Sequence[Sequence[int]], pad_id: int, eos: set[int],
+                 intact: tuple | None = None):
         self.model = model
+        self.intact = intact  # (dense model, K per row, IntactKV): prefill with pivot KV
         self.eos = set(eos)
         dev = model_device(model)
         width = max(len(s) for s in seqs)
@@ -76,6 +78,9 @@ class GreedyDecoder:
 
     def prefill(self) -> torch.Tensor:
         """Logits of the next token after each prompt, shape (B, V)."""
+        if self.intact is not None:
+            from .intactkv import intact_prefill
+            return intact_prefill(self, *self.intact)
         return self._forward(self.ids, self.pos)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -92,12 +97,19 @@ class GreedyDecoder:
 
 
 def greedy_generate(model, seqs: Sequence[Sequence[int]], new_tokens: int, pad_id: int,
-                    eos: set[int], batch_size: int = 16) -> list[list[int]]:
-    """Greedy continuations of up to ``new_tokens`` tokens, each ending at its first EOS (kept)."""
+                    eos: set[int], batch_size: int = 16, intact: tuple | None = None
+                    ) -> list[list[int]]:
+    """Greedy continuations of up to ``new_tokens`` tokens, each ending at its first EOS (kept).
+
+    ``intact`` = (dense model, K per sequence, IntactKV) decodes with the dense pivot KV.
+    """
     results: list[list[int]] = []
     for start in range(0, len(seqs), batch_size):
         chunk = seqs[start:start + batch_size]
-        dec = GreedyDecoder(model, chunk, pad_id, eos)
+        part = None
+        if intact is not None:
+            part = (intact[0], list(intact[1][start:start + batch_size]), intact[2])
+        dec = GreedyDecoder(model, chunk, pad_id, eos, part)
         outs: list[list[int]] = [[] for _ in chunk]
         logits = dec.prefill()
         for step in range(new_tokens):

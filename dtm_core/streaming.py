@@ -46,6 +46,7 @@ class StreamState:
     dense_done: bool = False
     comp_done: bool = False
     stopped: bool = False
+    pivots: int = 0                  # IntactKV: tokens whose KV came from the dense model
 
     @property
     def dense_tokens(self) -> list[int]:
@@ -80,15 +81,26 @@ def _top(logp: torch.Tensor) -> list[tuple[int, float]]:
 @torch.no_grad()
 def stream_pair(pair: Pair, prompt: str | None = None, new_tokens: int = 48, *, chat: bool = False,
                 prompt_ids: list[int] | None = None,
-                stop: threading.Event | None = None) -> Iterator[StreamState]:
-    """Yield the growing state after every lockstep step (and once at the end)."""
+                stop: threading.Event | None = None, intactkv=None) -> Iterator[StreamState]:
+    """Yield the growing state after every lockstep step (and once at the end).
+
+    With ``intactkv`` both compressed rows start from the dense model's KV for the pivot tokens.
+    """
+    from .intactkv import IntactKV
+
+    ikv = IntactKV.parse(intactkv)
     tok = pair.tokenizer
     ids = list(prompt_ids) if prompt_ids is not None else encode_prompts(tok, [prompt], chat)[0]
     check_lengths(pair.dense.model, [ids], new_tokens)
     pad, eos = pad_id_of(tok), eos_ids(pair.dense)
     state = StreamState(prompt_ids=ids, new_tokens=new_tokens)
+    intact = None
+    if ikv is not None:
+        k = ikv.pivot_lengths(tok, [ids])[0]
+        state.pivots = k
+        intact = (pair.dense.model, [k, k], ikv)
     dense = GreedyDecoder(pair.dense.model, [ids], pad, eos)
-    comp = GreedyDecoder(pair.compressed, [ids, ids], pad, eos)
+    comp = GreedyDecoder(pair.compressed, [ids, ids], pad, eos, intact)
     ld, lc = dense.prefill(), comp.prefill()
     for t in range(new_tokens):
         if stop is not None and stop.is_set():

@@ -30,7 +30,8 @@ from .compress import Recipe, apply_recipe, parse_spec
 from .components import all_components, decoder_layers, family_of, tail_modules
 from .divergence import pad_id_of, reference_continuations
 from .errors import DTMError
-from .generation import check_lengths, plan_batches, teacher_forced_logits, vocab_size
+from .generation import (check_lengths, model_device, plan_batches, teacher_forced_logits,
+                         vocab_size)
 from .models import LoadedModel, cache_root
 from .pair import input_norms, shared_copy
 
@@ -51,31 +52,57 @@ class SweepContext:
     layer_inputs: list[list[tuple[tuple, dict]]]   # per batch, per layer: (args, kwargs)
     rows: list[torch.Tensor]        # per batch: (row, position) of every continuation logit
     pos: list[torch.Tensor]
-    dense_p: list[torch.Tensor]     # per batch: (sum L, V) dense probabilities there,
+    dense_pw: list[torch.Tensor]    # per batch: (sum L, H) p_dense @ W_head (and @ bias, below)
+    dense_pb: list                  # per batch: (sum L,) p_dense . b_head, or None
     dense_negent: list[torch.Tensor]  # sum_v p log p per position,
     dense_lp_ref: list[torch.Tensor]  # and the log-probability of the reference token
     refs: list[torch.Tensor]        # per batch: (sum L,) reference tokens
+    head_weight: torch.Tensor = None  # the LM head weight the expectations were taken with
+    intactkv: object = None         # IntactKV, or None
+    pivot_sources: list = None      # per batch: (mask (B, T0), source(layer) -> (K, V))
+    pivot_rows: list = None         # per batch: indices into sum L of pivot positions (K = P)
+    dense_agree: list = None        # per batch: dense argmax == reference (for pivot rows)
 
 
 @torch.no_grad()
 def prepare(dense: LoadedModel, prompt_ids: Sequence[Sequence[int]], new_tokens: int,
-            batch_size: int = 16, references=None) -> SweepContext:
-    """Reference continuations, then one dense pass recording every decoder layer's input."""
+            batch_size: int = 16, references=None, intactkv=None) -> SweepContext:
+    """Reference continuations, then one dense pass recording every decoder layer's input.
+
+    With ``intactkv`` the pass also keeps the dense K/V of the pivot tokens, which every cell's
+    compressed layers then see (exactly as :func:`divergence` with the same IntactKV).
+    """
+    from .intactkv import IntactKV, cache_kv, placed, right_pad_mask
+
+    ikv = IntactKV.parse(intactkv)
     prompt_ids = [list(p) for p in prompt_ids]
+    ks = ikv.pivot_lengths(dense.tokenizer, prompt_ids) if ikv is not None else None
     check_lengths(dense.model, prompt_ids, new_tokens)
     refs = references or reference_continuations(dense, prompt_ids, new_tokens, batch_size)
     full = [p + r for p, r in zip(prompt_ids, refs)]
     batches = plan_batches([len(s) for s in full], vocab_size(dense.model), batch_size)
     layers = decoder_layers(dense.model)
     pad = pad_id_of(dense.tokenizer)
-    ctx = SweepContext(prompt_ids, refs, new_tokens, batches, [], [], [], [], [], [], [])
+    head = dense.model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        raise DTMError("Sweeps need a linear LM head (Llama, GPT-2 and OPT families have one).")
+    ctx = SweepContext(prompt_ids, refs, new_tokens, batches, [], [], [], [], [], [], [], [],
+                       head.weight, ikv, [], [], [])
     for idx in batches:
         rec: list = [None] * len(layers)
         hooks = [layer.register_forward_pre_hook(
             lambda m, a, kw, i=i: rec.__setitem__(i, (a, dict(kw))), with_kwargs=True)
             for i, layer in enumerate(layers)]
         try:
-            logits = teacher_forced_logits(dense.model, [full[i] for i in idx], pad)
+            if ikv is None:
+                logits = teacher_forced_logits(dense.model, [full[i] for i in idx], pad)
+            else:
+                width = max(len(full[i]) for i in idx)
+                ids = torch.full((len(idx), width), pad, dtype=torch.long)
+                for j, i in enumerate(idx):
+                    ids[j, :len(full[i])] = torch.tensor(full[i])
+                out = dense.model(input_ids=ids.to(model_device(dense.model)), use_cache=True)
+                logits = out.logits
         finally:
             for h in hooks:
                 h.remove()
@@ -85,14 +112,46 @@ def prepare(dense: LoadedModel, prompt_ids: Sequence[Sequence[int]], new_tokens:
         ctx.layer_inputs.append(rec)
         ctx.rows.append(rows.to(dev))
         ctx.pos.append(pos.to(dev))
-        d = torch.log_softmax(logits[rows.to(dev), pos.to(dev)].float(), -1)
+        z = logits[rows.to(dev), pos.to(dev)].float()
+        d = torch.log_softmax(z, -1)
         p = d.exp()
         ref = torch.cat([torch.tensor(refs[i], dtype=torch.long) for i in idx]).to(dev)
-        ctx.dense_p.append(p)
+        # sum_v p_d(v) z_c(v) = (p_d @ W) . h_c for a linear head: an H-vector per position
+        # replaces the vocabulary-sized dense distribution in every cell
+        ctx.dense_pw.append(p @ head.weight.float())
+        ctx.dense_pb.append(None if head.bias is None else p @ head.bias.float())
         ctx.dense_negent.append(torch.where(p > 0, p * d, torch.zeros_like(d)).sum(-1))
         ctx.dense_lp_ref.append(d.gather(-1, ref[:, None])[:, 0].double().cpu())
         ctx.refs.append(ref)
+        if ikv is not None:
+            kb = [ks[i] for i in idx]
+            t0 = max(kb)
+            if ikv.calibrated is not None:
+                source = placed(ikv.calibrated, [0] * len(idx), t0, dev)
+            else:
+                kv = [tuple(t[:, :, :t0] for t in cache_kv(out.past_key_values, li))
+                      for li in range(len(layers))]
+                source = kv.__getitem__
+            ctx.pivot_sources.append((right_pad_mask(kb, t0).to(dev), source))
+            piv = (pos < torch.cat([torch.full((len(refs[i]),), ks[i]) for i in idx]).to(dev))
+            where = piv.nonzero()[:, 0]
+            ctx.pivot_rows.append(where.cpu())
+            ctx.dense_agree.append((z.argmax(-1) == ref).cpu())
+            del out
+        del logits, z, d, p
     return ctx
+
+
+def _call_with_cache(layer, args: tuple, kwargs: dict, cache) -> tuple[tuple, dict]:
+    """The recorded call of a decoder layer with ``past_key_values`` set to ``cache``."""
+    import inspect
+
+    names = list(inspect.signature(layer.forward).parameters)
+    if "past_key_values" in names and names.index("past_key_values") < len(args):
+        args = list(args)
+        args[names.index("past_key_values")] = cache
+        return tuple(args), {**kwargs, "use_cache": True}
+    return args, {**kwargs, "past_key_values": cache, "use_cache": True}
 
 
 @torch.no_grad()
@@ -101,7 +160,15 @@ def continuation_hidden(model, ctx: SweepContext, b: int, start: int) -> torch.T
     ``start``.. of ``model`` run on the recorded inputs."""
     args, kwargs = ctx.layer_inputs[b][start]
     hidden = args[0] if args else kwargs["hidden_states"]
-    for layer in decoder_layers(model)[start:]:
+    cache = None
+    if ctx.intactkv is not None:
+        from .intactkv import PivotCache
+        mask, source = ctx.pivot_sources[b]
+        cache = PivotCache(model.config, mask, source)
+    for i, layer in enumerate(decoder_layers(model)[start:], start):
+        args, kwargs = ctx.layer_inputs[b][i]
+        if cache is not None:
+            args, kwargs = _call_with_cache(layer, args, kwargs, cache)
         if args:
             out = layer(hidden, *args[1:], **kwargs)
         else:
@@ -112,32 +179,49 @@ def continuation_hidden(model, ctx: SweepContext, b: int, start: int) -> torch.T
     return hidden[ctx.rows[b], ctx.pos[b]]
 
 
-ROW_CHUNK = 64  # LM-head rows per step: each chunk's logits are reduced while still in cache
+ROW_CHUNK = 128  # LM-head rows per step: each chunk's logits are reduced while still in cache
 
 
 @torch.no_grad()
 def cell_table(model, ctx: SweepContext, start: int) -> pd.DataFrame:
     """Per-prompt FDT, SDT, KL and perplexities of ``model`` (compressed at layer ``start`` or
-    later) against the dense model: the definitions of :func:`token_metrics`, vectorized."""
+    later) against the dense model: the definitions of :func:`token_metrics`, vectorized.
+
+    Per position: argmax and max in one pass, log-sum-exp from that max, and
+    KL(d || c) = sum_v p_d log p_d - (p_d @ W) . h_c - p_d . b + logsumexp(z_c).
+    """
     head = model.get_output_embeddings()
+    if head.weight is not ctx.head_weight:
+        raise DTMError("The sweep's model has a different LM head from the one it was prepared "
+                       "with.")
     rows = []
     for b, idx in enumerate(ctx.batches):
         hidden = continuation_hidden(model, ctx, b, start)
         agree, kl, lp_c = [], [], []
         for s in range(0, len(hidden), ROW_CHUNK):
             sl = slice(s, s + ROW_CHUNK)
-            logits = head(hidden[sl]).float()
+            h = hidden[sl]
+            logits = head(h).float()
             ref = ctx.refs[b][sl]
-            agree.append(logits.argmax(-1) == ref)
-            lse = torch.logsumexp(logits, -1)
-            # KL(d || c) = sum p_d log p_d - (sum p_d z_c - logsumexp z_c)
-            kl.append(ctx.dense_negent[b][sl] - torch.linalg.vecdot(ctx.dense_p[b][sl], logits)
-                      + lse)
-            lp_c.append(logits.gather(-1, ref[:, None])[:, 0] - lse)
+            top, arg = logits.max(-1)
+            agree.append(arg == ref)
+            z_ref = logits.gather(-1, ref[:, None])[:, 0]
+            lse = top + logits.sub_(top[:, None]).exp_().sum(-1).log_()  # overwrites logits
+            dot = torch.linalg.vecdot(ctx.dense_pw[b][sl], h.float())
+            if ctx.dense_pb[b] is not None:
+                dot = dot + ctx.dense_pb[b][sl]
+            kl.append(ctx.dense_negent[b][sl] - dot + lse)
+            lp_c.append(z_ref - lse)
         agree = torch.cat(agree).cpu()
         kl = torch.cat(kl).clamp(min=0).cpu()
         lp_c = torch.cat(lp_c).double().cpu()
         lp_d = ctx.dense_lp_ref[b]
+        if ctx.intactkv is not None and len(ctx.pivot_rows[b]):
+            # positions inside the pivot span are the dense model's (K = whole prompt)
+            piv = ctx.pivot_rows[b]
+            agree[piv] = ctx.dense_agree[b][piv]
+            kl[piv] = 0.0
+            lp_c[piv] = lp_d[piv]
         sizes = [len(ctx.references[i]) for i in idx]
         for i, a, k, ld, lc in zip(idx, agree.split(sizes), kl.split(sizes), lp_d.split(sizes),
                                    lp_c.split(sizes)):
@@ -234,25 +318,34 @@ def sweep(dense: LoadedModel, spec: str, prompt_ids: Sequence[Sequence[int]], ne
           *, layers: str | None = None, kinds: str | None = None, cache_dir=None,
           batch_size: int = 16, rank: int = 0, world: int = 1, wait_s: float = 7200.0,
           progress: Callable[[float, str], None] | None = None,
-          stop: threading.Event | None = None, ctx: SweepContext | None = None) -> SweepResult:
+          stop: threading.Event | None = None, ctx: SweepContext | None = None,
+          intactkv=None) -> SweepResult:
     """Compress each selected component alone with ``spec`` and measure it; resumable.
 
     With ``world`` > 1 (torchrun), rank r computes cells r, r + world, ...; rank 0 then waits for
     the other ranks' cells in the shared store and returns the merged table.
+    ``intactkv`` runs every cell with the dense pivot KV (stored under its own key).
     """
+    from .intactkv import IntactKV, calibration_fingerprint
+
+    ikv = IntactKV.parse(intactkv)
+    if ctx is not None and ikv != ctx.intactkv:
+        raise DTMError("The sweep context was prepared with a different IntactKV setting.")
     sp = parse_spec(spec)
     prompt_ids = [list(p) for p in prompt_ids]
     comps = select_components(dense.model, layers, kinds)
-    key = sweep_key(dense, spec, prompt_ids, new_tokens)
+    extra = "" if ikv is None else f"intactkv={ikv.label}|{calibration_fingerprint(ikv)}"
+    key = sweep_key(dense, spec, prompt_ids, new_tokens, extra)
     store = CellStore(cache_root(cache_dir) / "sweeps" / key)
     store.write_meta({"model": dense.source, "fingerprint": dense.fingerprint, "spec": str(sp),
                       "new_tokens": new_tokens, "prompts": len(prompt_ids),
+                      "intactkv": None if ikv is None else ikv.label,
                       "metric_version": METRIC_VERSION})
     note = progress or (lambda f, m: None)
     todo = [c for k, c in enumerate(comps) if k % world == rank and store.get(c.name) is None]
     computed, stopped = 0, False
     if todo:
-        ctx = ctx or prepare(dense, prompt_ids, new_tokens, batch_size)
+        ctx = ctx or prepare(dense, prompt_ids, new_tokens, batch_size, intactkv=ikv)
         work = shared_copy(dense.model)   # compressed in place, one cell at a time
         work_comps = {c.name: c for c in all_components(work)}
         norms = None

@@ -173,18 +173,29 @@ def test_prompt_set_bad_file_message(browser, app_url, tmp_path):
         timeout=60_000)
 
 
+def fill(page, elem_id, value):
+    """Type into a textbox or a number/slider box and commit it."""
+    box = page.locator(f"#{elem_id}").locator(
+        "textarea, input:not([type=range]):not([type=checkbox])").first
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def run_sensitivity(page, layers, kinds, n=8):
+    fill(page, "sens-layers", layers)
+    fill(page, "sens-kinds", kinds)
+    fill(page, "sens-new-tokens", n)
+    page.locator("#sens-run").click()
+    page.wait_for_function("document.querySelector('#sens-status').innerText.includes('Done')",
+                           timeout=180_000)
+
+
 def test_sensitivity_heatmap_and_cell_to_compare(browser, app_url, tmp_path):
     f = tmp_path / "few.txt"
     f.write_text("The capital of France is\nWater boils at\n")
     page = browser.new_page()
     upload_to_tab(page, app_url, "Sensitivity", "#sens-upload", f)
-    page.locator("#sens-layers textarea, #sens-layers input").first.fill("0-1")
-    page.locator("#sens-kinds textarea, #sens-kinds input").first.fill("q,down")
-    page.locator("#sens-new-tokens input[type=number]").fill("8")
-    page.locator("#sens-new-tokens input[type=number]").press("Enter")
-    page.locator("#sens-run").click()
-    page.wait_for_function("document.querySelector('#sens-status').innerText.includes('Done')",
-                           timeout=180_000)
+    run_sensitivity(page, "0-1", "q,down")
     assert "4 components" in page.locator("#sens-status").inner_text()
     page.wait_for_selector("#sens-heatmap .js-plotly-plot", timeout=20_000)
     page.locator("#sens-table [role=gridcell]").filter(has_text="1.down").first.click()
@@ -209,3 +220,85 @@ def test_kld_report_from_uploaded_text(browser, app_url):
     assert "Mean    KLD" in report and "ctx 128" in report
     page.wait_for_selector("#kld-hist .js-plotly-plot", timeout=20_000)
     page.wait_for_selector("#kld-dp .js-plotly-plot", timeout=20_000)
+
+
+def choose(page, elem_id, value):
+    page.locator(f"#{elem_id} input").first.click()
+    page.get_by_role("option", name=value, exact=True).click()
+    assert page.locator(f"#{elem_id} input").first.input_value() == value
+
+
+def test_intactkv_compare_names_pivots_matches_engine_and_shows_sinks(browser, app_url,
+                                                                      default_model):
+    from dtm_core.compress import Recipe
+    from dtm_core.divergence import divergence
+    from dtm_core.pair import make_pair
+
+    page = browser.new_page()
+    page.goto(app_url)
+    choose(page, "preset", "int4:g128")
+    choose(page, "intactkv", "prefix")
+    page.locator("#chat input").check()
+    page.locator("#prompt textarea").fill("Name a large city in Japan.")
+    set_tokens(page, 16)
+    page.locator("#generate").click()
+    page.wait_for_function("document.querySelector('#status').innerText.includes('Done')",
+                           timeout=180_000)
+    status = page.locator("#status").inner_text()
+    assert "with IntactKV prefix" in status and "keeps the dense KV of the first" in status
+    assert "Without IntactKV: FDT" in status
+    engine = divergence(make_pair(default_model, Recipe.single("int4:g128")),
+                        ["Name a large city in Japan."], 16, chat=True, intactkv="prefix")
+    assert int(page.locator("#fdt").inner_text().strip()) == int(engine.table.fdt[0])
+    # the attention-sink view of the same prompt
+    page.locator("#sinks-panel").get_by_text("Attention sinks and massive activations").click()
+    page.locator("#sinks-run").click()
+    page.wait_for_function(
+        "document.querySelector('#sinks-status').innerText.includes('Mean share')",
+        timeout=120_000)
+    page.wait_for_selector("#sink-heatmap .js-plotly-plot", timeout=20_000)
+    page.wait_for_selector("#massive-plot .js-plotly-plot", timeout=20_000)
+    # a number of first tokens on a tokenizer without BOS: the page says which tokens they are
+    page.locator("#chat input").uncheck()
+    fill(page, "intactkv", 2)
+    page.locator("#prompt textarea").fill("The capital of France is")
+    set_tokens(page, 8)
+    page.locator("#generate").click()
+    page.wait_for_function("document.querySelector('#status').innerText.includes('Done') && "
+                           "document.querySelector('#status').innerText.includes('IntactKV 2')",
+                           timeout=120_000)
+    status = page.locator("#status").inner_text()
+    assert "first 2 tokens: 'The', ' capital'" in status and "no BOS" in status
+    # a bad setting is a message, and the page keeps working
+    fill(page, "intactkv", "lots")
+    page.locator("#generate").click()
+    page.wait_for_function("document.querySelector('#status').innerText.includes('IntactKV "
+                           "must be off')", timeout=60_000)
+
+
+def test_intactkv_prompt_set_comparison_and_sweep_views(browser, app_url, tmp_path):
+    f = tmp_path / "few.txt"
+    f.write_text("The capital of France is\nWater boils at\nOnce upon a time\n")
+    page = browser.new_page()
+    upload_to_tab(page, app_url, "Prompt sets", "#set-upload", f)
+    fill(page, "intactkv", 1)
+    fill(page, "set-new-tokens", 8)
+    page.locator("#set-run").click()
+    page.wait_for_function("document.querySelector('#set-status').innerText.includes('Done')",
+                           timeout=180_000)
+    assert "with and without IntactKV 1" in page.locator("#set-status").inner_text()
+    comp = page.locator("#intactkv-comparison").inner_text()
+    assert "mean FDT" in comp and "IntactKV 1" in comp and "without IntactKV" in comp
+    assert "fdt_intactkv" in page.locator("#set-table").inner_text()
+
+    page.get_by_role("tab", name="Sensitivity").click()
+    page.locator("#sens-upload input[type=file]").set_input_files(str(f))
+    run_sensitivity(page, "0", "v,down")
+    assert "with IntactKV 1 and without" in page.locator("#sens-status").inner_text()
+    page.wait_for_selector("#sens-heatmap .js-plotly-plot", timeout=20_000)
+    assert "IntactKV 1" in page.locator("#sens-heatmap .gtitle").text_content()
+    assert "fdt_mean_plain" in page.locator("#sens-table").inner_text()
+    page.locator("#sens-view").get_by_text("IntactKV − plain").click()
+    page.wait_for_function(
+        "document.querySelector('#sens-heatmap .gtitle').textContent.includes('− plain')",
+        timeout=20_000)
