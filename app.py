@@ -424,8 +424,26 @@ def run_set(model, preset, spec, components, checkpoint, upload, builtin, chat, 
              "prompts": [[int(i), p] for i, p in zip(res.table.prompt_index, res.table.prompt)]}
     comparison = None
     if res.comparison is not None:
-        comparison = res.comparison.drop(columns="key").rename(
+        comparison = res.comparison.copy()
+        if ikv.calibrated is not None:
+            # the calibration's own gain: the same prompts with the uncalibrated pivot KV
+            from dtm_core.generation import encode_prompts
+            from dtm_core.intactkv import IntactKV
+
+            done = [pset.prompts[i] for i in res.table.prompt_index]
+            ids = encode_prompts(pair.tokenizer, done, chat=bool(chat))
+            base = divergence(pair, prompt_ids=ids, new_tokens=n,
+                              intactkv=IntactKV(k=ikv.k, prefix=ikv.prefix))
+            comparison.insert(3, "uncalibrated", comparison.key.map(base.summary))
+            comparison["Δ calibration"] = comparison.intactkv - comparison.uncalibrated
+            gain = base.summary["fdt_mean"]
+            msg += (f" Calibrated pivot KV (loss {ikv.calibrated.loss_before:.4g} → "
+                    f"{ikv.calibrated.loss_after:.4g}): mean FDT {gain:.2f} uncalibrated → "
+                    f"{res.summary['fdt_mean_intactkv']:.2f} calibrated "
+                    f"({res.summary['fdt_mean_intactkv'] - gain:+.2f}).")
+        comparison = comparison.drop(columns="key").rename(
             columns={"plain": "without IntactKV", "intactkv": f"IntactKV {ikv.label}",
+                     "uncalibrated": f"IntactKV {ikv.label.replace('+cal', '')} (uncalibrated)",
                      "delta": "Δ (IntactKV − plain)"})
     return (table, summary_cards(res), *set_plots(res, n), str(csv_path), str(json_path), msg,
             state, comparison)

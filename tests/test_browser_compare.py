@@ -290,9 +290,20 @@ def test_intactkv_prompt_set_comparison_and_sweep_views(browser, app_url, tmp_pa
     comp = page.locator("#intactkv-comparison").inner_text()
     assert "mean FDT" in comp and "IntactKV 1" in comp and "without IntactKV" in comp
     assert "fdt_intactkv" in page.locator("#set-table").inner_text()
+    # calibrated pivot KV on the set in use (chat prefix), with a bounded number of steps
+    choose(page, "intactkv", "prefix")
+    page.locator("#set-chat input").check()
+    page.locator("#intactkv-cal input").check()
+    fill(page, "calib-steps", 3)
+    page.locator("#set-run").click()
+    page.wait_for_function("document.querySelector('#set-status').innerText.includes("
+                           "'Calibrated pivot KV')", timeout=240_000)
+    assert "with and without IntactKV prefix+cal" in page.locator("#set-status").inner_text()
+    assert "(uncalibrated)" in page.locator("#intactkv-comparison").inner_text()
 
     page.get_by_role("tab", name="Sensitivity").click()
     page.locator("#sens-upload input[type=file]").set_input_files(str(f))
+    fill(page, "intactkv", 1)
     run_sensitivity(page, "0", "v,down")
     assert "with IntactKV 1 and without" in page.locator("#sens-status").inner_text()
     page.wait_for_selector("#sens-heatmap .js-plotly-plot", timeout=20_000)
