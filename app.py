@@ -581,6 +581,15 @@ def cell_to_compare(state, evt: gr.SelectData):
             state["prompts"][0], state["chat"], state["new_tokens"])
 
 
+def heatmap_cell_to_compare(state, name):
+    """A clicked heatmap cell ("LAYER.KIND") opens that single-component pair in Compare."""
+    names = {r["component"] for r in (state or {}).get("table", [])}
+    if not state or (name or "").strip() not in names:
+        return (gr.update(),) * 7
+    return (gr.Tabs(selected="compare"), "custom spec", state["spec"], name.strip(),
+            state["prompts"][0], state["chat"], state["new_tokens"])
+
+
 def run_plan(model, state, budget, progress=gr.Progress()):
     import pandas as pd
 
@@ -674,9 +683,11 @@ def build_app(default_model: str = "default") -> gr.Blocks:
         ui = UI
         ui["results"].select(open_in_compare, [ui["run_state"]],
                              [tabs, ui["prompt"], ui["chat"], ui["new_tokens"]])
-        ui["cells"].select(cell_to_compare, [ui["sweep_state"]],
-                           [tabs, preset, spec, components, ui["prompt"], ui["chat"],
-                            ui["new_tokens"]])
+        to_compare = [tabs, preset, spec, components, ui["prompt"], ui["chat"], ui["new_tokens"]]
+        ui["cells"].select(cell_to_compare, [ui["sweep_state"]], to_compare)
+        # a click on a heatmap cell (assets/app.js fills the hidden box and presses the button)
+        ui["cell_open"].click(heatmap_cell_to_compare, [ui["sweep_state"], ui["cell_clicked"]],
+                              to_compare, queue=False)
     return demo
 
 
@@ -786,7 +797,11 @@ def sensitivity_tab(model, intactkv):
         run = gr.Button("Run sweep", variant="primary", elem_id="sens-run")
         stop = gr.Button("Stop", variant="stop", elem_id="sens-stop")
     status = gr.Markdown("", elem_id="sens-status")
-    heat = gr.Plot(elem_id="sens-heatmap")
+    heat = gr.Plot(label="Click a cell to open that single-component pair in Compare",
+                   elem_id="sens-heatmap")
+    with gr.Row(elem_classes="dtm-hidden"):
+        clicked = gr.Textbox(elem_id="sens-clicked", show_label=False, container=False)
+        cell_open = gr.Button("open cell", elem_id="sens-open")
     cells = gr.Dataframe(label="Cells (select a row to open it in Compare)", interactive=False,
                          elem_id="sens-table", max_height=400)
     csv_file = gr.File(label="Sweep CSV", elem_id="sens-csv")
@@ -821,7 +836,7 @@ def sensitivity_tab(model, intactkv):
     lvl_plot = gr.Plot(elem_id="lvl-plot")
     lvl_btn.click(run_levels, [model, upload, builtin, chat, new_tokens, method, levels,
                                lvl_kinds], [lvl_plot, lvl_status], concurrency_id="model")
-    UI.update(cells=cells, sweep_state=state)
+    UI.update(cells=cells, sweep_state=state, cell_clicked=clicked, cell_open=cell_open)
 
 
 def sets_tab(pair_inputs, ikv_inputs):
@@ -910,7 +925,8 @@ def main(argv=None) -> None:
     demo.queue(default_concurrency_limit=args.concurrency)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share,
                 auth=parse_auth(args.auth), max_file_size=args.max_file_size,
-                css_paths=[str(ASSETS / "app.css")], show_error=True)
+                css_paths=[str(ASSETS / "app.css")], js=(ASSETS / "app.js").read_text(),
+                show_error=True)
 
 
 if __name__ == "__main__":

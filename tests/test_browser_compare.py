@@ -173,6 +173,17 @@ def test_prompt_set_bad_file_message(browser, app_url, tmp_path):
         timeout=60_000)
 
 
+CELL_CENTER = """
+([layer, kind]) => {
+  const gd = document.querySelector('#sens-heatmap .js-plotly-plot');
+  const fl = gd._fullLayout, box = gd.getBoundingClientRect();
+  const x = fl.xaxis.l2p(fl.xaxis.d2l(kind)) + fl.xaxis._offset;
+  const y = fl.yaxis.l2p(fl.yaxis.d2l(layer)) + fl.yaxis._offset;
+  return [box.left + x, box.top + y];
+}
+"""
+
+
 def fill(page, elem_id, value):
     """Type into a textbox or a number/slider box and commit it."""
     box = page.locator(f"#{elem_id}").locator(
@@ -198,10 +209,18 @@ def test_sensitivity_heatmap_and_cell_to_compare(browser, app_url, tmp_path):
     run_sensitivity(page, "0-1", "q,down")
     assert "4 components" in page.locator("#sens-status").inner_text()
     page.wait_for_selector("#sens-heatmap .js-plotly-plot", timeout=20_000)
+    # a real mouse click on the heatmap cell (layer 0, kind q) opens it in Compare
+    page.wait_for_timeout(1200)   # the click handler is attached within 0.5 s of a render
+    x, y = page.evaluate(CELL_CENTER, [0, "q"])
+    page.mouse.click(x, y)
+    components = "document.querySelector('#components textarea, #components input').value"
+    page.wait_for_function(f"{components} === '0.q'", timeout=20_000)
+    assert page.locator("#prompt textarea").input_value() == "The capital of France is"
+    assert page.locator("#preset input").first.input_value() == "custom spec"
+    # and so does a row of the cells table
+    page.get_by_role("tab", name="Sensitivity").click()
     page.locator("#sens-table [role=gridcell]").filter(has_text="1.down").first.click()
-    page.wait_for_function(
-        "document.querySelector('#components textarea, #components input').value === '1.down'",
-        timeout=20_000)
+    page.wait_for_function(f"{components} === '1.down'", timeout=20_000)
     assert page.locator("#prompt textarea").input_value() == "The capital of France is"
 
 

@@ -1,0 +1,22 @@
+() => {
+  // Clicking a cell of the sensitivity heatmap opens that single-component pair in Compare:
+  // the cell's "LAYER.KIND" goes into a hidden textbox and a hidden button sends it to the server.
+  // Plots are re-rendered on every run, so the click handler is (re)attached periodically.
+  const open = (ev) => {
+    const pt = ev && ev.points && ev.points[0];
+    if (!pt) return;
+    const box = document.querySelector('#sens-clicked textarea, #sens-clicked input');
+    const btn = document.querySelector('#sens-open');
+    if (!box || !btn) return;
+    box.value = `${pt.y}.${pt.x}`;
+    box.dispatchEvent(new Event('input', {bubbles: true}));
+    setTimeout(() => btn.click(), 100);
+  };
+  setInterval(() => {
+    document.querySelectorAll('#sens-heatmap .js-plotly-plot').forEach((gd) => {
+      if (!gd.on) return;
+      if (gd.removeListener) gd.removeListener('plotly_click', open);
+      gd.on('plotly_click', open);
+    });
+  }, 500);
+}
