@@ -185,9 +185,12 @@ class PivotCache(DynamicCache):
                                f"attention shapes (layer {layer_idx}: {tuple(k_src.shape)} vs "
                                f"{tuple(key_states[:, :, :t0].shape)}).")
             m = self.pivot_mask[:, None, :, None].to(key_states.device)
-            key_states = torch.cat([torch.where(m, k_src.to(key_states.dtype),
-                                                key_states[:, :, :t0]), key_states[:, :, t0:]], 2)
-            value_states = torch.cat([torch.where(m, v_src.to(value_states.dtype),
+            # .to: with device maps the two models' layers may sit on different devices
+            k_src = k_src.to(key_states.device, key_states.dtype)
+            v_src = v_src.to(value_states.device, value_states.dtype)
+            key_states = torch.cat([torch.where(m, k_src, key_states[:, :, :t0]),
+                                    key_states[:, :, t0:]], 2)
+            value_states = torch.cat([torch.where(m, v_src,
                                                   value_states[:, :, :t0]),
                                       value_states[:, :, t0:]], 2)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
