@@ -34,7 +34,8 @@ def eager_attention(model):
 
 @torch.no_grad()
 def attention_maps(model, ids: Sequence[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Attention probabilities (heads, T, T) and decoder-layer outputs (T, H) of one sequence."""
+    """Attention probabilities (heads, T, T) and decoder-layer outputs (T, H) of one sequence,
+    all kept (for inspection and tests; :func:`sink_tables` reduces layer by layer instead)."""
     outs: list[torch.Tensor] = []
     hooks = [layer.register_forward_hook(
         lambda m, a, o: outs.append((o[0] if isinstance(o, tuple) else o)[0].float().cpu()))
@@ -51,26 +52,62 @@ def attention_maps(model, ids: Sequence[int]) -> tuple[list[torch.Tensor], list[
     return [a[0].float().cpu() for a in res.attentions], outs
 
 
+def _attention_module(layer):
+    """The self-attention submodule of a decoder layer (its forward returns (out, weights))."""
+    for name, mod in layer.named_children():
+        if type(mod).__name__.endswith("Attention") and "cross" not in name:
+            return mod
+    raise DTMError(f"No attention module found in {type(layer).__name__}.")
+
+
+@torch.no_grad()
 def sink_tables(model, ids: Sequence[int], k: int = 1) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(layer, head, share) attention on the first ``k`` tokens, averaged over the queries after
-    them; and (layer, pivot_max, other_max, median_abs, ratio) hidden-state magnitudes."""
+    them; and (layer, pivot_max, other_max, median_abs, ratio) hidden-state magnitudes.
+
+    Each layer's attention weights and output are reduced as soon as the layer has run, so memory
+    stays at one layer's attention matrix (what eager attention materializes anyway), whatever the
+    number of layers.
+    """
     ids = list(ids)
     if k < 1 or len(ids) <= k:
         raise DTMError(f"The attention-sink view needs a prompt longer than the {k} pivot "
                        f"token{'s' * (k != 1)}; this one has {len(ids)}.")
-    attn, hidden = attention_maps(model, ids)
-    rows = []
-    for li, a in enumerate(attn):
-        share = a[:, k:, :k].sum(-1).mean(-1)       # heads
-        rows += [{"layer": li, "head": h, "share": float(s)} for h, s in enumerate(share)]
-    acts = []
-    for li, h in enumerate(hidden):
-        mag = h.abs()
-        piv, rest = mag[:k].max(), mag[k:]
-        med = float(rest.median())
-        acts.append({"layer": li, "pivot_max": float(piv), "other_max": float(rest.max()),
-                     "median_abs": med, "ratio": float(piv) / med if med > 0 else float("inf")})
-    return pd.DataFrame(rows), pd.DataFrame(acts)
+    layers = decoder_layers(model)
+    shares: list = [None] * len(layers)
+    acts: list = [None] * len(layers)
+
+    def attn_hook(li):
+        def hook(module, args, out):
+            w = out[1] if isinstance(out, tuple) and len(out) > 1 else None
+            if w is not None:
+                shares[li] = w[0, :, k:, :k].float().sum(-1).mean(-1).cpu()
+        return hook
+
+    def layer_hook(li):
+        def hook(module, args, out):
+            mag = (out[0] if isinstance(out, tuple) else out)[0].float().abs()
+            rest = mag[k:]
+            acts[li] = (float(mag[:k].max()), float(rest.max()), float(rest.median()))
+        return hook
+
+    hooks = [_attention_module(layer).register_forward_hook(attn_hook(i))
+             for i, layer in enumerate(layers)]
+    hooks += [layer.register_forward_hook(layer_hook(i)) for i, layer in enumerate(layers)]
+    try:
+        with eager_attention(model):
+            model(input_ids=torch.tensor([ids], device=model_device(model)), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    if any(x is None for x in shares):
+        raise DTMError("This model does not return attention weights.")
+    rows = [{"layer": li, "head": h, "share": float(v)}
+            for li, sh in enumerate(shares) for h, v in enumerate(sh)]
+    act_rows = [{"layer": li, "pivot_max": pm, "other_max": om, "median_abs": med,
+                 "ratio": pm / med if med > 0 else float("inf")}
+                for li, (pm, om, med) in enumerate(acts)]
+    return pd.DataFrame(rows), pd.DataFrame(act_rows)
 
 
 def pair_sinks(pair, ids: Sequence[int], k: int = 1) -> tuple[pd.DataFrame, pd.DataFrame]:

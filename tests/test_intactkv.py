@@ -240,6 +240,10 @@ def test_attention_rows_are_probabilities_and_shares_match_a_loop(tiny):
         assert r.share == pytest.approx(slow, abs=1e-6)
     assert ((shares.share >= 0) & (shares.share <= 1 + 1e-6)).all()
     assert (acts.pivot_max > 0).all() and (acts.median_abs > 0).all()
+    for _, r in acts.iterrows():
+        h = hidden[int(r["layer"])].abs()
+        assert r.pivot_max == pytest.approx(float(h[:2].max()))
+        assert r.median_abs == pytest.approx(float(h[2:].median()))
     assert tiny.model.config._attn_implementation != "eager"  # restored after the view
     with pytest.raises(DTMError, match="longer than"):
         sink_tables(tiny.model, [1, 2], k=2)
