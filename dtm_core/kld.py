@@ -139,8 +139,9 @@ def score_text(pair: Pair, text: str, ctx: int = 512,
         x = torch.tensor([chunk], device=dev)
         pos = torch.tensor(positions, device=dev)
         tgt = x[0, pos + 1]
-        lb = torch.log_softmax(pair.dense.model(input_ids=x).logits[0, pos].float(), -1)
-        lc = torch.log_softmax(pair.compressed(input_ids=x).logits[0, pos].float(), -1)
+        # float64 log-softmax, as llama.cpp sums its softmax in double
+        lb = torch.log_softmax(pair.dense.model(input_ids=x).logits[0, pos].double(), -1)
+        lc = torch.log_softmax(pair.compressed(input_ids=x).logits[0, pos].double(), -1)
         values.extend(kl_per_position(lb, lc).cpu(), lb.gather(-1, tgt[:, None])[:, 0].cpu(),
                       lc.gather(-1, tgt[:, None])[:, 0].cpu(),
                       (lb.argmax(-1) == lc.argmax(-1)).cpu())

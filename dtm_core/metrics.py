@@ -70,28 +70,39 @@ def kl_per_position(d_logp: torch.Tensor, c_logp: torch.Tensor) -> torch.Tensor:
     return torch.where(p > 0, terms, torch.zeros_like(terms)).sum(-1).clamp(min=0)
 
 
+METRIC_CHUNK = 64  # positions per float64 log-softmax (bounds memory for large vocabularies)
+
+
 def token_metrics(dense_logits: torch.Tensor, comp_logits: torch.Tensor, ref: torch.Tensor,
                   n_new: int) -> TokenMetrics:
     """Metrics from the logits that predict each reference token (shape (L, V) each).
 
-    Argmaxes are taken on the raw logits, exactly as greedy decoding picks its token.
+    Argmaxes are taken on the raw logits, exactly as greedy decoding picks its token. KL and
+    probabilities come from float64 log-softmaxes: in float32 the log-normalizer of logits around
+    30 carries an error of a few 1e-6, the size of a mild compression's KL.
     """
-    d = torch.log_softmax(dense_logits.float(), -1)
-    c = torch.log_softmax(comp_logits.float(), -1)
-    ref = ref.to(d.device)
-    idx = ref[:, None]
+    ref = ref.to(dense_logits.device)
+    kl, p_d, p_c = [], [], []
+    for s in range(0, len(ref), METRIC_CHUNK):
+        d = torch.log_softmax(dense_logits[s:s + METRIC_CHUNK].double(), -1)
+        c = torch.log_softmax(comp_logits[s:s + METRIC_CHUNK].double(), -1)
+        idx = ref[s:s + METRIC_CHUNK, None]
+        kl.append(kl_per_position(d, c).float().cpu())
+        p_d.append(d.gather(-1, idx)[:, 0].exp().float().cpu())
+        p_c.append(c.gather(-1, idx)[:, 0].exp().float().cpu())
+    empty = torch.zeros(0)
     return TokenMetrics(
         ref=ref.cpu(), dense_argmax=dense_logits.argmax(-1).cpu(),
-        comp_argmax=comp_logits.argmax(-1).cpu(), kl=kl_per_position(d, c).cpu(),
-        p_dense_ref=d.gather(-1, idx)[:, 0].exp().cpu(),
-        p_comp_ref=c.gather(-1, idx)[:, 0].exp().cpu(), n_new=n_new)
+        comp_argmax=comp_logits.argmax(-1).cpu(), kl=torch.cat(kl) if kl else empty,
+        p_dense_ref=torch.cat(p_d) if p_d else empty, p_comp_ref=torch.cat(p_c) if p_c else empty,
+        n_new=n_new)
 
 
 def perplexity(logits: torch.Tensor, targets: torch.Tensor) -> float:
     """exp of the mean negative log-likelihood of targets; NaN when there is nothing to score."""
     if len(targets) == 0:
         return float("nan")
-    logp = torch.log_softmax(logits.float(), -1).gather(-1, targets.to(logits.device)[:, None])
+    logp = torch.log_softmax(logits.double(), -1).gather(-1, targets.to(logits.device)[:, None])
     return float(torch.exp(-logp.double().mean()))
 
 

@@ -106,9 +106,9 @@ def stream_pair(pair: Pair, prompt: str | None = None, new_tokens: int = 48, *, 
         if stop is not None and stop.is_set():
             state.stopped = True
             break
-        d_logp = torch.log_softmax(ld[0].float(), -1)
-        c_logp = torch.log_softmax(lc[0].float(), -1)
-        f_logp = torch.log_softmax(lc[1].float(), -1)
+        d_logp = torch.log_softmax(ld[0].double(), -1)   # float64 as in token_metrics
+        c_logp = torch.log_softmax(lc[0].double(), -1)
+        f_logp = torch.log_softmax(lc[1].double(), -1)
         d_tok = None if state.dense_done else int(ld[0].argmax())
         c_tok = None if state.comp_done else int(lc[0].argmax())
         f_tok = None if state.dense_done else int(lc[1].argmax())

@@ -112,16 +112,20 @@ def prepare(dense: LoadedModel, prompt_ids: Sequence[Sequence[int]], new_tokens:
         ctx.layer_inputs.append(rec)
         ctx.rows.append(rows.to(dev))
         ctx.pos.append(pos.to(dev))
-        z = logits[rows.to(dev), pos.to(dev)].float()
-        d = torch.log_softmax(z, -1)
+        z = logits[rows.to(dev), pos.to(dev)]
+        d = torch.log_softmax(z.double(), -1)   # float64: see token_metrics
         p = d.exp()
         ref = torch.cat([torch.tensor(refs[i], dtype=torch.long) for i in idx]).to(dev)
         # sum_v p_d(v) z_c(v) = (p_d @ W) . h_c for a linear head: an H-vector per position
-        # replaces the vocabulary-sized dense distribution in every cell
-        ctx.dense_pw.append(p @ head.weight.float())
-        ctx.dense_pb.append(None if head.bias is None else p @ head.bias.float())
+        # replaces the vocabulary-sized dense distribution in every cell (vocabulary in blocks,
+        # so no float64 copy of the whole head is made)
+        pw = torch.zeros((len(p), head.weight.shape[1]), dtype=torch.float64, device=dev)
+        for v in range(0, head.weight.shape[0], 8192):
+            pw += p[:, v:v + 8192] @ head.weight[v:v + 8192].to(dev, torch.float64)
+        ctx.dense_pw.append(pw)
+        ctx.dense_pb.append(None if head.bias is None else p @ head.bias.to(dev, torch.float64))
         ctx.dense_negent.append(torch.where(p > 0, p * d, torch.zeros_like(d)).sum(-1))
-        ctx.dense_lp_ref.append(d.gather(-1, ref[:, None])[:, 0].double().cpu())
+        ctx.dense_lp_ref.append(d.gather(-1, ref[:, None])[:, 0].cpu())
         ctx.refs.append(ref)
         if ikv is not None:
             kb = [ks[i] for i in idx]
@@ -205,16 +209,18 @@ def cell_table(model, ctx: SweepContext, start: int) -> pd.DataFrame:
             ref = ctx.refs[b][sl]
             top, arg = logits.max(-1)
             agree.append(arg == ref)
-            z_ref = logits.gather(-1, ref[:, None])[:, 0]
-            lse = top + logits.sub_(top[:, None]).exp_().sum(-1).log_()  # overwrites logits
-            dot = torch.linalg.vecdot(ctx.dense_pw[b][sl], h.float())
+            z_ref = logits.gather(-1, ref[:, None])[:, 0].double()
+            # exp and its (cascade) sum in float32 are accurate to ~1e-7 for terms <= 1; the KL
+            # below is a difference of terms the size of the logits, so it is formed in float64
+            lse = top.double() + logits.sub_(top[:, None]).exp_().sum(-1).double().log_()
+            dot = torch.linalg.vecdot(ctx.dense_pw[b][sl], h.double())
             if ctx.dense_pb[b] is not None:
                 dot = dot + ctx.dense_pb[b][sl]
             kl.append(ctx.dense_negent[b][sl] - dot + lse)
             lp_c.append(z_ref - lse)
         agree = torch.cat(agree).cpu()
         kl = torch.cat(kl).clamp(min=0).cpu()
-        lp_c = torch.cat(lp_c).double().cpu()
+        lp_c = torch.cat(lp_c).cpu()
         lp_d = ctx.dense_lp_ref[b]
         if ctx.intactkv is not None and len(ctx.pivot_rows[b]):
             # positions inside the pivot span are the dense model's (K = whole prompt)

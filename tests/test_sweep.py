@@ -68,6 +68,24 @@ def test_cli_sweep_cell_equals_cli_divergence(tmp_path):
         assert float(rows[comp]["fdt_mean"]) == sum(fdts) / len(fdts)
 
 
+def test_cli_sweep_with_intactkv_equals_divergence(tmp_path, default_model):
+    p = tmp_path / "p.txt"
+    p.write_text("The capital of France is\nOnce upon a time\nWater boils at\n")
+    out = tmp_path / "s.csv"
+    r = cli("sweep", "--compress", "int4:g128", "--prompts", str(p), "--new-tokens", "12",
+            "--layers", "3", "--kinds", "v,up", "--intactkv", "1", "--out", str(out),
+            "--cache-dir", str(tmp_path / "c"))
+    assert r.returncode == 0, r.stderr
+    assert "IntactKV 1" in r.stdout
+    texts = p.read_text().splitlines()
+    for row in csv.DictReader(out.open()):
+        d = divergence(make_pair(default_model, Recipe.single("int4:g128", row["component"])),
+                       texts, 12, intactkv=1)
+        assert float(row["fdt_mean"]) == d.table.fdt.mean(), row["component"]
+        # float64 where it matters: agrees to ~1e-7 nats (float32 was off by ~1e-4 here)
+        assert float(row["kl_mean"]) == pytest.approx(d.table.kl_mean.mean(), rel=1e-3, abs=1e-6)
+
+
 def test_sweep_resumes_after_sigkill(tmp_path):
     p = tmp_path / "p.txt"
     p.write_text("The capital of France is\nOnce upon a time\n")
