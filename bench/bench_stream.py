@@ -66,7 +66,7 @@ def main():
 
     t = time.perf_counter()
     page_first = None
-    for out in app.compare("default", args.spec, "", "*.*", "", prompt, False, n, Req()):
+    for out in app.compare("default", args.spec, "", "*.*", "", prompt, False, n, request=Req()):
         if out[0]:
             page_first = time.perf_counter() - t
             break
