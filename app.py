@@ -191,16 +191,20 @@ def get_pair(model: str, side: dict):
     return REGISTRY.pair((model or "default").strip(), **side)
 
 
-def pivot_note(tokenizer, ikv, text: str, chat) -> str:
-    """Which tokens the pivots are, for the first prompt of a set (tokenizers without BOS)."""
+FIRST = " For the first prompt: "  # lead of the pivot note of a prompt set
+
+
+def pivot_note(tokenizer, ikv, text: str, chat, lead: str = " ") -> str:
+    """Which tokens the pivots of ``text`` are (it matters for tokenizers without BOS), after
+    ``lead``; empty when IntactKV is off."""
     from dtm_core.generation import encode_prompts
     from dtm_core.intactkv import describe_pivots
 
     if ikv is None:
         return ""
     ids = encode_prompts(tokenizer, [text], chat=bool(chat))[0]
-    return " For the first prompt: " + describe_pivots(tokenizer, ids,
-                                                       ikv.pivot_lengths(tokenizer, [ids])[0])
+    note = describe_pivots(tokenizer, ids, ikv.pivot_lengths(tokenizer, [ids])[0])
+    return lead + note + (" (calibrated)" if ikv.calibrated is not None else "")
 
 
 def intact_setting(pair, text, calibrated, steps, chat, prompts=None, progress=None):
@@ -271,14 +275,7 @@ def compare(model, preset, spec, components, checkpoint, prompt, chat, new_token
             yield empty + ("Calibrating the pivot KV on the built-in 'general' set (cached "
                            "after the first time)…",)
         ikv = intact_setting(pair, ikv_text, ikv_cal, calib_steps, chat)
-        pivots = ""
-        if ikv is not None:
-            from dtm_core.generation import encode_prompts
-            from dtm_core.intactkv import describe_pivots
-            ids0 = encode_prompts(tok, [prompt], chat=bool(chat))[0]
-            k0 = ikv.pivot_lengths(tok, [ids0])[0]
-            pivots = " " + describe_pivots(tok, ids0, k0) + (
-                " (calibrated)" if ikv.calibrated is not None else "")
+        pivots = pivot_note(tok, ikv, prompt, chat)
         t0 = last = time.perf_counter()
         state = None
         dtx, ctx = TokenTexts(tok), TokenTexts(tok)
@@ -415,7 +412,7 @@ def run_set(model, preset, spec, components, checkpoint, upload, builtin, chat, 
     msg = (f"{'Stopped: ' if res.stopped else 'Done: '}{len(res.table)} prompts of "
            f"{pset.name} on {pair.dense.source} vs {pair.label}"
            f"{f', with and without IntactKV {ikv.label}' if ikv else ''}."
-           f"{pivot_note(pair.tokenizer, ikv, pset.prompts[0], chat)}")
+           f"{pivot_note(pair.tokenizer, ikv, pset.prompts[0], chat, FIRST)}")
     if res.rejected:
         msg += " ⚠️ " + "; ".join(f"line {n_}: {r}" for n_, r in res.rejected[:20])
         if len(res.rejected) > 20:
@@ -426,14 +423,10 @@ def run_set(model, preset, spec, components, checkpoint, upload, builtin, chat, 
     if res.comparison is not None:
         comparison = res.comparison.copy()
         if ikv.calibrated is not None:
-            # the calibration's own gain: the same prompts with the uncalibrated pivot KV
-            from dtm_core.generation import encode_prompts
-            from dtm_core.intactkv import IntactKV
-
-            done = [pset.prompts[i] for i in res.table.prompt_index]
-            ids = encode_prompts(pair.tokenizer, done, chat=bool(chat))
-            base = divergence(pair, prompt_ids=ids, new_tokens=n,
-                              intactkv=IntactKV(k=ikv.k, prefix=ikv.prefix))
+            # the calibration's own gain: the same prompts and dense references with the
+            # uncalibrated pivot KV
+            base = divergence(pair, prompt_ids=res.prompt_ids, references=res.references,
+                              new_tokens=n, intactkv=ikv.with_calibration(None))
             comparison.insert(3, "uncalibrated", comparison.key.map(base.summary))
             comparison["Δ calibration"] = comparison.intactkv - comparison.uncalibrated
             gain = base.summary["fdt_mean"]
@@ -533,7 +526,7 @@ def run_sweep(model, spec, upload, builtin, chat, new_tokens, layers, kinds, met
                f"{res.reused + plain.reused} reused) for {spec} on {pset.name}; mean FDT over "
                f"cells {plain.table.fdt_mean.mean():.2f} → {res.table.fdt_mean.mean():.2f}. "
                "Select a row to open that single-component pair in Compare."
-               f"{pivot_note(dense.tokenizer, ikv, pset.prompts[0], chat)}")
+               f"{pivot_note(dense.tokenizer, ikv, pset.prompts[0], chat, FIRST)}")
         state.update(plain=plain.table.to_dict("records"), intactkv=ikv.label)
         return (sweep_view_figure(state, metric, view), both, msg, str(out), state)
     return sensitivity_heatmap(res.table, metric), res.table, msg, str(out), state

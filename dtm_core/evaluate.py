@@ -71,6 +71,8 @@ class EvalResult:
     rejected: list[tuple[int, str]] = field(default_factory=list)
     stopped: bool = False
     comparison: pd.DataFrame | None = None   # plain vs IntactKV, when IntactKV was on
+    prompt_ids: list = field(default_factory=list, repr=False)   # per table row: its tokens
+    references: list = field(default_factory=list, repr=False)   # and the dense continuation
 
     def to_json(self) -> str:
         extra = {} if self.comparison is None else {
@@ -165,7 +167,7 @@ def evaluate(pair: Pair, pset: PromptSet, new_tokens: int = 32, *, chat: bool = 
         raise DTMError("Every prompt is too long for the model's context: "
                        + "; ".join(f"line {n}: {r}" for n, r in rejected[:5]))
     want_text = pset.has_answers
-    parts, stopped = [], False
+    parts, stopped, done_ids, done_refs = [], False, [], []
     for start in range(0, len(keep), chunk):
         if stop is not None and stop.is_set():
             stopped = True
@@ -182,6 +184,8 @@ def evaluate(pair: Pair, pset: PromptSet, new_tokens: int = 32, *, chat: bool = 
                 t[f"{col}_intactkv" if col != "pivots" else col] = r2.table[col].to_numpy()
         t["prompt_index"] = sel
         parts.append(t)
+        done_ids += res.prompt_ids
+        done_refs += res.references
         done = min(start + chunk, len(keep))
         note(done / len(keep), f"{done}/{len(keep)} prompts")
     if not parts:
@@ -226,4 +230,5 @@ def evaluate(pair: Pair, pset: PromptSet, new_tokens: int = 32, *, chat: bool = 
     config["intactkv"] = None if ikv is None else ikv.label
     return EvalResult(table=table, summary=summary,
                       survival=survival_curve(table.fdt, new_tokens),
-                      config=config, rejected=rejected, stopped=stopped, comparison=comparison)
+                      config=config, rejected=rejected, stopped=stopped, comparison=comparison,
+                      prompt_ids=done_ids, references=done_refs)

@@ -146,12 +146,24 @@ def vocab_size(model) -> int:
     return model.get_output_embeddings().weight.shape[0]
 
 
-@torch.no_grad()
-def teacher_forced_logits(model, seqs: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
-    """Logits (B, T, V) of right-padded sequences; row i is valid for its first len(seqs[i])."""
+def right_padded(seqs: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
+    """(B, max length) token ids, each row padded on the right with ``pad_id``."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     for j, s in enumerate(seqs):
         ids[j, :len(s)] = torch.tensor(s)
+    return ids
+
+
+@torch.no_grad()
+def teacher_forced(model, seqs: Sequence[Sequence[int]], pad_id: int, **kwargs):
+    """The model's output on right-padded sequences (``use_cache`` off unless given); row i is
+    valid for its first len(seqs[i]) positions."""
     # No attention mask: causal attention already keeps right padding out of real positions.
-    return model(input_ids=ids.to(model_device(model)), use_cache=False).logits
+    kwargs.setdefault("use_cache", False)
+    return model(input_ids=right_padded(seqs, pad_id).to(model_device(model)), **kwargs)
+
+
+def teacher_forced_logits(model, seqs: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
+    """Logits (B, T, V) of right-padded sequences; row i is valid for its first len(seqs[i])."""
+    return teacher_forced(model, seqs, pad_id).logits

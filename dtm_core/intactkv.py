@@ -30,7 +30,7 @@ from transformers import DynamicCache
 
 from . import METRIC_VERSION
 from .errors import DTMError
-from .generation import model_device
+from .generation import model_device, right_padded, teacher_forced
 
 Progress = Callable[[float, str], None]
 
@@ -206,8 +206,19 @@ def right_pad_mask(ks: Sequence[int], width: int) -> torch.Tensor:
     return torch.arange(width)[None, :] < torch.tensor(list(ks))[:, None]
 
 
-def placed(cal: CalibratedKV, starts: Sequence[int], width: int, device) -> Callable[[int], tuple]:
-    """A PivotCache source that puts the calibrated K/V at columns starts[i].. of each row."""
+def pivot_source(ikv: IntactKV, dense_cache, starts: Sequence[int], width: int,
+                 device) -> Callable[[int], tuple]:
+    """The K/V a :class:`PivotCache` puts at the pivot columns, over the first ``width`` columns.
+
+    Calibrated: the trained K/V placed at columns starts[i].. of row i (built per layer when
+    asked). Otherwise the dense model's, from ``dense_cache`` of the same batch layout: copied out
+    per layer now, so the rest of that cache can be freed.
+    """
+    cal = ikv.calibrated
+    if cal is None:
+        kv = [tuple(t[:, :, :width].clone() for t in cache_kv(dense_cache, li))
+              for li in range(len(dense_cache.layers))]
+        return kv.__getitem__
     kk = len(cal.ids)
 
     def source(layer_idx):
@@ -222,14 +233,6 @@ def placed(cal: CalibratedKV, starts: Sequence[int], width: int, device) -> Call
     return source
 
 
-def _ids_tensor(seqs, pad):
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    for j, s in enumerate(seqs):
-        ids[j, :len(s)] = torch.tensor(s)
-    return ids
-
-
 @torch.no_grad()
 def teacher_forced_pair(dense_model, comp_model, seqs: Sequence[Sequence[int]], pad_id: int,
                         ks: Sequence[int], ikv: IntactKV
@@ -239,22 +242,15 @@ def teacher_forced_pair(dense_model, comp_model, seqs: Sequence[Sequence[int]], 
     The dense pass keeps its KV cache; the compressed pass gets the dense (or calibrated) K/V at
     columns < K_i of row i, and its logits there are replaced by the dense model's.
     """
-    ids = _ids_tensor(seqs, pad_id)
-    dev = model_device(dense_model)
     t0 = max(ks)
-    d_out = dense_model(input_ids=ids.to(dev), use_cache=True)
-    d_logits, d_cache = d_out.logits, d_out.past_key_values
-    mask = right_pad_mask(ks, t0).to(dev)
-    if ikv.calibrated is not None:
-        source = placed(ikv.calibrated, [0] * len(seqs), t0, model_device(comp_model))
-    else:
-        def source(i):
-            k, v = cache_kv(d_cache, i)
-            return k[:, :, :t0], v[:, :, :t0]
-    cache = PivotCache(comp_model.config, mask, source)
-    cdev = model_device(comp_model)
-    c_logits = comp_model(input_ids=ids.to(cdev), past_key_values=cache, use_cache=True).logits
-    c_logits = c_logits.to(d_logits.device)
+    d_out = teacher_forced(dense_model, seqs, pad_id, use_cache=True)
+    d_logits = d_out.logits
+    source = pivot_source(ikv, d_out.past_key_values, [0] * len(seqs), t0,
+                          model_device(comp_model))
+    del d_out
+    cache = PivotCache(comp_model.config, right_pad_mask(ks, t0), source)
+    c_logits = teacher_forced(comp_model, seqs, pad_id, past_key_values=cache,
+                              use_cache=True).logits.to(d_logits.device)
     keep = right_pad_mask(ks, c_logits.shape[1]).to(c_logits.device)
     c_logits = torch.where(keep[..., None], d_logits, c_logits)
     return d_logits, c_logits
@@ -277,12 +273,7 @@ def intact_prefill(decoder, dense_model, ks: Sequence[int], ikv: IntactKV) -> to
     d_out = dense_model(input_ids=ids.to(model_device(dense_model)),
                         attention_mask=amask.to(model_device(dense_model)),
                         position_ids=pos.to(model_device(dense_model)), use_cache=True)
-    d_cache = d_out.past_key_values
-    if ikv.calibrated is not None:
-        source = placed(ikv.calibrated, starts, width, ids.device)
-    else:
-        def source(i):
-            return cache_kv(d_cache, i)
+    source = pivot_source(ikv, d_out.past_key_values, starts, width, ids.device)
     decoder.cache = PivotCache(decoder.model.config, mask, source)
     logits = decoder._forward(ids, pos)
     whole = torch.tensor([k >= n for k, n in zip(ks, lens)], device=logits.device)
@@ -339,7 +330,7 @@ def calibrate(pair, prompt_ids: Sequence[Sequence[int]], ikv: IntactKV, *, steps
     note = progress or (lambda f, m: None)
     if steps < 1 or steps > 10000:
         raise DTMError("Calibration steps must be between 1 and 10000.")
-    base = IntactKV(k=ikv.k, prefix=ikv.prefix)
+    base = ikv.with_calibration(None)
     prompt_ids = [list(p) for p in prompt_ids][:max_prompts]
     if not prompt_ids:
         raise DTMError("Calibration needs at least one prompt.")
@@ -367,36 +358,35 @@ def calibrate(pair, prompt_ids: Sequence[Sequence[int]], ikv: IntactKV, *, steps
     with torch.no_grad():
         d_cache = dense(input_ids=torch.tensor([pivot], device=model_device(dense)),
                         use_cache=True).past_key_values
-        n_layers = len(d_cache.layers)
-        init = [(cache_kv(d_cache, i)[0][0].float().to(dev), cache_kv(d_cache, i)[1][0].float()
-                 .to(dev)) for i in range(n_layers)]
+        init = [t[0].float().to(dev) for li in range(len(d_cache.layers))
+                for t in cache_kv(d_cache, li)]   # k0, v0, k1, v1, ...
     batches = [prompt_ids[s:s + batch_size] for s in range(0, len(prompt_ids), batch_size)]
-    targets = []
+    targets = []   # per batch: token ids, non-pivot real positions, dense layer outputs
     with torch.no_grad():
         for b in batches:
+            ids = right_padded(b, pad)
             store: list = []
             hooks = _layer_outputs(dense, store)
             try:
-                dense(input_ids=_ids_tensor(b, pad).to(model_device(dense)), use_cache=False)
+                dense(input_ids=ids.to(model_device(dense)), use_cache=False)
             finally:
                 for h in hooks:
                     h.remove()
-            live = torch.zeros(_ids_tensor(b, pad).shape, dtype=torch.bool)
+            live = torch.zeros(ids.shape, dtype=torch.bool)
             for j, s in enumerate(b):
                 live[j, k:len(s)] = True
-            targets.append(([t.detach().float().to(dev) for t in store], live.to(dev)))
-    params = [torch.nn.Parameter(t.clone()) for kv in init for t in kv]
+            targets.append((ids.to(dev), live.to(dev), [t.float().to(dev) for t in store]))
+    params = [torch.nn.Parameter(t.clone()) for t in init]
     opt = torch.optim.Adam(params, lr=lr)
 
     def batch_loss(bi: int) -> torch.Tensor:
-        b = batches[bi]
-        tgt, live = targets[bi]
-        ids = _ids_tensor(b, pad).to(dev)
-        mask = right_pad_mask([k] * len(b), k).to(dev)
+        ids, live, tgt = targets[bi]
+        rows = len(ids)
+        mask = right_pad_mask([k] * rows, k).to(dev)
 
         def source(i):
             kk, vv = params[2 * i], params[2 * i + 1]
-            return kk[None].expand(len(b), -1, -1, -1), vv[None].expand(len(b), -1, -1, -1)
+            return kk[None].expand(rows, -1, -1, -1), vv[None].expand(rows, -1, -1, -1)
         store: list = []
         hooks = _layer_outputs(comp, store)
         try:

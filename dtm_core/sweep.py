@@ -30,8 +30,7 @@ from .compress import Recipe, apply_recipe, parse_spec
 from .components import all_components, decoder_layers, family_of, tail_modules
 from .divergence import pad_id_of, reference_continuations
 from .errors import DTMError
-from .generation import (check_lengths, model_device, plan_batches, teacher_forced_logits,
-                         vocab_size)
+from .generation import check_lengths, plan_batches, teacher_forced, vocab_size
 from .models import LoadedModel, cache_root
 from .pair import input_norms, shared_copy
 
@@ -72,7 +71,7 @@ def prepare(dense: LoadedModel, prompt_ids: Sequence[Sequence[int]], new_tokens:
     With ``intactkv`` the pass also keeps the dense K/V of the pivot tokens, which every cell's
     compressed layers then see (exactly as :func:`divergence` with the same IntactKV).
     """
-    from .intactkv import IntactKV, cache_kv, placed, right_pad_mask
+    from .intactkv import IntactKV, pivot_source, right_pad_mask
 
     ikv = IntactKV.parse(intactkv)
     prompt_ids = [list(p) for p in prompt_ids]
@@ -94,15 +93,9 @@ def prepare(dense: LoadedModel, prompt_ids: Sequence[Sequence[int]], new_tokens:
             lambda m, a, kw, i=i: rec.__setitem__(i, (a, dict(kw))), with_kwargs=True)
             for i, layer in enumerate(layers)]
         try:
-            if ikv is None:
-                logits = teacher_forced_logits(dense.model, [full[i] for i in idx], pad)
-            else:
-                width = max(len(full[i]) for i in idx)
-                ids = torch.full((len(idx), width), pad, dtype=torch.long)
-                for j, i in enumerate(idx):
-                    ids[j, :len(full[i])] = torch.tensor(full[i])
-                out = dense.model(input_ids=ids.to(model_device(dense.model)), use_cache=True)
-                logits = out.logits
+            out = teacher_forced(dense.model, [full[i] for i in idx], pad,
+                                 use_cache=ikv is not None)
+            logits = out.logits
         finally:
             for h in hooks:
                 h.remove()
@@ -130,19 +123,13 @@ def prepare(dense: LoadedModel, prompt_ids: Sequence[Sequence[int]], new_tokens:
         if ikv is not None:
             kb = [ks[i] for i in idx]
             t0 = max(kb)
-            if ikv.calibrated is not None:
-                source = placed(ikv.calibrated, [0] * len(idx), t0, dev)
-            else:
-                kv = [tuple(t[:, :, :t0] for t in cache_kv(out.past_key_values, li))
-                      for li in range(len(layers))]
-                source = kv.__getitem__
+            source = pivot_source(ikv, out.past_key_values, [0] * len(idx), t0, dev)
             ctx.pivot_sources.append((right_pad_mask(kb, t0).to(dev), source))
             piv = (pos < torch.cat([torch.full((len(refs[i]),), ks[i]) for i in idx]).to(dev))
             where = piv.nonzero()[:, 0]
             ctx.pivot_rows.append(where.cpu())
             ctx.dense_agree.append((z.argmax(-1) == ref).cpu())
-            del out
-        del logits, z, d, p
+        del out, logits, z, d, p
     return ctx
 
 
