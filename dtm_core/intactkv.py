@@ -35,9 +35,12 @@ from .generation import model_device, right_padded, teacher_forced
 Progress = Callable[[float, str], None]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class CalibratedKV:
-    """Trained pivot keys/values for one token prefix, per layer of shape (heads, K, head_dim)."""
+    """Trained pivot keys/values for one token prefix, per layer of shape (heads, K, head_dim).
+
+    Compared (and hashed) by identity: field-wise equality would compare tensors.
+    """
 
     ids: tuple[int, ...]
     keys: tuple[torch.Tensor, ...]

@@ -17,6 +17,7 @@ import os
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -30,7 +31,7 @@ from .compress import Recipe, apply_recipe, parse_spec
 from .components import all_components, decoder_layers, family_of, tail_modules
 from .divergence import pad_id_of, reference_continuations
 from .errors import DTMError
-from .generation import check_lengths, plan_batches, teacher_forced, vocab_size
+from .generation import check_lengths, model_device, plan_batches, teacher_forced, vocab_size
 from .models import LoadedModel, cache_root
 from .pair import input_norms, shared_copy
 
@@ -71,7 +72,7 @@ def prepare(dense: LoadedModel, prompt_ids: Sequence[Sequence[int]], new_tokens:
     With ``intactkv`` the pass also keeps the dense K/V of the pivot tokens, which every cell's
     compressed layers then see (exactly as :func:`divergence` with the same IntactKV).
     """
-    from .intactkv import IntactKV, pivot_source, right_pad_mask
+    from .intactkv import IntactKV, PivotCache, pivot_source, right_pad_mask
 
     ikv = IntactKV.parse(intactkv)
     prompt_ids = [list(p) for p in prompt_ids]
@@ -88,17 +89,31 @@ def prepare(dense: LoadedModel, prompt_ids: Sequence[Sequence[int]], new_tokens:
     ctx = SweepContext(prompt_ids, refs, new_tokens, batches, [], [], [], [], [], [], [], [],
                        head.weight, ikv, [], [], [])
     for idx in batches:
+        seqs = [full[i] for i in idx]
         rec: list = [None] * len(layers)
-        hooks = [layer.register_forward_pre_hook(
-            lambda m, a, kw, i=i: rec.__setitem__(i, (a, dict(kw))), with_kwargs=True)
-            for i, layer in enumerate(layers)]
-        try:
-            out = teacher_forced(dense.model, [full[i] for i in idx], pad,
-                                 use_cache=ikv is not None)
-            logits = out.logits
-        finally:
-            for h in hooks:
-                h.remove()
+        if ikv is None:
+            with _recording(layers, rec):
+                logits = teacher_forced(dense.model, seqs, pad).logits
+        else:
+            kb = [ks[i] for i in idx]
+            t0 = max(kb)
+            mask = right_pad_mask(kb, t0)
+            if ikv.calibrated is None:   # dense weights with dense pivots: the dense pass itself
+                with _recording(layers, rec):
+                    out = teacher_forced(dense.model, seqs, pad, use_cache=True)
+                logits = out.logits
+                source = pivot_source(ikv, out.past_key_values, [0] * len(idx), t0, None)
+                del out
+            else:
+                # calibrated pivots change every layer's input, also before a cell's component:
+                # record the dense weights' layer inputs under them; the metrics' reference stays
+                # the plain dense pass
+                logits = teacher_forced(dense.model, seqs, pad).logits
+                source = pivot_source(ikv, None, [0] * len(idx), t0,
+                                      model_device(dense.model))
+                with _recording(layers, rec):
+                    teacher_forced(dense.model, seqs, pad, use_cache=True,
+                                   past_key_values=PivotCache(dense.model.config, mask, source))
         rows = torch.cat([torch.full((len(refs[i]),), j) for j, i in enumerate(idx)])
         pos = torch.cat([torch.arange(len(refs[i])) + len(prompt_ids[i]) - 1 for i in idx])
         dev = logits.device
@@ -121,28 +136,39 @@ def prepare(dense: LoadedModel, prompt_ids: Sequence[Sequence[int]], new_tokens:
         ctx.dense_lp_ref.append(d.gather(-1, ref[:, None])[:, 0].cpu())
         ctx.refs.append(ref)
         if ikv is not None:
-            kb = [ks[i] for i in idx]
-            t0 = max(kb)
-            source = pivot_source(ikv, out.past_key_values, [0] * len(idx), t0, dev)
-            ctx.pivot_sources.append((right_pad_mask(kb, t0).to(dev), source))
+            ctx.pivot_sources.append((mask.to(dev), source))
             piv = (pos < torch.cat([torch.full((len(refs[i]),), ks[i]) for i in idx]).to(dev))
             where = piv.nonzero()[:, 0]
             ctx.pivot_rows.append(where.cpu())
             ctx.dense_agree.append((z.argmax(-1) == ref).cpu())
-        del out, logits, z, d, p
+        del logits, z, d, p
     return ctx
 
 
 def _call_with_cache(layer, args: tuple, kwargs: dict, cache) -> tuple[tuple, dict]:
-    """The recorded call of a decoder layer with ``past_key_values`` set to ``cache``."""
+    """The recorded call of a decoder layer with ``past_key_values`` set to ``cache`` (None: no
+    cache, and none kept alive by the recording)."""
     import inspect
 
     names = list(inspect.signature(layer.forward).parameters)
     if "past_key_values" in names and names.index("past_key_values") < len(args):
         args = list(args)
         args[names.index("past_key_values")] = cache
-        return tuple(args), {**kwargs, "use_cache": True}
-    return args, {**kwargs, "past_key_values": cache, "use_cache": True}
+        return tuple(args), {**kwargs, "use_cache": cache is not None}
+    return args, {**kwargs, "past_key_values": cache, "use_cache": cache is not None}
+
+
+@contextmanager
+def _recording(layers, rec: list):
+    """Record each decoder layer's call (args, kwargs) into ``rec`` during a forward pass."""
+    hooks = [layer.register_forward_pre_hook(
+        lambda m, a, kw, i=i: rec.__setitem__(i, _call_with_cache(m, a, dict(kw), None)),
+        with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        yield rec
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 @torch.no_grad()

@@ -211,6 +211,27 @@ def test_calibration_lowers_its_loss_and_is_cached(tmp_path):
         divergence(pair, prompt_ids=[[5, 6, 7]], new_tokens=N, intactkv=ikv)
 
 
+def test_sweep_with_calibrated_pivots_checks_its_context(tmp_path):
+    """A calibrated setting compares by identity, so a sweep can check its prepared context."""
+    from dtm_core.sweep import prepare
+
+    tiny = make_tiny("llama", scale=2.0)
+    prompts = bos_prompts(4, seed=6)
+    cal = calibrate(make_pair(tiny, Recipe.single("int4:g16", "*.*")), prompts, IntactKV(k=1),
+                    steps=2, use_cache=False)
+    ikv = IntactKV(k=1).with_calibration(cal)
+    ctx = prepare(tiny, prompts, N, intactkv=ikv)
+    res = sweep(tiny, "int4:g16", prompts, N, cache_dir=tmp_path, layers="1", kinds="v",
+                ctx=ctx, intactkv=ikv)
+    d = divergence(make_pair(tiny, Recipe.single("int4:g16", "1.v")), prompt_ids=prompts,
+                   new_tokens=N, intactkv=ikv)
+    assert res.table.fdt_mean[0] == d.table.fdt.mean()
+    other = IntactKV(k=1).with_calibration(CalibratedKV(cal.ids, cal.keys, cal.values))
+    with pytest.raises(DTMError, match="different IntactKV"):
+        sweep(tiny, "int4:g16", prompts, N, cache_dir=tmp_path, layers="1", ctx=ctx,
+              intactkv=other)
+
+
 def test_calibration_refuses_different_first_tokens(tiny):
     pair = make_pair(tiny, Recipe.single("int4", "*.*"))
     with pytest.raises(DTMError, match="must be the same"):
