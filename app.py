@@ -254,7 +254,8 @@ def stopper(job: str, message: str):
 
 
 def compare(model, preset, spec, components, checkpoint, prompt, chat, new_tokens,
-            ikv_text="off", ikv_cal=False, calib_steps=50, request: gr.Request = None):
+            ikv_text="off", ikv_cal=False, calib_steps=50, request: gr.Request = None,
+            progress=gr.Progress()):
     """Generator: stream both generations, then finalize with the engine's teacher-forced pass."""
     empty = ("", "", "–", "–", None, "")
     try:
@@ -274,7 +275,7 @@ def compare(model, preset, spec, components, checkpoint, prompt, chat, new_token
         if ikv_cal and (ikv_text or "off") != "off":
             yield empty + ("Calibrating the pivot KV on the built-in 'general' set (cached "
                            "after the first time)…",)
-        ikv = intact_setting(pair, ikv_text, ikv_cal, calib_steps, chat)
+        ikv = intact_setting(pair, ikv_text, ikv_cal, calib_steps, chat, progress=progress)
         pivots = pivot_note(tok, ikv, prompt, chat)
         t0 = last = time.perf_counter()
         state = None
