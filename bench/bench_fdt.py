@@ -6,11 +6,8 @@ padded batch of all prompts). Prints the ratio measured in this run.
     .venv/bin/python bench/bench_fdt.py [--prompts 12] [--new-tokens 64] [--spec int8]
 """
 import argparse
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 

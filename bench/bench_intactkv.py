@@ -9,12 +9,9 @@ references; plus the calibration loss and the extra cost of an IntactKV pass, me
         [--calibration instructions] [--new-tokens 32] [--steps 50]
 """
 import argparse
-import os
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dtm_core.compress import Recipe  # noqa: E402
 from dtm_core.divergence import divergence  # noqa: E402

@@ -17,7 +17,6 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 PROMPTS = ["The capital of France is", "Once upon a time", "Water boils at", "The quick brown fox",

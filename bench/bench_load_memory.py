@@ -12,11 +12,9 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 CHILD = """
 import json, resource, sys, time
-sys.path.insert(0, {root!r})
 t = time.perf_counter()
 from dtm_core.models import load_model
 m = load_model("default", cache_dir={cache!r})

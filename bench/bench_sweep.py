@@ -7,13 +7,10 @@ cell is computed).
     .venv/bin/python bench/bench_sweep.py [--prompts 16] [--new-tokens 32] [--spec int4:g128]
 """
 import argparse
-import os
 import statistics
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dtm_core.divergence import pad_id_of  # noqa: E402
 from dtm_core.generation import encode_prompts, teacher_forced_logits  # noqa: E402
