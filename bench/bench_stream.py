@@ -9,11 +9,9 @@ including the page's HTML rendering.
 """
 import argparse
 import os
-import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
@@ -56,17 +54,18 @@ def main():
             steps = len(st.steps)
         best = min(best, (time.perf_counter() - t) / steps)
     # first update as the page sees it: the app's handler on a loaded pair
-    import app
-    from dtm_core.registry import Registry
-    app.REGISTRY = Registry()
-    app.REGISTRY.pair("default", compress=args.spec)
+    from dtm_core.jobs import PairCache
+    from ui import common
+    from ui.compare import compare
+    common.CACHE = PairCache()
+    common.CACHE.pair("default", compress=args.spec)
 
     class Req:
         session_hash = "bench"
 
     t = time.perf_counter()
     page_first = None
-    for out in app.compare("default", args.spec, "", "*.*", "", prompt, False, n, request=Req()):
+    for out in compare("default", args.spec, "", "*.*", "", prompt, False, n, request=Req()):
         if out[0]:
             page_first = time.perf_counter() - t
             break

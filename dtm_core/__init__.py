@@ -5,6 +5,6 @@ UI-free: the Gradio app and the CLI (``python -m dtm_core``) both call these fun
 from .errors import DTMError
 
 __version__ = "0.1.0"
-METRIC_VERSION = 2  # bump when a metric's definition or precision changes (keys cached results)
+METRIC_VERSION = 3  # bump when a metric's definition or precision changes (keys cached results)
 
 __all__ = ["DTMError", "__version__", "METRIC_VERSION"]

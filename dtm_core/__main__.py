@@ -19,15 +19,13 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="'default', a local transformers folder, a .gguf file or a hub id "
                         "(from the local Hugging Face cache)")
     side = p.add_argument_group("compressed side (give one)")
-    side.add_argument("--compress", metavar="SPEC",
-                      help="none | magnitude:S | nm:N:M | wanda:S | intB[:gG][:asym] | w8a8")
+    side.add_argument("--compress", metavar="SPEC", help=_spec_help())
     side.add_argument("--components", default="*.*", metavar="SELECTION",
                       help="comma-separated LAYERS.KIND, e.g. '*.q,*.k,0-3.down' (default: all)")
     side.add_argument("--recipe", metavar="JSON", help="a recipe file (list of spec + components)")
     side.add_argument("--compressed-model", metavar="PATH",
                       help="a second checkpoint of the same base instead of --compress")
-    p.add_argument("--calibration", metavar="FILE",
-                   help="prompts for wanda's activation norms (default: the evaluated prompts)")
+    _calibration_arg(p)
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, "
                                                     "bfloat16, float16")
@@ -35,6 +33,18 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="allow a model's own Python code to run (off unless asked)")
     p.add_argument("--cache-dir", help="cache folder (default $XDG_CACHE_HOME/dtm-inspector)")
     p.add_argument("--batch-size", type=int, default=16)
+
+
+def _spec_help() -> str:
+    from .methods import METHODS
+    return "; ".join(f"{' | '.join(c.forms)}: {c.summary}" for c in METHODS.values())
+
+
+def _calibration_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calibration", metavar="FILE",
+                   help="prompts (a file or a built-in set) for the statistics a method needs "
+                        "(wanda's activation norms) and for calibrated IntactKV; default: the "
+                        "evaluated prompts")
 
 
 def _intactkv_args(p: argparse.ArgumentParser) -> None:
@@ -83,8 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                            ("plan", "sweep, then the largest set of components within a budget")):
         sp = sub.add_parser(name, help=helptext)
         sp.add_argument("--model", default="default")
-        sp.add_argument("--compress", required=True, metavar="SPEC")
+        sp.add_argument("--compress", required=True, metavar="SPEC", help=_spec_help())
         sp.add_argument("--prompts", required=True)
+        _calibration_arg(sp)
         sp.add_argument("--new-tokens", type=int, default=32, metavar="N")
         sp.add_argument("--chat", action="store_true")
         sp.add_argument("--layers", help="layer range(s), e.g. 0-3 or 0,5,10-12")
@@ -129,26 +140,37 @@ def _builtins() -> list[str]:
     return builtin_names()
 
 
-def _load_pair(args, prompts: list[str]):
+def _pair_request(args):
+    """The pair the arguments describe, checked before any model loads."""
     from .compress import Recipe
-    from .models import load_model
-    from .pair import open_pair
-    from .prompts import load_prompts
+    from .jobs import CalibrationSetting, PairRequest
 
-    kw = dict(device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-              cache_dir=args.cache_dir)
     if args.compress is None and not args.recipe and not args.compressed_model:
         raise DTMError("Give the compressed side: --compress SPEC, --recipe FILE or "
                        "--compressed-model PATH.")
-    recipe = Recipe.load(args.recipe) if args.recipe else None
-    if args.compress is not None:
-        from .compress import parse_spec
-        parse_spec(args.compress)  # a bad spec fails before the model loads
-    calibration = load_prompts(args.calibration).prompts if args.calibration else prompts
-    dense = load_model(args.model, **kw)
-    return open_pair(dense, compress=args.compress, components=args.components, recipe=recipe,
-                     compressed_model=args.compressed_model, calibration=calibration,
-                     chat=getattr(args, "chat", False), load_kwargs=kw)
+    req = PairRequest(model=args.model, compress=args.compress, components=args.components,
+                      recipe=Recipe.load(args.recipe) if args.recipe else None,
+                      compressed_model=args.compressed_model,
+                      calibration=CalibrationSetting.of(args.calibration),
+                      chat=getattr(args, "chat", False))
+    req.validate()
+    return req
+
+
+def _cache(args):
+    from .jobs import PairCache
+    return PairCache(max_pairs=1, device=args.device, dtype=args.dtype,
+                     trust_remote_code=args.trust_remote_code, cache_dir=args.cache_dir)
+
+
+def _load_pair(args, prompts: list[str]):
+    """The pair of a command; ``prompts`` are the evaluated prompts (the default calibration)."""
+    from .jobs import calibration_note
+
+    pair = _cache(args).open(_pair_request(args), prompts)
+    if pair.calibration is not None:
+        print(calibration_note(pair), file=sys.stderr)
+    return pair
 
 
 def _check_common(args) -> None:
@@ -159,7 +181,7 @@ def _check_common(args) -> None:
 
 
 def cmd_divergence(args) -> int:
-    from .divergence import divergence
+    from .jobs import compare_variants
     from .prompts import load_prompts
 
     _check_common(args)
@@ -168,20 +190,21 @@ def cmd_divergence(args) -> int:
         print("warning: " + pset.rejection_message(), file=sys.stderr)
     pair = _load_pair(args, pset.prompts)
     ikv = _intactkv(args, pair, pset.prompts)
-    res = divergence(pair, pset.prompts, args.new_tokens, chat=args.chat,
-                     batch_size=args.batch_size, generate_compressed=args.generate_compressed)
+    from .generation import encode_prompts
+    ids = encode_prompts(pair.tokenizer, pset.prompts, chat=args.chat)
+    variants = {"plain": None} if ikv is None else {"plain": None, "intactkv": ikv}
+    cmp = compare_variants(pair, ids, args.new_tokens, variants, batch_size=args.batch_size,
+                           generate_compressed=args.generate_compressed)
+    res = cmp.runs["plain"]
     header = (f"pair: {pair.dense.source} vs {pair.label}   prompts: {len(pset.records)}   "
               f"N: {args.new_tokens}")
     if ikv is None:
         table, summary = res.table, res.summary
         _print_summary(header, summary)
     else:
-        intact = divergence(pair, prompt_ids=res.prompt_ids, new_tokens=args.new_tokens,
-                            references=res.references, batch_size=args.batch_size,
-                            generate_compressed=args.generate_compressed, intactkv=ikv)
-        table = intact.table.copy()
-        for col in ("fdt", "sdt", "kl_mean", "compressed_text"):
-            table[f"{col}_plain"] = res.table[col]
+        intact = cmp.runs["intactkv"]
+        # the IntactKV run is the primary table here; the plain run's columns are *_plain
+        table = cmp.wide("intactkv", ["fdt", "sdt", "kl_mean", "compressed_text"])
         summary = {"plain": res.summary, "intactkv": intact.summary, "intactkv_setting": ikv.label}
         _print_comparison(header + f"   IntactKV: {ikv.label}", res.summary, intact.summary)
     if args.out:
@@ -202,22 +225,21 @@ def _print_comparison(header: str, plain: dict, intact: dict) -> None:
 
 def _intactkv(args, pair, prompts: list[str]):
     """The IntactKV setting of a command (None when off), calibrated when asked."""
-    from .generation import encode_prompts
-    from .intactkv import IntactKV, calibrate
-    from .prompts import load_prompts
+    from .jobs import CalibrationSetting, IntactKVSetting, resolve_intactkv
 
-    ikv = IntactKV.parse(getattr(args, "intactkv", None))
-    if getattr(args, "intactkv_calibrated", False):
-        if ikv is None:
-            raise DTMError("--intactkv-calibrated needs --intactkv K or --intactkv prefix.")
-        texts = (load_prompts(args.calibration).prompts if getattr(args, "calibration", None)
-                 else prompts)
-        ids = encode_prompts(pair.tokenizer, texts, chat=getattr(args, "chat", False))
-        cal = calibrate(pair, ids, ikv, steps=args.calib_steps, lr=args.calib_lr,
-                        cache_dir=args.cache_dir, progress=stderr_progress)
+    setting = IntactKVSetting(pivots=getattr(args, "intactkv", None),
+                              calibrated=getattr(args, "intactkv_calibrated", False),
+                              steps=getattr(args, "calib_steps", 50),
+                              lr=getattr(args, "calib_lr", 1e-2))
+    if setting.calibrated and setting.parse() is None:
+        raise DTMError("--intactkv-calibrated needs --intactkv K or --intactkv prefix.")
+    ikv = resolve_intactkv(setting, pair, prompts, chat=getattr(args, "chat", False),
+                           calibration=CalibrationSetting.of(getattr(args, "calibration", None)),
+                           cache_dir=args.cache_dir, progress=stderr_progress)
+    if ikv is not None and ikv.calibrated is not None:
+        cal = ikv.calibrated
         print(f"calibrated pivot KV: loss {cal.loss_before:.4g} -> {cal.loss_after:.4g}",
               file=sys.stderr)
-        ikv = ikv.with_calibration(cal)
     return ikv
 
 
@@ -286,14 +308,12 @@ def _sweep_setup(args):
 
     from .compress import parse_spec
     from .generation import encode_prompts
-    from .models import load_model
     from .prompts import load_prompts
 
     _check_common(args)
     parse_spec(args.compress)
     pset = load_prompts(args.prompts)
-    dense = load_model(args.model, device=args.device, dtype=args.dtype,
-                       trust_remote_code=args.trust_remote_code, cache_dir=args.cache_dir)
+    dense = _cache(args).dense(args.model)
     ids = encode_prompts(dense.tokenizer, pset.prompts, chat=args.chat)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:  # torchrun: share the cores between the ranks
@@ -302,17 +322,22 @@ def _sweep_setup(args):
     return dense, ids, rank, world
 
 
+def _sweep_kw(args, rank, world) -> dict:
+    from .jobs import CalibrationSetting
+    return dict(layers=args.layers, kinds=args.kinds, cache_dir=args.cache_dir,
+                batch_size=args.batch_size, rank=rank, world=world, chat=args.chat,
+                calibration=CalibrationSetting.of(args.calibration))
+
+
 def cmd_sweep(args) -> int:
-    from .sweep import sweep
+    from .intactkv import IntactKV
+    from .jobs import sweep_variants
 
     dense, ids, rank, world = _sweep_setup(args)
-    from .intactkv import IntactKV
     ikv = IntactKV.parse(args.intactkv)
-    if ikv is not None:
-        ikv.pivot_lengths(dense.tokenizer, ids)  # a bad setting fails before the sweep
-    res = sweep(dense, args.compress, ids, args.new_tokens, layers=args.layers, kinds=args.kinds,
-                cache_dir=args.cache_dir, batch_size=args.batch_size, rank=rank, world=world,
-                progress=stderr_progress if rank == 0 else None, intactkv=ikv)
+    both = sweep_variants(dense, args.compress, ids, args.new_tokens, **_sweep_kw(args, rank, world),
+                          progress=stderr_progress if rank == 0 else None, intactkv=ikv)
+    res = both.main
     if rank != 0:
         return 0
     if args.out:
@@ -327,22 +352,26 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from .plan import make_plan, save_compressed
-    from .sweep import prepare, sweep
+    from .jobs import CalibrationSetting, plan_from_sweep, sweep_variants
+    from .plan import save_compressed
+    from .sweep import prepare
 
     dense, ids, rank, world = _sweep_setup(args)
     ctx = prepare(dense, ids, args.new_tokens, args.batch_size)
-    res = sweep(dense, args.compress, ids, args.new_tokens, layers=args.layers, kinds=args.kinds,
-                cache_dir=args.cache_dir, batch_size=args.batch_size, rank=rank, world=world,
-                ctx=ctx)
+    res = sweep_variants(dense, args.compress, ids, args.new_tokens, **_sweep_kw(args, rank, world),
+                         ctx=ctx).main
     if rank != 0:
         return 0
-    plan = make_plan(dense, res.table, args.compress, ids, ctx.references, args.new_tokens,
-                     args.budget)
+    calibration = CalibrationSetting.of(args.calibration)
+    plan = plan_from_sweep(dense, res.table, args.compress, ids, args.new_tokens, args.budget,
+                           references=ctx.references, calibration=calibration, chat=args.chat)
     if args.out:
         plan.save(args.out)
     if args.save:
-        save_compressed(dense, plan.recipe, args.save)
+        from .jobs import resolve_calibration
+        calib = (resolve_calibration(dense, calibration, ids, args.chat)
+                 if plan.recipe.needs_calibration else None)
+        save_compressed(dense, plan.recipe, args.save, calibration=calib)
     print(f"plan {plan.spec}: {len(plan.components)} of {len(res.table)} components, "
           f"{plan.share_params:.1%} of all component parameters compressed; "
           f"mean FDT {plan.fdt_mean:.2f} (budget {plan.budget_fdt:.2f})")
@@ -352,7 +381,8 @@ def cmd_plan(args) -> int:
 
 def cmd_intactkv_calibrate(args) -> int:
     from .generation import encode_prompts
-    from .intactkv import IntactKV, calibrate, compare_variants
+    from .intactkv import IntactKV, calibrate
+    from .jobs import compare_variants
     from .prompts import load_prompts
 
     _check_common(args)
@@ -374,7 +404,7 @@ def cmd_intactkv_calibrate(args) -> int:
     table = compare_variants(pair, eval_ids, args.new_tokens,
                              {"plain": None, f"IntactKV {ikv.label}": ikv,
                               f"IntactKV {ikv.label}+cal": ikv.with_calibration(cal)},
-                             batch_size=args.batch_size)
+                             batch_size=args.batch_size).summary_table()
     print(f"pair: {pair.dense.source} vs {pair.label}   pivot tokens: {len(cal.ids)} "
           f"{pair.tokenizer.decode(list(cal.ids))!r}")
     print(f"calibration loss (mean over layers of output MSE): {cal.loss_before:.4g} -> "
@@ -399,6 +429,12 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    from .plugins import load_plugins
+    try:
+        load_plugins()   # before the parser: registered methods appear in --help
+    except DTMError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     try:
         from transformers.utils import logging as hf_logging

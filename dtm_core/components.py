@@ -1,8 +1,8 @@
 """Component names ``LAYER.KIND`` <-> modules, stable across architecture families.
 
-Llama family (Llama, Mistral, Qwen2, SmolLM, ...): ``q k v o gate up down``.
-GPT-2 (Conv1D, weights stored as (in, out)):       ``qkv o up down``.
-OPT:                                              ``q k v o up down``.
+The kinds of each family and their module paths live in the family adapters
+(:mod:`dtm_core.families`), e.g. Llama ``q k v o gate up down``, GPT-2 (Conv1D, weights stored as
+(in, out)) ``qkv o up down``, OPT ``q k v o up down``.
 
 A selection is a comma-separated list of ``LAYERS.KIND`` where LAYERS is ``*``, ``N`` or ``N-M``
 and KIND is ``*`` or a kind: ``*.q,*.k,0-3.down``.
@@ -15,30 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import DTMError
-
-
-@dataclass(frozen=True)
-class Family:
-    name: str
-    layers: str                    # attribute path of the decoder layer list
-    kinds: dict[str, str]          # kind -> attribute path inside one layer
-    transposed: bool = False       # Conv1D keeps weights as (in, out)
-    tail: tuple[str, ...] = ()     # modules between the last layer and the LM head (if present)
-
-
-FAMILIES = (
-    Family("llama", "model.layers", {
-        "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
-        "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
-        "down": "mlp.down_proj"}, tail=("model.norm",)),
-    Family("gpt2", "transformer.h", {
-        "qkv": "attn.c_attn", "o": "attn.c_proj", "up": "mlp.c_fc", "down": "mlp.c_proj"},
-        transposed=True, tail=("transformer.ln_f",)),
-    Family("opt", "model.decoder.layers", {
-        "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
-        "o": "self_attn.out_proj", "up": "fc1", "down": "fc2"},
-        tail=("model.decoder.final_layer_norm", "model.decoder.project_out")),
-)
+from .families import Family, family_of, get_path  # noqa: F401 (family_of re-exported)
 
 
 @dataclass(frozen=True)
@@ -60,54 +37,26 @@ class Component:
         return self.module.weight.numel()
 
 
-def _get(obj, path: str):
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def family_of(model) -> Family:
-    """The first family whose layer list and every kind's module exist in this model."""
-    for fam in FAMILIES:
-        try:
-            layers = _get(model, fam.layers)
-            first = layers[0]
-            if all(hasattr(_get(first, p), "weight") for p in fam.kinds.values()):
-                return fam
-        except (AttributeError, IndexError, TypeError):
-            continue
-    arch = type(model).__name__
-    raise DTMError(f"Architecture {arch} is not supported: components are named for the Llama "
-                   "(Llama, Mistral, Qwen2, SmolLM), GPT-2 and OPT families.")
-
-
 def decoder_layers(model) -> list:
-    return list(_get(model, family_of(model).layers))
+    return family_of(model).decoder_layers(model)
 
 
 def tail_modules(model) -> list:
     """The modules applied after the last decoder layer and before the LM head."""
-    out = []
-    for path in family_of(model).tail:
-        try:
-            mod = _get(model, path)
-        except AttributeError:
-            continue
-        if mod is not None:
-            out.append(mod)
-    return out
+    return family_of(model).tail_modules(model)
 
 
 def num_layers(model) -> int:
-    return len(_get(model, family_of(model).layers))
+    return len(decoder_layers(model))
 
 
 def all_components(model) -> list[Component]:
     fam = family_of(model)
     out = []
-    for i, layer in enumerate(_get(model, fam.layers)):
+    for i, layer in enumerate(fam.decoder_layers(model)):
         for kind, p in fam.kinds.items():
-            out.append(Component(i, kind, f"{fam.layers}.{i}.{p}", _get(layer, p), fam.transposed))
+            out.append(Component(i, kind, f"{fam.layers}.{i}.{p}", get_path(layer, p),
+                                 fam.transposed))
     return out
 
 

@@ -16,17 +16,27 @@ from typing import Callable, Sequence
 import pandas as pd
 import torch
 
-from .generation import (check_lengths, encode_prompts, greedy_generate, plan_batches,
-                         teacher_forced_logits, vocab_size)
-from .metrics import TokenMetrics, aggregate, perplexity, survival_curve, token_metrics
+from .generation import (check_lengths, encode_prompts, greedy_generate,  # noqa: F401
+                         pad_id_of, plan_batches, teacher_forced_logits, vocab_size)
+from .intactkv import IntactKV, teacher_forced_pair
+from .metrics import (TokenMetrics, aggregate, metric_columns, perplexity, survival_curve,
+                      token_metrics)
 from .models import LoadedModel, eos_ids
 from .pair import Pair
 
 Progress = Callable[[float, str], None]
 
+# the built-in metrics' columns in their documented order; a registered metric's columns come
+# after them, before the texts
 COLUMNS = ["prompt_index", "fdt", "sdt", "kl_mean", "kl_max", "top1_agree", "dp_ref_mean",
            "ppl_dense", "ppl_compressed", "ppl_prompt_dense", "ppl_prompt_compressed",
            "n_tokens", "ended_eos", "dense_self_agree", "prompt", "dense_text", "compressed_text"]
+
+
+def table_columns() -> list[str]:
+    """The per-prompt columns of :func:`divergence`, registered metrics included."""
+    extra = [c for c in metric_columns() if c not in COLUMNS]
+    return COLUMNS[:-3] + extra + COLUMNS[-3:]
 
 
 @dataclass
@@ -38,11 +48,6 @@ class DivergenceResult:
     tokens: list[TokenMetrics] = field(default_factory=list, repr=False)
     references: list[list[int]] = field(default_factory=list, repr=False)
     prompt_ids: list[list[int]] = field(default_factory=list, repr=False)
-
-
-def pad_id_of(tokenizer) -> int:
-    pid = tokenizer.pad_token_id
-    return int(pid if pid is not None else (tokenizer.eos_token_id or 0))
 
 
 def reference_continuations(dense: LoadedModel, seqs: Sequence[Sequence[int]], new_tokens: int,
@@ -67,8 +72,6 @@ def divergence(pair: Pair, prompts: Sequence[str] | None = None, new_tokens: int
     ``intactkv`` (an :class:`~dtm_core.intactkv.IntactKV`) runs the compressed model with the dense
     model's KV for the pivot tokens; the table then has a ``pivots`` column (K per prompt).
     """
-    from .intactkv import IntactKV, teacher_forced_pair
-
     ikv = IntactKV.parse(intactkv)
     tok = pair.tokenizer
     note = progress or (lambda f, m: None)
@@ -133,7 +136,7 @@ def divergence(pair: Pair, prompts: Sequence[str] | None = None, new_tokens: int
             own = ref if f >= len(ref) else ref[:f] + [int(tms[i].comp_argmax[f])]
             row["compressed_text"] = tok.decode(own, skip_special_tokens=True)
     table = pd.DataFrame(rows)
-    cols = COLUMNS + (["fdt_generated"] if comp_gen is not None else []) \
+    cols = table_columns() + (["fdt_generated"] if comp_gen is not None else []) \
         + (["pivots"] if ks is not None else [])
     table = table[cols]
     return DivergenceResult(table=table, summary=aggregate(table),

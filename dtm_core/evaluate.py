@@ -18,13 +18,14 @@ import numpy as np
 import pandas as pd
 
 from . import METRIC_VERSION, __version__
-from .divergence import divergence
 from .errors import DTMError
 from .generation import encode_prompts
-from .metrics import aggregate, survival_curve
+from .intactkv import IntactKV
+from .metrics import aggregate, metric_columns, survival_curve
 from .models import max_positions
 from .pair import Pair
 from .prompts import LETTERS, PromptSet
+from .variants import compare_variants
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
@@ -86,11 +87,17 @@ class EvalResult:
         return f"# config: {json.dumps(self.config)}\n" + self.table.to_csv(index=False)
 
 
-INTACT_COLUMNS = ["fdt", "sdt", "kl_mean", "kl_max", "top1_agree", "dp_ref_mean", "ppl_compressed",
-                  "compressed_text", "pivots"]
+def intact_columns() -> list[str]:
+    """Per-prompt columns of the compressed side that the IntactKV run adds as ``*_intactkv``:
+    every registered metric's (but the dense perplexity and self-agreement, which IntactKV does
+    not change), and the compressed text."""
+    same = {"ppl_dense", "dense_self_agree"}
+    return [c for c in metric_columns() if c not in same] + ["compressed_text"]
+
+
 COMPARED = {"fdt_mean": "mean FDT", "fdt_median": "median FDT", "sdt_mean": "SDT",
             "kl_mean": "mean KL", "top1_agree_mean": "top-1 agreement",
-            "ppl_ratio_mean": "PPL ratio", "accuracy_compressed": "accuracy (compressed)"}
+            "ppl_change": "perplexity change", "accuracy_compressed": "accuracy (compressed)"}
 
 
 def intactkv_comparison(plain: dict, intact: dict) -> pd.DataFrame:
@@ -146,8 +153,6 @@ def evaluate(pair: Pair, pset: PromptSet, new_tokens: int = 32, *, chat: bool = 
     With ``intactkv`` every prompt is also run with the dense pivot KV (same dense references):
     columns ``*_intactkv``, summary keys ``*_intactkv`` and a plain-vs-IntactKV ``comparison``.
     """
-    from .intactkv import IntactKV
-
     ikv = IntactKV.parse(intactkv)
     note = progress or (lambda f, m: None)
     tok = pair.tokenizer
@@ -173,15 +178,13 @@ def evaluate(pair: Pair, pset: PromptSet, new_tokens: int = 32, *, chat: bool = 
             stopped = True
             break
         sel = keep[start:start + chunk]
-        res = divergence(pair, prompt_ids=[ids[i] for i in sel], new_tokens=new_tokens,
-                         batch_size=batch_size, generate_compressed=want_text)
-        t = res.table.copy()
+        variants = {"plain": None} if ikv is None else {"plain": None, "intactkv": ikv}
+        cmp = compare_variants(pair, [ids[i] for i in sel], new_tokens, variants,
+                               batch_size=batch_size, generate_compressed=want_text)
+        res = cmp.runs["plain"]
+        t = cmp.wide("plain", intact_columns())
         if ikv is not None:
-            r2 = divergence(pair, prompt_ids=[ids[i] for i in sel], new_tokens=new_tokens,
-                            batch_size=batch_size, generate_compressed=want_text,
-                            references=res.references, intactkv=ikv)
-            for col in INTACT_COLUMNS:
-                t[f"{col}_intactkv" if col != "pivots" else col] = r2.table[col].to_numpy()
+            t["pivots"] = cmp.runs["intactkv"].table["pivots"].to_numpy()
         t["prompt_index"] = sel
         parts.append(t)
         done_ids += res.prompt_ids
@@ -214,7 +217,7 @@ def evaluate(pair: Pair, pset: PromptSet, new_tokens: int = 32, *, chat: bool = 
     comparison = None
     if ikv is not None:
         alt = table.copy()
-        for col in INTACT_COLUMNS[:-1]:
+        for col in intact_columns():
             alt[col] = table[f"{col}_intactkv"]
         intact = aggregate(alt)
         if want_text:
@@ -226,6 +229,7 @@ def evaluate(pair: Pair, pset: PromptSet, new_tokens: int = 32, *, chat: bool = 
                            accuracy_gain_intactkv_ci95_high=hi)
         comparison = intactkv_comparison(summary, intact)
         summary.update({f"{k}_intactkv": v for k, v in intact.items() if k in COMPARED})
+        summary["ppl_ratio_mean_intactkv"] = intact.get("ppl_ratio_mean")   # the older name
     config = run_config(pair, pset, new_tokens, chat)
     config["intactkv"] = None if ikv is None else ikv.label
     return EvalResult(table=table, summary=summary,

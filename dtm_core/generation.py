@@ -34,6 +34,12 @@ def encode_prompts(tokenizer, prompts: Sequence[str], chat: bool = False) -> lis
     return out
 
 
+def pad_id_of(tokenizer) -> int:
+    """The id that pads batches: the tokenizer's pad token, else its EOS, else 0."""
+    pid = tokenizer.pad_token_id
+    return int(pid if pid is not None else (tokenizer.eos_token_id or 0))
+
+
 def check_lengths(model, seqs: Sequence[Sequence[int]], new_tokens: int) -> None:
     limit = max_positions(model)
     if limit is None:
@@ -54,7 +60,9 @@ class GreedyDecoder:
     def __init__(self, model, seqs: Sequence[Sequence[int]], pad_id: int, eos: set[int],
                  intact: tuple | None = None):
         self.model = model
-        self.intact = intact  # (dense model, K per row, IntactKV): prefill with pivot KV
+        # (dense model, K per row, setting): the setting's ``prefill(decoder, dense, ks)`` runs the
+        # prefill instead (IntactKV: the dense model's KV for the pivot tokens)
+        self.intact = intact
         self.eos = set(eos)
         dev = model_device(model)
         width = max(len(s) for s in seqs)
@@ -70,7 +78,8 @@ class GreedyDecoder:
         self.prompt_logits: torch.Tensor | None = None
 
     @torch.no_grad()
-    def _forward(self, ids, pos) -> torch.Tensor:
+    def forward(self, ids, pos) -> torch.Tensor:
+        """Run ``ids`` at positions ``pos`` on the current cache; the last position's logits."""
         out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=pos,
                          past_key_values=self.cache, use_cache=True)
         self.cache = out.past_key_values
@@ -79,16 +88,16 @@ class GreedyDecoder:
     def prefill(self) -> torch.Tensor:
         """Logits of the next token after each prompt, shape (B, V)."""
         if self.intact is not None:
-            from .intactkv import intact_prefill
-            return intact_prefill(self, *self.intact)
-        return self._forward(self.ids, self.pos)
+            dense_model, ks, setting = self.intact
+            return setting.prefill(self, dense_model, ks)
+        return self.forward(self.ids, self.pos)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row and return the next logits."""
         tokens = tokens.to(self.ids.device).view(-1, 1)
         self.mask = torch.cat([self.mask, torch.ones_like(tokens)], dim=1)
         self.pos = self.pos[:, -1:] + 1
-        return self._forward(tokens, self.pos)
+        return self.forward(tokens, self.pos)
 
     def finish(self, tokens: torch.Tensor) -> None:
         for i, t in enumerate(tokens.tolist()):
@@ -101,7 +110,8 @@ def greedy_generate(model, seqs: Sequence[Sequence[int]], new_tokens: int, pad_i
                     ) -> list[list[int]]:
     """Greedy continuations of up to ``new_tokens`` tokens, each ending at its first EOS (kept).
 
-    ``intact`` = (dense model, K per sequence, IntactKV) decodes with the dense pivot KV.
+    ``intact`` = (dense model, K per sequence, IntactKV) decodes with the dense pivot KV (any
+    setting object with ``prefill(decoder, dense_model, ks)``).
     """
     results: list[list[int]] = []
     for start in range(0, len(seqs), batch_size):

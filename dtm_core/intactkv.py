@@ -28,9 +28,11 @@ from typing import Callable, Sequence
 import torch
 from transformers import DynamicCache
 
-from . import METRIC_VERSION
+from . import METRIC_VERSION, hooks
+from .components import decoder_layers
 from .errors import DTMError
-from .generation import model_device, right_padded, teacher_forced
+from .generation import model_device, pad_id_of, right_padded, teacher_forced
+from .models import cache_root
 
 Progress = Callable[[float, str], None]
 
@@ -109,6 +111,10 @@ class IntactKV:
 
     def with_calibration(self, cal: CalibratedKV | None) -> "IntactKV":
         return IntactKV(k=self.k, prefix=self.prefix, calibrated=cal)
+
+    def prefill(self, decoder, dense_model, ks: Sequence[int]) -> torch.Tensor:
+        """A :class:`~dtm_core.generation.GreedyDecoder`'s prefill with this setting's pivot KV."""
+        return intact_prefill(decoder, dense_model, ks, self)
 
     def pivot_lengths(self, tokenizer, prompt_ids: Sequence[Sequence[int]]) -> list[int]:
         """K for each prompt: how many of its first tokens keep the dense (or calibrated) KV."""
@@ -278,7 +284,7 @@ def intact_prefill(decoder, dense_model, ks: Sequence[int], ikv: IntactKV) -> to
                         position_ids=pos.to(model_device(dense_model)), use_cache=True)
     source = pivot_source(ikv, d_out.past_key_values, starts, width, ids.device)
     decoder.cache = PivotCache(decoder.model.config, mask, source)
-    logits = decoder._forward(ids, pos)
+    logits = decoder.forward(ids, pos)
     whole = torch.tensor([k >= n for k, n in zip(ks, lens)], device=logits.device)
     return torch.where(whole[:, None], d_out.logits[:, -1, :].to(logits.device), logits)
 
@@ -306,14 +312,6 @@ def calibration_key(pair, ids: Sequence[int], prompt_ids, steps: int, lr: float)
     return h.hexdigest()[:24]
 
 
-def _layer_outputs(model, store: list):
-    from .components import decoder_layers
-
-    def hook(module, args, out):
-        store.append(out[0] if isinstance(out, tuple) else out)
-    return [layer.register_forward_hook(hook) for layer in decoder_layers(model)]
-
-
 def calibrate(pair, prompt_ids: Sequence[Sequence[int]], ikv: IntactKV, *, steps: int = 50,
               lr: float = 1e-2, batch_size: int = 8, max_prompts: int = 32, cache_dir=None,
               progress: Progress | None = None, stop: threading.Event | None = None,
@@ -327,9 +325,6 @@ def calibrate(pair, prompt_ids: Sequence[Sequence[int]], ikv: IntactKV, *, steps
     the lowest loss (the dense K/V if no step improved on them), cached on disk under the
     calibration's key.
     """
-    from .divergence import pad_id_of
-    from .models import cache_root
-
     note = progress or (lambda f, m: None)
     if steps < 1 or steps > 10000:
         raise DTMError("Calibration steps must be between 1 and 10000.")
@@ -368,13 +363,8 @@ def calibrate(pair, prompt_ids: Sequence[Sequence[int]], ikv: IntactKV, *, steps
     with torch.no_grad():
         for b in batches:
             ids = right_padded(b, pad)
-            store: list = []
-            hooks = _layer_outputs(dense, store)
-            try:
+            with hooks.outputs(decoder_layers(dense)) as store:
                 dense(input_ids=ids.to(model_device(dense)), use_cache=False)
-            finally:
-                for h in hooks:
-                    h.remove()
             live = torch.zeros(ids.shape, dtype=torch.bool)
             for j, s in enumerate(b):
                 live[j, k:len(s)] = True
@@ -390,14 +380,9 @@ def calibrate(pair, prompt_ids: Sequence[Sequence[int]], ikv: IntactKV, *, steps
         def source(i):
             kk, vv = params[2 * i], params[2 * i + 1]
             return kk[None].expand(rows, -1, -1, -1), vv[None].expand(rows, -1, -1, -1)
-        store: list = []
-        hooks = _layer_outputs(comp, store)
-        try:
+        with hooks.outputs(decoder_layers(comp)) as store:
             comp(input_ids=ids, past_key_values=PivotCache(comp.config, mask, source),
                  use_cache=True)
-        finally:
-            for h in hooks:
-                h.remove()
         m = live[..., None].float()
         n = m.sum() * tgt[0].shape[-1]
         return torch.stack([(((c.float() - d) ** 2) * m).sum() / n
@@ -447,24 +432,3 @@ def calibrate(pair, prompt_ids: Sequence[Sequence[int]], ikv: IntactKV, *, steps
     if use_cache and not (stop is not None and stop.is_set()):
         cal.save(path)
     return cal
-
-
-VARIANT_COLUMNS = ["variant", "fdt_mean", "fdt_median", "sdt_mean", "kl_mean", "top1_agree_mean",
-                   "ppl_ratio_mean"]
-
-
-def compare_variants(pair, prompt_ids: Sequence[Sequence[int]], new_tokens: int,
-                     variants: dict, batch_size: int = 16):
-    """One row of aggregate metrics per variant ({label: IntactKV or None}) on the same dense
-    references, e.g. {"plain": None, "IntactKV": IntactKV(k=1), "IntactKV+cal": ...}."""
-    import pandas as pd
-
-    from .divergence import divergence
-
-    refs, rows = None, []
-    for label, ikv in variants.items():
-        r = divergence(pair, prompt_ids=prompt_ids, new_tokens=new_tokens, references=refs,
-                       batch_size=batch_size, intactkv=ikv)
-        refs = r.references
-        rows.append({"variant": label, **{k: r.summary.get(k) for k in VARIANT_COLUMNS[1:]}})
-    return pd.DataFrame(rows, columns=VARIANT_COLUMNS)

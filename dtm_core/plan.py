@@ -17,11 +17,9 @@ from .compress import Recipe, RecipeItem, parse_spec
 from .components import all_components
 from .divergence import divergence
 from .errors import DTMError
+from .families import FAMILIES, Family, family_of
 from .models import LoadedModel
 from .pair import make_pair
-
-GGUF_NAMES = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output", "qkv": "attn_qkv",
-              "gate": "ffn_gate", "up": "ffn_up", "down": "ffn_down"}
 
 
 @dataclass
@@ -32,6 +30,7 @@ class Plan:
     fdt_mean: float
     share_params: float
     curve: pd.DataFrame = field(repr=False)   # every probe: k, share_params, fdt_mean
+    family: str = "llama"                     # the model's family (its GGUF tensor names)
 
     @property
     def recipe(self) -> Recipe:
@@ -41,7 +40,7 @@ class Plan:
 
     def llama_cpp_overrides(self) -> list[str]:
         """``--tensor-type`` arguments for llama-quantize (quantization plans only)."""
-        return llama_cpp_overrides(self.spec, self.components)
+        return llama_cpp_overrides(self.spec, self.components, self.family)
 
     def to_json(self) -> dict:
         sp = parse_spec(self.spec)
@@ -49,42 +48,50 @@ class Plan:
                 "budget_fdt_mean": self.budget_fdt, "fdt_mean": self.fdt_mean,
                 "share_params": self.share_params,
                 "curve": json.loads(self.curve.to_json(orient="records")),
-                "llama_cpp_tensor_types": self.llama_cpp_overrides() if sp.is_quantization
-                else []}
+                "llama_cpp_tensor_types": self.llama_cpp_overrides()
+                if sp.llama_cpp_type() is not None else []}
 
     def save(self, path: str) -> None:
         Path(path).write_text(json.dumps(self.to_json(), indent=2), encoding="utf-8")
 
 
 def llama_cpp_type(spec: str) -> str:
-    sp = parse_spec(spec)
-    if sp.method == "w8a8" or (sp.method == "int" and sp.bits == 8):
-        return "q8_0"
-    if sp.method != "int":
-        raise DTMError(f"'{spec}' is not a quantization spec; llama.cpp overrides need intB.")
-    return {6: "q6_K", 5: "q5_1" if sp.asym else "q5_0", 4: "q4_1" if sp.asym else "q4_0",
-            3: "q3_K", 2: "q2_K", 7: "q8_0"}[sp.bits]
+    """The llama.cpp tensor type of a quantization spec (the method knows it)."""
+    qtype = parse_spec(spec).llama_cpp_type()
+    if qtype is None:
+        raise DTMError(f"'{spec}' has no llama.cpp tensor type; llama.cpp overrides need a "
+                       "quantization spec such as intB.")
+    return qtype
 
 
-def llama_cpp_overrides(spec: str, components: list[str]) -> list[str]:
+def llama_cpp_overrides(spec: str, components: list[str], family: str | Family = "llama"
+                        ) -> list[str]:
+    """``--tensor-type`` arguments for llama-quantize, with the family's GGUF tensor names."""
+    fam = family if isinstance(family, Family) else next(f for f in FAMILIES if f.name == family)
     qtype = llama_cpp_type(spec)
     out = []
     for name in components:
         layer, kind = name.split(".")
-        out.append(f"--tensor-type blk\\.{layer}\\.{GGUF_NAMES[kind]}\\.weight={qtype}")
+        tensor = fam.gguf_tensor(int(layer), kind).replace(".", "\\.")
+        out.append(f"--tensor-type {tensor}={qtype}")
     return out
 
 
 def make_plan(dense: LoadedModel, sweep_table: pd.DataFrame, spec: str, prompt_ids, references,
-              new_tokens: int, budget: float = 0.9, progress=None) -> Plan:
+              new_tokens: int, budget: float = 0.9, progress=None, calibration=None) -> Plan:
     """The largest least-sensitive-first set of components whose combined compression keeps
-    mean FDT >= budget * N, verified by real evaluations (bisection)."""
+    mean FDT >= budget * N, verified by real evaluations (bisection).
+
+    ``calibration``: for methods that need it, the sweep's :class:`~dtm_core.calibration.Calibration`
+    (default: the plan's prompts, as the sweep used), so every probe is the pair the cells measured.
+    """
     if sweep_table.empty:
         raise DTMError("The sweep has no cells to plan from.")
     if not 0 < budget <= 1:
         raise DTMError("The budget is a share of N in (0, 1], e.g. 0.9.")
-    if parse_spec(spec).needs_calibration:
-        raise DTMError("Plans for wanda specs are not supported; use magnitude, nm or intB.")
+    if parse_spec(spec).needs_calibration and calibration is None:
+        from .calibration import calibration_for
+        calibration = calibration_for(dense.model, prompt_ids)
     order = sweep_table.sort_values(["fdt_mean", "kl_mean"], ascending=[False, True])
     names = list(order.component)
     params = {c.name: c.params for c in all_components(dense.model)}
@@ -94,7 +101,8 @@ def make_plan(dense: LoadedModel, sweep_table: pd.DataFrame, spec: str, prompt_i
 
     def fdt_of(k: int) -> float:
         if k not in probes:
-            pair = make_pair(dense, Recipe.single(spec, ",".join(names[:k])))
+            pair = make_pair(dense, Recipe.single(spec, ",".join(names[:k])),
+                             calibration=calibration)
             res = divergence(pair, prompt_ids=prompt_ids, references=references,
                              new_tokens=new_tokens)
             probes[k] = float(res.table.fdt.mean())
@@ -114,11 +122,11 @@ def make_plan(dense: LoadedModel, sweep_table: pd.DataFrame, spec: str, prompt_i
                            "fdt_mean": v} for k, v in sorted(probes.items())])
     return Plan(spec=str(parse_spec(spec)), components=chosen, budget_fdt=target,
                 fdt_mean=probes[lo], share_params=sum(params[n] for n in chosen) / total,
-                curve=curve)
+                curve=curve, family=family_of(dense.model).name)
 
 
-def save_compressed(dense: LoadedModel, recipe: Recipe, folder: str) -> None:
+def save_compressed(dense: LoadedModel, recipe: Recipe, folder: str, calibration=None) -> None:
     """Write the compressed model (safetensors) and tokenizer with save_pretrained."""
-    pair = make_pair(dense, recipe)
+    pair = make_pair(dense, recipe, calibration=calibration)
     pair.compressed.save_pretrained(folder)
     dense.tokenizer.save_pretrained(folder)

@@ -14,8 +14,10 @@ from typing import Sequence
 import pandas as pd
 import torch
 
+from . import hooks
 from .components import decoder_layers
 from .errors import DTMError
+from .families import family_of
 from .generation import model_device
 
 
@@ -36,28 +38,13 @@ def eager_attention(model):
 def attention_maps(model, ids: Sequence[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Attention probabilities (heads, T, T) and decoder-layer outputs (T, H) of one sequence,
     all kept (for inspection and tests; :func:`sink_tables` reduces layer by layer instead)."""
-    outs: list[torch.Tensor] = []
-    hooks = [layer.register_forward_hook(
-        lambda m, a, o: outs.append((o[0] if isinstance(o, tuple) else o)[0].float().cpu()))
-        for layer in decoder_layers(model)]
-    try:
-        with eager_attention(model):
-            res = model(input_ids=torch.tensor([list(ids)], device=model_device(model)),
-                        output_attentions=True, use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
+    with hooks.outputs(decoder_layers(model), lambda h: h[0].float().cpu()) as outs, \
+            eager_attention(model):
+        res = model(input_ids=torch.tensor([list(ids)], device=model_device(model)),
+                    output_attentions=True, use_cache=False)
     if not res.attentions or res.attentions[0] is None:
         raise DTMError("This model does not return attention weights.")
     return [a[0].float().cpu() for a in res.attentions], outs
-
-
-def _attention_module(layer):
-    """The self-attention submodule of a decoder layer (its forward returns (out, weights))."""
-    for name, mod in layer.named_children():
-        if type(mod).__name__.endswith("Attention") and "cross" not in name:
-            return mod
-    raise DTMError(f"No attention module found in {type(layer).__name__}.")
 
 
 @torch.no_grad()
@@ -77,29 +64,20 @@ def sink_tables(model, ids: Sequence[int], k: int = 1) -> tuple[pd.DataFrame, pd
     shares: list = [None] * len(layers)
     acts: list = [None] * len(layers)
 
-    def attn_hook(li):
-        def hook(module, args, out):
-            w = out[1] if isinstance(out, tuple) and len(out) > 1 else None
-            if w is not None:
-                shares[li] = w[0, :, k:, :k].float().sum(-1).mean(-1).cpu()
-        return hook
+    def attn_hook(li, module, args, out):
+        w = out[1] if isinstance(out, tuple) and len(out) > 1 else None
+        if w is not None:
+            shares[li] = w[0, :, k:, :k].float().sum(-1).mean(-1).cpu()
 
-    def layer_hook(li):
-        def hook(module, args, out):
-            mag = (out[0] if isinstance(out, tuple) else out)[0].float().abs()
-            rest = mag[k:]
-            acts[li] = (float(mag[:k].max()), float(rest.max()), float(rest.median()))
-        return hook
+    def layer_hook(li, module, args, out):
+        mag = hooks.hidden_of(out)[0].float().abs()
+        rest = mag[k:]
+        acts[li] = (float(mag[:k].max()), float(rest.max()), float(rest.median()))
 
-    hooks = [_attention_module(layer).register_forward_hook(attn_hook(i))
-             for i, layer in enumerate(layers)]
-    hooks += [layer.register_forward_hook(layer_hook(i)) for i, layer in enumerate(layers)]
-    try:
-        with eager_attention(model):
-            model(input_ids=torch.tensor([ids], device=model_device(model)), use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
+    fam = family_of(model)
+    with hooks.attached([fam.attention_module(layer) for layer in layers], attn_hook), \
+            hooks.attached(layers, layer_hook), eager_attention(model):
+        model(input_ids=torch.tensor([ids], device=model_device(model)), use_cache=False)
     if any(x is None for x in shares):
         raise DTMError("This model does not return attention weights.")
     rows = [{"layer": li, "head": h, "share": float(v)}

@@ -13,9 +13,9 @@ from typing import Iterator
 
 import torch
 
-from .divergence import pad_id_of
-from .generation import GreedyDecoder, check_lengths, encode_prompts
-from .metrics import kl_per_position
+from .generation import GreedyDecoder, check_lengths, encode_prompts, pad_id_of
+from .intactkv import IntactKV
+from .metrics import METRICS, primitives, run_metrics
 from .models import eos_ids
 from .pair import Pair
 
@@ -36,6 +36,9 @@ class Step:
     kl: float | None                 # KL(dense || compressed) on the dense prefix
     p_dense: float | None            # probability each model gives the dense token
     p_comp: float | None
+    # every registered metric's per-token value on the dense prefix (a float, or a list for a
+    # metric with several values per token); empty once the dense output has ended
+    metrics: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -86,8 +89,6 @@ def stream_pair(pair: Pair, prompt: str | None = None, new_tokens: int = 48, *, 
 
     With ``intactkv`` both compressed rows start from the dense model's KV for the pivot tokens.
     """
-    from .intactkv import IntactKV
-
     ikv = IntactKV.parse(intactkv)
     tok = pair.tokenizer
     ids = list(prompt_ids) if prompt_ids is not None else encode_prompts(tok, [prompt], chat)[0]
@@ -118,8 +119,14 @@ def stream_pair(pair: Pair, prompt: str | None = None, new_tokens: int = 48, *, 
                     forced_top=_top(f_logp) if f_tok is not None else [],
                     kl=None, p_dense=None, p_comp=None)
         if d_tok is not None:
-            step.kl = float(kl_per_position(d_logp[None], f_logp[None])[0])
-            step.p_dense, step.p_comp = float(d_logp[d_tok].exp()), float(f_logp[d_tok].exp())
+            # the same primitives and metric definitions as divergence, for one position
+            tm = primitives(d_logp[None], f_logp[None], torch.tensor([d_tok]), new_tokens,
+                            ld[0:1].argmax(-1), lc[1:2].argmax(-1))
+            run_metrics(tm, distributions=True)
+            run_metrics(tm, distributions=False)
+            step.kl = float(tm.kl[0])
+            step.p_dense, step.p_comp = float(tm.p_dense_ref[0]), float(tm.p_comp_ref[0])
+            step.metrics = {name: tm.values[name][0].tolist() for name in METRICS}
         state.steps.append(step)
         state.dense_done = state.dense_done or d_tok in eos
         state.comp_done = state.comp_done or c_tok in eos

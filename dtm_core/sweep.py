@@ -17,28 +17,41 @@ import os
 import tempfile
 import threading
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
 import pandas as pd
 import torch
 
-from . import METRIC_VERSION
+from . import METRIC_VERSION, hooks
+from .calibration import Calibration, calibration_from
 from .compress import Recipe, apply_recipe, parse_spec
-from .components import all_components, decoder_layers, family_of, tail_modules
-from .divergence import pad_id_of, reference_continuations
+from .components import all_components, decoder_layers, tail_modules
+from .divergence import reference_continuations
 from .errors import DTMError
-from .generation import check_lengths, model_device, plan_batches, teacher_forced, vocab_size
+from .families import family_of
+from .generation import (check_lengths, model_device, pad_id_of, plan_batches, teacher_forced,
+                         vocab_size)
+from .intactkv import IntactKV, PivotCache, calibration_fingerprint, pivot_source, right_pad_mask
+from .metrics import (METRICS, TokenMetrics, aggregate, aggregates, concat, needs_distributions,
+                      primitives, run_metrics, slice_tokens)
 from .models import LoadedModel, cache_root
-from .pair import input_norms, shared_copy
+from .pair import shared_copy
 
 CELL_COLUMNS = ["layer", "kind", "component", "params", "fdt_mean", "fdt_median", "fdt_p25",
                 "sdt_mean", "kl_mean", "ppl_change", "seconds"]
-METRICS = {"fdt_mean": "mean FDT", "fdt_median": "median FDT", "fdt_p25": "p25 FDT",
-           "sdt_mean": "SDT", "kl_mean": "KL", "ppl_change": "perplexity change"}
+
+
+def cell_columns() -> list[str]:
+    """A cell's columns: the documented ones, then every other registered aggregate."""
+    extra = [k for k in aggregates() if k not in CELL_COLUMNS]
+    return CELL_COLUMNS[:-1] + extra + CELL_COLUMNS[-1:]
+
+
+def heatmap_metrics() -> dict[str, str]:
+    """Aggregate key -> label, for every value a cell has (from the metric registry)."""
+    return {k: a.label for k, a in aggregates().items()}
 
 
 @dataclass
@@ -49,19 +62,25 @@ class SweepContext:
     references: list[list[int]]
     new_tokens: int
     batches: list[list[int]]
-    layer_inputs: list[list[tuple[tuple, dict]]]   # per batch, per layer: (args, kwargs)
-    rows: list[torch.Tensor]        # per batch: (row, position) of every continuation logit
-    pos: list[torch.Tensor]
-    dense_pw: list[torch.Tensor]    # per batch: (sum L, H) p_dense @ W_head (and @ bias, below)
-    dense_pb: list                  # per batch: (sum L,) p_dense . b_head, or None
-    dense_negent: list[torch.Tensor]  # sum_v p log p per position,
-    dense_lp_ref: list[torch.Tensor]  # and the log-probability of the reference token
-    refs: list[torch.Tensor]        # per batch: (sum L,) reference tokens
+    layer_inputs: list = field(default_factory=list)   # per batch, per layer: (args, kwargs)
+    rows: list = field(default_factory=list)    # per batch: (row, position) of every
+    pos: list = field(default_factory=list)     # continuation logit
+    dense_pw: list = field(default_factory=list)   # per batch: (sum L, H) p_dense @ W_head,
+    dense_pb: list = field(default_factory=list)   # (sum L,) p_dense . b_head or None,
+    dense_negent: list = field(default_factory=list)  # sum_v p log p per position (fast path)
+    dense_lp_ref: list = field(default_factory=list)  # log p_dense(reference), float64
+    dense_argmax: list = field(default_factory=list)  # the dense argmax per position
+    dense_logits: list | None = None   # per batch (sum L, V): kept when the fast path cannot serve
+    refs: list = field(default_factory=list)        # per batch: (sum L,) reference tokens
     head_weight: torch.Tensor = None  # the LM head weight the expectations were taken with
     intactkv: object = None         # IntactKV, or None
-    pivot_sources: list = None      # per batch: (mask (B, T0), source(layer) -> (K, V))
-    pivot_rows: list = None         # per batch: indices into sum L of pivot positions (K = P)
-    dense_agree: list = None        # per batch: dense argmax == reference (for pivot rows)
+    pivot_sources: list = field(default_factory=list)  # per batch: (mask, source(layer))
+    pivot_rows: list = field(default_factory=list)  # per batch: (sum L,) True inside the pivots
+
+    @property
+    def fast(self) -> bool:
+        """Whether cells take the fast path (no vocabulary-sized dense tensor per cell)."""
+        return self.dense_logits is None
 
 
 @torch.no_grad()
@@ -71,9 +90,9 @@ def prepare(dense: LoadedModel, prompt_ids: Sequence[Sequence[int]], new_tokens:
 
     With ``intactkv`` the pass also keeps the dense K/V of the pivot tokens, which every cell's
     compressed layers then see (exactly as :func:`divergence` with the same IntactKV).
+    The fast path (KL through ``p_dense @ W_head``) needs a linear head whose output is the logits
+    and metrics that need no distributions; otherwise the dense continuation logits are kept.
     """
-    from .intactkv import IntactKV, PivotCache, pivot_source, right_pad_mask
-
     ikv = IntactKV.parse(intactkv)
     prompt_ids = [list(p) for p in prompt_ids]
     ks = ikv.pivot_lengths(dense.tokenizer, prompt_ids) if ikv is not None else None
@@ -84,10 +103,10 @@ def prepare(dense: LoadedModel, prompt_ids: Sequence[Sequence[int]], new_tokens:
     layers = decoder_layers(dense.model)
     pad = pad_id_of(dense.tokenizer)
     head = dense.model.get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear):
-        raise DTMError("Sweeps need a linear LM head (Llama, GPT-2 and OPT families have one).")
-    ctx = SweepContext(prompt_ids, refs, new_tokens, batches, [], [], [], [], [], [], [], [],
-                       head.weight, ikv, [], [], [])
+    fast = (isinstance(head, torch.nn.Linear) and family_of(dense.model).postprocess is None
+            and not needs_distributions())
+    ctx = SweepContext(prompt_ids, refs, new_tokens, batches, head_weight=head.weight,
+                       intactkv=ikv, dense_logits=None if fast else [])
     for idx in batches:
         seqs = [full[i] for i in idx]
         rec: list = [None] * len(layers)
@@ -122,26 +141,30 @@ def prepare(dense: LoadedModel, prompt_ids: Sequence[Sequence[int]], new_tokens:
         ctx.pos.append(pos.to(dev))
         z = logits[rows.to(dev), pos.to(dev)]
         d = torch.log_softmax(z.double(), -1)   # float64: see token_metrics
-        p = d.exp()
         ref = torch.cat([torch.tensor(refs[i], dtype=torch.long) for i in idx]).to(dev)
-        # sum_v p_d(v) z_c(v) = (p_d @ W) . h_c for a linear head: an H-vector per position
-        # replaces the vocabulary-sized dense distribution in every cell (vocabulary in blocks,
-        # so no float64 copy of the whole head is made)
-        pw = torch.zeros((len(p), head.weight.shape[1]), dtype=torch.float64, device=dev)
-        for v in range(0, head.weight.shape[0], 8192):
-            pw += p[:, v:v + 8192] @ head.weight[v:v + 8192].to(dev, torch.float64)
-        ctx.dense_pw.append(pw)
-        ctx.dense_pb.append(None if head.bias is None else p @ head.bias.to(dev, torch.float64))
-        ctx.dense_negent.append(torch.where(p > 0, p * d, torch.zeros_like(d)).sum(-1))
-        ctx.dense_lp_ref.append(d.gather(-1, ref[:, None])[:, 0].cpu())
+        ctx.dense_argmax.append(z.argmax(-1))
+        ctx.dense_lp_ref.append(d.gather(-1, ref[:, None])[:, 0])
         ctx.refs.append(ref)
+        if fast:
+            p = d.exp()
+            # sum_v p_d(v) z_c(v) = (p_d @ W) . h_c for a linear head: an H-vector per position
+            # replaces the vocabulary-sized dense distribution in every cell (vocabulary in
+            # blocks, so no float64 copy of the whole head is made)
+            pw = torch.zeros((len(p), head.weight.shape[1]), dtype=torch.float64, device=dev)
+            for v in range(0, head.weight.shape[0], 8192):
+                pw += p[:, v:v + 8192] @ head.weight[v:v + 8192].to(dev, torch.float64)
+            ctx.dense_pw.append(pw)
+            ctx.dense_pb.append(None if head.bias is None
+                                else p @ head.bias.to(dev, torch.float64))
+            ctx.dense_negent.append(torch.where(p > 0, p * d, torch.zeros_like(d)).sum(-1))
+            del p
+        else:
+            ctx.dense_logits.append(z)
         if ikv is not None:
             ctx.pivot_sources.append((mask.to(dev), source))
-            piv = (pos < torch.cat([torch.full((len(refs[i]),), ks[i]) for i in idx]).to(dev))
-            where = piv.nonzero()[:, 0]
-            ctx.pivot_rows.append(where.cpu())
-            ctx.dense_agree.append((z.argmax(-1) == ref).cpu())
-        del logits, z, d, p
+            ctx.pivot_rows.append(
+                pos < torch.cat([torch.full((len(refs[i]),), ks[i]) for i in idx]).to(dev))
+        del logits, d
     return ctx
 
 
@@ -158,17 +181,11 @@ def _call_with_cache(layer, args: tuple, kwargs: dict, cache) -> tuple[tuple, di
     return args, {**kwargs, "past_key_values": cache, "use_cache": cache is not None}
 
 
-@contextmanager
 def _recording(layers, rec: list):
     """Record each decoder layer's call (args, kwargs) into ``rec`` during a forward pass."""
-    hooks = [layer.register_forward_pre_hook(
-        lambda m, a, kw, i=i: rec.__setitem__(i, _call_with_cache(m, a, dict(kw), None)),
-        with_kwargs=True) for i, layer in enumerate(layers)]
-    try:
-        yield rec
-    finally:
-        for h in hooks:
-            h.remove()
+    def keep(i, module, args, kwargs):
+        rec[i] = _call_with_cache(module, args, dict(kwargs), None)
+    return hooks.attached(layers, keep, pre=True, with_kwargs=True)
 
 
 @torch.no_grad()
@@ -179,7 +196,6 @@ def continuation_hidden(model, ctx: SweepContext, b: int, start: int) -> torch.T
     hidden = args[0] if args else kwargs["hidden_states"]
     cache = None
     if ctx.intactkv is not None:
-        from .intactkv import PivotCache
         mask, source = ctx.pivot_sources[b]
         cache = PivotCache(model.config, mask, source)
     for i, layer in enumerate(decoder_layers(model)[start:], start):
@@ -190,7 +206,7 @@ def continuation_hidden(model, ctx: SweepContext, b: int, start: int) -> torch.T
             out = layer(hidden, *args[1:], **kwargs)
         else:
             out = layer(**{**kwargs, "hidden_states": hidden})
-        hidden = out[0] if isinstance(out, tuple) else out
+        hidden = hooks.hidden_of(out)
     for mod in tail_modules(model):
         hidden = mod(hidden)
     return hidden[ctx.rows[b], ctx.pos[b]]
@@ -199,66 +215,72 @@ def continuation_hidden(model, ctx: SweepContext, b: int, start: int) -> torch.T
 ROW_CHUNK = 128  # LM-head rows per step: each chunk's logits are reduced while still in cache
 
 
+def _chunk_tokens(model, fam, ctx: SweepContext, b: int, h: torch.Tensor, sl: slice
+                  ) -> TokenMetrics:
+    """The primitives of one chunk of continuation positions (see :mod:`dtm_core.metrics`)."""
+    logits = fam.logits(model, h).float()
+    ref = ctx.refs[b][sl]
+    top, arg = logits.max(-1)
+    piv = ctx.pivot_rows[b][sl] if ctx.intactkv is not None else None
+    if not ctx.fast:
+        d = torch.log_softmax(ctx.dense_logits[b][sl].double(), -1)
+        c = torch.log_softmax(logits.double(), -1)
+        d_arg = ctx.dense_argmax[b][sl]
+        if piv is not None:   # positions inside the pivot span are the dense model's
+            c = torch.where(piv[:, None], d, c)
+            arg = torch.where(piv, d_arg, arg)
+        return run_metrics(primitives(d, c, ref, ctx.new_tokens, d_arg, arg), distributions=True)
+    z_ref = logits.gather(-1, ref[:, None])[:, 0].double()
+    # exp and its (cascade) sum in float32 are accurate to ~1e-7 for terms <= 1; the KL below is
+    # a difference of terms the size of the logits, so it is formed in float64
+    lse = top.double() + logits.sub_(top[:, None]).exp_().sum(-1).double().log_()
+    dot = torch.linalg.vecdot(ctx.dense_pw[b][sl], h.double())
+    if ctx.dense_pb[b] is not None:
+        dot = dot + ctx.dense_pb[b][sl]
+    kl = (ctx.dense_negent[b][sl] - dot + lse).clamp(min=0)
+    lp_d, lp_c = ctx.dense_lp_ref[b][sl], z_ref - lse
+    d_arg = ctx.dense_argmax[b][sl]
+    if piv is not None:       # positions inside the pivot span are the dense model's
+        arg = torch.where(piv, d_arg, arg)
+        kl = torch.where(piv, torch.zeros_like(kl), kl)
+        lp_c = torch.where(piv, lp_d, lp_c)
+    return TokenMetrics(ref=ref.cpu(), dense_argmax=d_arg.cpu(), comp_argmax=arg.cpu(),
+                        kl=kl.float().cpu(), lp_dense=lp_d.cpu(), lp_comp=lp_c.cpu(),
+                        n_new=ctx.new_tokens)
+
+
 @torch.no_grad()
 def cell_table(model, ctx: SweepContext, start: int) -> pd.DataFrame:
-    """Per-prompt FDT, SDT, KL and perplexities of ``model`` (compressed at layer ``start`` or
-    later) against the dense model: the definitions of :func:`token_metrics`, vectorized.
+    """Per-prompt metric columns of ``model`` (compressed at layer ``start`` or later) against the
+    dense model: the registered metrics on the same primitives as :func:`token_metrics`.
 
-    Per position: argmax and max in one pass, log-sum-exp from that max, and
+    Fast path, per position: argmax and max in one pass, log-sum-exp from that max, and
     KL(d || c) = sum_v p_d log p_d - (p_d @ W) . h_c - p_d . b + logsumexp(z_c).
     """
     head = model.get_output_embeddings()
     if head.weight is not ctx.head_weight:
         raise DTMError("The sweep's model has a different LM head from the one it was prepared "
                        "with.")
+    fam = family_of(model)
     rows = []
     for b, idx in enumerate(ctx.batches):
         hidden = continuation_hidden(model, ctx, b, start)
-        agree, kl, lp_c = [], [], []
-        for s in range(0, len(hidden), ROW_CHUNK):
-            sl = slice(s, s + ROW_CHUNK)
-            h = hidden[sl]
-            logits = head(h).float()
-            ref = ctx.refs[b][sl]
-            top, arg = logits.max(-1)
-            agree.append(arg == ref)
-            z_ref = logits.gather(-1, ref[:, None])[:, 0].double()
-            # exp and its (cascade) sum in float32 are accurate to ~1e-7 for terms <= 1; the KL
-            # below is a difference of terms the size of the logits, so it is formed in float64
-            lse = top.double() + logits.sub_(top[:, None]).exp_().sum(-1).double().log_()
-            dot = torch.linalg.vecdot(ctx.dense_pw[b][sl], h.double())
-            if ctx.dense_pb[b] is not None:
-                dot = dot + ctx.dense_pb[b][sl]
-            kl.append(ctx.dense_negent[b][sl] - dot + lse)
-            lp_c.append(z_ref - lse)
-        agree = torch.cat(agree).cpu()
-        kl = torch.cat(kl).clamp(min=0).cpu()
-        lp_c = torch.cat(lp_c).cpu()
-        lp_d = ctx.dense_lp_ref[b]
-        if ctx.intactkv is not None and len(ctx.pivot_rows[b]):
-            # positions inside the pivot span are the dense model's (K = whole prompt)
-            piv = ctx.pivot_rows[b]
-            agree[piv] = ctx.dense_agree[b][piv]
-            kl[piv] = 0.0
-            lp_c[piv] = lp_d[piv]
-        sizes = [len(ctx.references[i]) for i in idx]
-        for i, a, k, ld, lc in zip(idx, agree.split(sizes), kl.split(sizes), lp_d.split(sizes),
-                                   lp_c.split(sizes)):
-            bad = (~a).nonzero()
-            rows.append({"prompt_index": i,
-                         "fdt": int(bad[0, 0]) if len(bad) else ctx.new_tokens,
-                         "sdt": int((~a).sum()) / len(a), "kl_mean": float(k.mean()),
-                         "ppl_dense": float(torch.exp(-ld.mean())),
-                         "ppl_compressed": float(torch.exp(-lc.mean()))})
+        tm = concat([_chunk_tokens(model, fam, ctx, b, hidden[s:s + ROW_CHUNK],
+                                   slice(s, s + ROW_CHUNK))
+                     for s in range(0, len(hidden), ROW_CHUNK)], ctx.new_tokens)
+        start_row = 0
+        for i in idx:
+            n = len(ctx.references[i])
+            one = run_metrics(slice_tokens(tm, start_row, start_row + n), distributions=False)
+            start_row += n
+            rows.append({"prompt_index": i, **one.summary()})
     return pd.DataFrame(rows).sort_values("prompt_index").reset_index(drop=True)
 
 
 def summarize_cell(t: pd.DataFrame) -> dict:
-    fdt = t.fdt.to_numpy(float)
-    return {"fdt_mean": float(fdt.mean()), "fdt_median": float(np.median(fdt)),
-            "fdt_p25": float(np.percentile(fdt, 25)), "sdt_mean": float(t.sdt.mean()),
-            "kl_mean": float(t.kl_mean.mean()),
-            "ppl_change": float((t.ppl_compressed / t.ppl_dense - 1).mean())}
+    """A cell's values: every registered aggregate over its per-prompt table."""
+    agg = aggregate(t)
+    return {k: agg[k] for k in aggregates() if k in agg}
 
 
 # --------------------------------------------------------------------------------------------
@@ -338,27 +360,36 @@ def sweep(dense: LoadedModel, spec: str, prompt_ids: Sequence[Sequence[int]], ne
           batch_size: int = 16, rank: int = 0, world: int = 1, wait_s: float = 7200.0,
           progress: Callable[[float, str], None] | None = None,
           stop: threading.Event | None = None, ctx: SweepContext | None = None,
-          intactkv=None) -> SweepResult:
+          intactkv=None, calibration=None) -> SweepResult:
     """Compress each selected component alone with ``spec`` and measure it; resumable.
 
     With ``world`` > 1 (torchrun), rank r computes cells r, r + world, ...; rank 0 then waits for
     the other ranks' cells in the shared store and returns the merged table.
     ``intactkv`` runs every cell with the dense pivot KV (stored under its own key).
+    ``calibration`` (a :class:`~dtm_core.calibration.Calibration`, prompt texts or token
+    sequences) feeds a method that needs statistics; default: the sweep's prompts. It is part of
+    the cells' key, so a cell opened as a pair with the same calibration is the pair it measured.
     """
-    from .intactkv import IntactKV, calibration_fingerprint
-
     ikv = IntactKV.parse(intactkv)
     if ctx is not None and ikv != ctx.intactkv:
         raise DTMError("The sweep context was prepared with a different IntactKV setting.")
     sp = parse_spec(spec)
     prompt_ids = [list(p) for p in prompt_ids]
     comps = select_components(dense.model, layers, kinds)
+    calib: Calibration | None = None
+    if sp.needs_calibration:
+        calib = calibration_from(dense, calibration if calibration is not None else prompt_ids,
+                                 who=sp.name)
     extra = "" if ikv is None else f"intactkv={ikv.label}|{calibration_fingerprint(ikv)}"
+    extra += f"|metrics={','.join(sorted(METRICS))}"
+    if calib is not None:
+        extra += f"|calibration={calib.key}"
     key = sweep_key(dense, spec, prompt_ids, new_tokens, extra)
     store = CellStore(cache_root(cache_dir) / "sweeps" / key)
     store.write_meta({"model": dense.source, "fingerprint": dense.fingerprint, "spec": str(sp),
                       "new_tokens": new_tokens, "prompts": len(prompt_ids),
                       "intactkv": None if ikv is None else ikv.label,
+                      "calibration": None if calib is None else calib.label,
                       "metric_version": METRIC_VERSION})
     note = progress or (lambda f, m: None)
     todo = [c for k, c in enumerate(comps) if k % world == rank and store.get(c.name) is None]
@@ -367,15 +398,14 @@ def sweep(dense: LoadedModel, spec: str, prompt_ids: Sequence[Sequence[int]], ne
         ctx = ctx or prepare(dense, prompt_ids, new_tokens, batch_size, intactkv=ikv)
         work = shared_copy(dense.model)   # compressed in place, one cell at a time
         work_comps = {c.name: c for c in all_components(work)}
-        norms = None
-        if sp.needs_calibration:
-            norms = input_norms(dense.model, [c.path for c in todo], prompt_ids)
+        if calib is not None:   # every cell's statistics in one pass over the calibration set
+            calib.many(sp.needs, [c.path for c in todo])
         for n, comp in enumerate(todo):
             if stop is not None and stop.is_set():
                 stopped = True
                 break
             t0 = time.perf_counter()
-            with apply_recipe(work, Recipe.single(sp, comp.name), norms):
+            with apply_recipe(work, Recipe.single(sp, comp.name), calib):
                 summary = summarize_cell(cell_table(work, ctx, comp.layer))
             row = {"layer": comp.layer, "kind": comp.kind, "component": comp.name,
                    "params": work_comps[comp.name].params, **summary,
@@ -390,7 +420,7 @@ def sweep(dense: LoadedModel, spec: str, prompt_ids: Sequence[Sequence[int]], ne
                 raise DTMError("Timed out waiting for the other ranks' sweep cells.")
             time.sleep(0.5)
     rows = [r for r in (store.get(c.name) for c in comps) if r is not None]
-    table = pd.DataFrame(rows, columns=CELL_COLUMNS)
+    table = pd.DataFrame(rows, columns=cell_columns())
     return SweepResult(table=table, key=key, folder=store.folder, computed=computed,
                        reused=len(rows) - computed, stopped=stopped)
 

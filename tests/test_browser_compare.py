@@ -228,7 +228,7 @@ def test_kld_report_from_uploaded_text(browser, app_url):
     from conftest import ROOT
 
     page = browser.new_page()
-    upload_to_tab(page, app_url, "Prompt sets", "#kld-upload",
+    upload_to_tab(page, app_url, "KLD report", "#kld-upload",
                   ROOT / "assets" / "texts" / "licenses.txt")
     page.locator("#kld-ctx input").fill("128")
     page.locator("#kld-run").click()

@@ -1,0 +1,182 @@
+"""Calibration statistics that compression methods need, gathered once and shared.
+
+A method declares what it needs by name (``Method.needs``); each name is a :class:`Statistic` here:
+an accumulator over the inputs a component's module sees while the *dense* model runs on the
+calibration sequences. :class:`Calibration` holds the sequences and every statistic computed so
+far, per module path; asking again for a (statistic, path) it has costs nothing, and one forward
+pass fills every missing path at once. :func:`calibration_for` hands out one Calibration per
+(model, sequences), so a pair, a sweep and a plan over the same prompts share their statistics.
+
+The calibration policy is the same in the app, the CLI, sweeps and plans: the prompts being
+evaluated, or an explicit calibration file (see :class:`dtm_core.jobs.CalibrationSetting`).
+Sequences are the prompts' tokens (chat template applied when on), padded on the right in batches
+with the padding masked out of every statistic.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from . import hooks
+from .errors import DTMError
+
+
+@dataclass(frozen=True)
+class Statistic:
+    """``init(x_width, device)`` -> state; ``add(state, x (n, width) float32 rows of real tokens)``
+    -> state; ``finish(state, n_rows)`` -> the tensor a method gets."""
+
+    name: str
+    description: str
+    add: Callable
+    finish: Callable
+
+
+def _add_sq(state, x):
+    s = (x * x).sum(0)
+    return s if state is None else state + s
+
+
+def _add_outer(state, x):
+    s = x.t() @ x
+    return s if state is None else state + s
+
+
+STATISTICS: dict[str, Statistic] = {}
+
+
+def register_statistic(stat: Statistic) -> Statistic:
+    STATISTICS[stat.name] = stat
+    return stat
+
+
+register_statistic(Statistic(
+    "input_norms", "L2 norm of each input feature over every calibration token (Wanda)",
+    _add_sq, lambda s, n: s.sqrt()))
+register_statistic(Statistic(
+    "input_hessian", "H = 2/n sum x x^T of the module's inputs over n calibration tokens "
+    "(GPTQ, SparseGPT)", _add_outer, lambda s, n: s * (2.0 / max(n, 1))))
+
+
+def sequences_key(seqs: Sequence[Sequence[int]]) -> str:
+    return hashlib.sha256(json.dumps([list(map(int, s)) for s in seqs]).encode()).hexdigest()[:16]
+
+
+class Calibration:
+    """Statistics of the dense model's module inputs over fixed calibration sequences.
+
+    ``label`` says where the sequences came from (shown to the user, e.g. "the 12 evaluated
+    prompts" or "calibration file c.txt").
+    """
+
+    def __init__(self, model: torch.nn.Module, seqs: Sequence[Sequence[int]], label: str = "",
+                 batch_size: int = 8, pad_id: int = 0):
+        if not seqs or not all(len(s) for s in seqs):
+            raise DTMError("Calibration needs at least one non-empty prompt.")
+        self._model = weakref.ref(model)
+        self.seqs = [list(s) for s in seqs]
+        self.label = label or f"{len(self.seqs)} calibration prompts"
+        self.key = sequences_key(self.seqs)
+        self.batch_size = batch_size
+        self.pad_id = pad_id
+        self.passes = 0            # forward passes over the set (tests check reuse)
+        self._stats: dict[tuple[str, str], torch.Tensor] = {}
+        self._lock = threading.Lock()
+
+    def get(self, stat: str, paths: Sequence[str]) -> dict[str, torch.Tensor]:
+        """``{path: tensor}`` of one statistic for the modules at ``paths``."""
+        return {p: v[stat] for p, v in self.many([stat], paths).items()}
+
+    def many(self, stats: Sequence[str], paths: Sequence[str]) -> dict[str, dict[str, torch.Tensor]]:
+        """``{path: {statistic: tensor}}``; what is missing is gathered in one pass."""
+        for s in stats:
+            if s not in STATISTICS:
+                raise DTMError(f"Unknown calibration statistic '{s}': known are "
+                               f"{', '.join(STATISTICS)}.")
+        with self._lock:
+            missing = [(s, p) for p in paths for s in stats if (s, p) not in self._stats]
+            if missing:
+                self._gather(missing)
+            return {p: {s: self._stats[(s, p)] for s in stats} for p in paths}
+
+    @torch.no_grad()
+    def _gather(self, wanted: list[tuple[str, str]]) -> None:
+        from .generation import model_device
+
+        model = self._model()
+        if model is None:
+            raise DTMError("The model these calibration statistics belong to was released.")
+        paths = list(dict.fromkeys(p for _, p in wanted))
+        state: dict[tuple[str, str], torch.Tensor | None] = {k: None for k in wanted}
+        rows = [0]
+        live: list[torch.Tensor] = []
+        by_path = {p: [s for s, q in wanted if q == p] for p in paths}
+
+        def observe(i, module, args):
+            x = args[0]
+            x = x[live[0].to(x.device)].float()          # (real tokens, width)
+            for s in by_path[paths[i]]:
+                state[(s, paths[i])] = STATISTICS[s].add(state[(s, paths[i])], x)
+
+        dev = model_device(model)
+        mods = [model.get_submodule(p) for p in paths]
+        with hooks.attached(mods, observe, pre=True):
+            for start in range(0, len(self.seqs), self.batch_size):
+                chunk = self.seqs[start:start + self.batch_size]
+                width = max(len(s) for s in chunk)
+                ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+                mask = torch.zeros((len(chunk), width), dtype=torch.bool)
+                for j, s in enumerate(chunk):
+                    ids[j, :len(s)] = torch.tensor(s)
+                    mask[j, :len(s)] = True
+                live[:] = [mask]
+                rows[0] += int(mask.sum())
+                model(input_ids=ids.to(dev), use_cache=False)
+        self.passes += 1
+        for (s, p), v in state.items():
+            self._stats[(s, p)] = STATISTICS[s].finish(v, rows[0])
+
+
+_SHARED: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, Calibration]]" = \
+    weakref.WeakKeyDictionary()
+_SHARED_LOCK = threading.Lock()
+KEEP_PER_MODEL = 4
+
+
+def calibration_for(model: torch.nn.Module, seqs: Sequence[Sequence[int]], label: str = "",
+                    pad_id: int = 0) -> Calibration:
+    """The shared :class:`Calibration` of ``model`` over ``seqs`` (the few most recent kept per
+    model, released with the model)."""
+    key = sequences_key(seqs)
+    with _SHARED_LOCK:
+        per = _SHARED.setdefault(model, {})
+        cal = per.pop(key, None) or Calibration(model, seqs, label, pad_id=pad_id)
+        per[key] = cal                     # most recent last
+        while len(per) > KEEP_PER_MODEL:
+            per.pop(next(iter(per)))
+        return cal
+
+
+def calibration_from(dense, source, chat: bool = False, who: str = "this method") -> Calibration:
+    """The shared Calibration of a LoadedModel for ``source``: a Calibration (as is), prompt
+    texts (tokenized with ``chat``) or token sequences."""
+    from .generation import encode_prompts, pad_id_of
+
+    if isinstance(source, Calibration):
+        return source
+    items = list(source or [])
+    if not items:
+        raise DTMError(f"{who} needs calibration prompts: give a prompt set or --calibration.")
+    if all(isinstance(x, str) for x in items):
+        seqs = encode_prompts(dense.tokenizer, items, chat=chat)
+        label = f"{len(items)} calibration prompt{'s' * (len(items) != 1)}"
+    else:
+        seqs = [list(x) for x in items]
+        label = f"{len(seqs)} calibration sequence{'s' * (len(seqs) != 1)}"
+    return calibration_for(dense.model, seqs, label, pad_id_of(dense.tokenizer))

@@ -1,0 +1,54 @@
+"""Forward hooks that are always removed: the one way the engine observes or alters a module.
+
+    with hooks.attached(layers, fn):                 # fn(i, module, args, output)
+        model(ids)
+    with hooks.attached(mods, fn, pre=True):          # fn(i, module, args) -> new args or None
+        ...
+    with hooks.outputs(layers) as outs:              # each layer's hidden-state output, in order
+        model(ids)
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+
+@contextmanager
+def attached(modules: Sequence[torch.nn.Module], fn: Callable, *, pre: bool = False,
+             with_kwargs: bool = False) -> Iterator[None]:
+    """Register ``fn`` on every module (a forward hook, or a pre-hook with ``pre``), called with
+    the module's index first; every handle is removed on exit, also after an exception."""
+    handles = []
+    try:
+        for i, mod in enumerate(modules):
+            def hook(*a, _i=i):
+                return fn(_i, *a)
+            if pre:
+                handles.append(mod.register_forward_pre_hook(hook, with_kwargs=with_kwargs))
+            else:
+                handles.append(mod.register_forward_hook(hook, with_kwargs=with_kwargs))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def hidden_of(out) -> torch.Tensor:
+    """The hidden states of a decoder layer's output (a tensor or a tuple starting with it)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+@contextmanager
+def outputs(modules: Sequence[torch.nn.Module], transform: Callable | None = None
+            ) -> Iterator[list]:
+    """Collect each module's hidden-state output (through ``transform`` if given), in call
+    order."""
+    store: list = []
+
+    def keep(i, module, args, out):
+        h = hidden_of(out)
+        store.append(transform(h) if transform else h)
+    with attached(modules, keep):
+        yield store

@@ -1,0 +1,351 @@
+"""What the app and the CLI both do, in one place: typed requests in, engine results out.
+
+* :class:`PairRequest` + :class:`CalibrationSetting` -> a :class:`~dtm_core.pair.Pair`
+  (:meth:`PairCache.open`): a spec over components, a recipe or a second checkpoint, with one
+  calibration policy everywhere: the prompts being evaluated, or an explicit calibration file /
+  built-in set. The pair's ``calibration.label`` says which, and the app and the CLI show it.
+* :class:`IntactKVSetting` -> an :class:`~dtm_core.intactkv.IntactKV` (:func:`resolve_intactkv`),
+  parsed once and calibrated when asked (same calibration policy).
+* :func:`compare_variants` -> :class:`VariantComparison`: the same prompts and dense references
+  under several IntactKV settings ("plain" = none), one result type. Wide tables follow one rule:
+  the primary run's columns keep their names and every other run's get ``_<its name>``
+  (``evaluate``: primary plain, others ``*_intactkv``; ``divergence --intactkv`` and IntactKV
+  sweeps: primary IntactKV, the plain run's ``*_plain``).
+* :func:`sweep_variants` -> :class:`SweepComparison`: a plain sweep and, when asked, the IntactKV
+  sweep on the same cells.
+* :func:`plan_from_sweep`: dense references, then a plan from a sweep's table.
+
+Nothing here draws or prints; the app and the CLI format what these return.
+"""
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Callable, Sequence
+
+import pandas as pd
+
+from .calibration import Calibration, calibration_from
+from .compress import Recipe
+from .divergence import reference_continuations
+from .errors import DTMError
+from .generation import encode_prompts
+from .intactkv import IntactKV, calibrate
+from .methods import parse_spec
+from .models import LoadedModel, load_model
+from .pair import Pair, checkpoint_pair, make_pair
+from .plan import Plan, make_plan
+from .prompts import load_prompts
+from .sweep import SweepResult, heatmap_metrics, sweep
+from .variants import (VARIANT_COLUMNS, VariantComparison, compare_variants,  # noqa: F401
+                       with_variant)
+
+Progress = Callable[[float, str], None]
+
+
+# --------------------------------------------------------------------------------------------
+# Requests
+
+
+@dataclass(frozen=True)
+class CalibrationSetting:
+    """Where a method's calibration statistics (and a calibrated IntactKV's training prompts)
+    come from: ``source`` None means the prompts being evaluated; else a prompt file or the name
+    of a built-in set."""
+
+    source: str | None = None
+
+    @classmethod
+    def of(cls, value) -> "CalibrationSetting":
+        if isinstance(value, CalibrationSetting):
+            return value
+        text = str(value).strip() if value is not None else ""
+        if text.lower() in ("", "evaluated", "prompts in use", "none", "default"):
+            return cls()
+        return cls(text)
+
+    def texts(self, evaluated: Sequence[str], what: str = "the evaluated prompts"
+              ) -> tuple[list[str], str]:
+        """(prompt texts, a label saying where they came from)."""
+        if self.source is None:
+            items = [t for t in evaluated if isinstance(t, str) and t.strip()]
+            if not items:
+                raise DTMError("This compression needs calibration prompts: give prompts to "
+                               "evaluate or a calibration file.")
+            return items, f"{what} ({len(items)} prompt{'s' * (len(items) != 1)})"
+        pset = load_prompts(self.source)
+        return pset.prompts, f"'{pset.name}' ({len(pset.prompts)} prompts)"
+
+
+@dataclass(frozen=True)
+class PairRequest:
+    """The compressed side of a pair as a user describes it (exactly one of ``compress``,
+    ``recipe``, ``compressed_model``)."""
+
+    model: str = "default"
+    compress: str | None = None
+    components: str = "*.*"
+    recipe: Recipe | None = None
+    compressed_model: str | None = None
+    calibration: CalibrationSetting = field(default_factory=CalibrationSetting)
+    chat: bool = False
+
+    def validate(self) -> None:
+        """Every check that needs no model: one compressed side, a spec that parses."""
+        given = [x for x in (self.compress, self.recipe, self.compressed_model) if x]
+        if len(given) != 1:
+            raise DTMError("Give exactly one compressed side: a compression spec (with a "
+                           "component selection), a recipe file, or a compressed checkpoint.")
+        if self.compress:
+            parse_spec(self.compress)
+
+    @property
+    def recipe_to_apply(self) -> Recipe | None:
+        if self.compressed_model:
+            return None
+        return self.recipe or Recipe.single(self.compress, self.components or "*.*")
+
+    @property
+    def needs_calibration(self) -> bool:
+        r = self.recipe_to_apply
+        return bool(r and r.needs_calibration)
+
+
+@dataclass(frozen=True)
+class IntactKVSetting:
+    """IntactKV as asked for: ``pivots`` off / K / prefix, optionally calibrated."""
+
+    pivots: str | None = None
+    calibrated: bool = False
+    steps: int = 50
+    lr: float = 1e-2
+
+    def parse(self) -> IntactKV | None:
+        """The IntactKV this setting names (parsed once; a bad setting raises DTMError)."""
+        return self.intactkv
+
+    @cached_property
+    def intactkv(self) -> IntactKV | None:
+        ikv = IntactKV.parse(self.pivots)
+        if self.calibrated:
+            if ikv is None:
+                raise DTMError("Calibrated IntactKV needs pivot tokens: K or 'prefix'.")
+            if not 1 <= int(self.steps) <= 10000:
+                raise DTMError("Calibration steps must be between 1 and 10000.")
+        return ikv
+
+
+# --------------------------------------------------------------------------------------------
+# Pairs
+
+
+def build_pair(dense: LoadedModel, request: PairRequest, evaluated: Sequence[str] = (),
+               load: Callable[[str], LoadedModel] | None = None) -> Pair:
+    """The pair a request describes on an already loaded dense model."""
+    request.validate()
+    if request.compressed_model:
+        return checkpoint_pair(dense, (load or load_model)(request.compressed_model))
+    recipe = request.recipe_to_apply
+    recipe.components(dense.model)     # selections fail before any calibration work
+    calib = None
+    if recipe.needs_calibration:
+        calib = resolve_calibration(dense, request.calibration, evaluated, request.chat)
+    return make_pair(dense, recipe, calibration=calib)
+
+
+def resolve_calibration(dense: LoadedModel, setting: CalibrationSetting, evaluated,
+                        chat: bool = False) -> Calibration:
+    """The shared :class:`~dtm_core.calibration.Calibration` of a setting: its prompts (or the
+    evaluated ones: texts, or token ids already encoded) tokenized as the job's prompts are."""
+    setting = CalibrationSetting.of(setting)
+    evaluated = list(evaluated)
+    if setting.source is None and evaluated and not isinstance(evaluated[0], str):
+        calib = calibration_from(dense, evaluated)
+        calib.label = f"the evaluated prompts ({len(evaluated)} prompts)"
+        return calib
+    texts, label = setting.texts(evaluated)
+    calib = calibration_from(dense, texts, chat)
+    calib.label = label
+    return calib
+
+
+class PairCache:
+    """Loaded models and pairs, kept across requests so a pair is built once and reused.
+
+    Process-wide in the app (models are big and shared by every browser session); a lock
+    serializes loading. Only the most recent dense model and a few pairs built on it stay.
+    """
+
+    def __init__(self, max_pairs: int = 3, **load_kwargs):
+        self.load_kwargs = load_kwargs
+        self.max_pairs = max_pairs
+        self._lock = threading.RLock()
+        self._dense: tuple[str, LoadedModel] | None = None
+        self._pairs: OrderedDict[tuple, Pair] = OrderedDict()
+        self.loads = 0  # how many models were actually loaded (tests check reuse)
+
+    def dense(self, source: str) -> LoadedModel:
+        source = (source or "default").strip()
+        with self._lock:
+            if self._dense and self._dense[0] == source:
+                return self._dense[1]
+            self._pairs.clear()
+            self._dense = None
+            gc.collect()
+            model = load_model(source, **self.load_kwargs)
+            self.loads += 1
+            self._dense = (source, model)
+            return model
+
+    def _load_other(self, source: str) -> LoadedModel:
+        self.loads += 1
+        return load_model(source, **self.load_kwargs)
+
+    def open(self, request: PairRequest, evaluated: Sequence[str] = ()) -> Pair:
+        """The pair of a request (``evaluated``: the prompts the job runs on, the default
+        calibration set)."""
+        request.validate()
+        calib_key = None
+        if request.needs_calibration:
+            texts, _ = request.calibration.texts(evaluated)
+            calib_key = (request.calibration.source, request.chat,
+                         hashlib.sha256(json.dumps(texts).encode()).hexdigest())
+        model = (request.model or "default").strip()
+        key = (model, request.compress, request.components,
+               str(request.recipe) if request.recipe else None, request.compressed_model,
+               calib_key)
+        with self._lock:
+            if key in self._pairs:
+                self._pairs.move_to_end(key)
+                return self._pairs[key]
+            pair = build_pair(self.dense(model), request, evaluated, load=self._load_other)
+            self._pairs[key] = pair
+            while len(self._pairs) > self.max_pairs:
+                self._pairs.popitem(last=False)
+            return pair
+
+    def pair(self, source: str, *, compress: str | None = None, components: str = "*.*",
+             recipe: Recipe | None = None, compressed_model: str | None = None,
+             calibration: Sequence[str] | None = None, chat: bool = False) -> Pair:
+        """Keyword form of :meth:`open` (``calibration``: the calibration prompt texts)."""
+        req = PairRequest(model=source, compress=compress, components=components, recipe=recipe,
+                          compressed_model=compressed_model, chat=chat)
+        return self.open(req, list(calibration or ()))
+
+    def cached(self, source: str) -> bool:
+        return bool(self._dense and self._dense[0] == (source or "default").strip())
+
+
+def calibration_note(pair: Pair) -> str:
+    """One sentence saying what the pair's compression was calibrated on ('' if nothing)."""
+    if pair.calibration is None:
+        return ""
+    return f"Calibration statistics from {pair.calibration.label}."
+
+
+# --------------------------------------------------------------------------------------------
+# IntactKV
+
+
+def resolve_intactkv(setting: IntactKVSetting | str | None, pair: Pair, evaluated: Sequence[str],
+                     *, chat: bool = False,
+                     calibration: CalibrationSetting = CalibrationSetting(),
+                     cache_dir=None, progress: Progress | None = None,
+                     stop: threading.Event | None = None) -> IntactKV | None:
+    """The IntactKV of a job (None when off), parsed once; calibrated on the calibration
+    setting's prompts (default: the evaluated prompts) when asked. Calibrations are cached."""
+    if not isinstance(setting, IntactKVSetting):
+        setting = IntactKVSetting(pivots=setting)
+    ikv = setting.parse()
+    if ikv is None or not setting.calibrated:
+        return ikv
+    texts, _ = calibration.texts(evaluated)
+    ids = encode_prompts(pair.tokenizer, texts, chat=chat)
+    cal = calibrate(pair, ids, ikv, steps=int(setting.steps), lr=float(setting.lr),
+                    cache_dir=cache_dir, progress=progress, stop=stop)
+    return ikv.with_calibration(cal)
+
+
+# --------------------------------------------------------------------------------------------
+# Sweeps and plans
+
+
+@dataclass
+class SweepComparison:
+    """A plain sweep and, with IntactKV, the IntactKV sweep of the same cells."""
+
+    plain: SweepResult
+    intactkv: SweepResult | None = None
+    setting: IntactKV | None = None
+
+    @property
+    def main(self) -> SweepResult:
+        """The sweep to show: the IntactKV one when it ran."""
+        return self.intactkv if self.intactkv is not None else self.plain
+
+    @property
+    def table(self) -> pd.DataFrame:
+        """The main sweep's cells, with the plain sweep's values as ``*_plain`` beside them when
+        IntactKV was on."""
+        if self.intactkv is None:
+            return self.plain.table
+        return with_variant(self.intactkv.table, self.plain.table, "plain",
+                            list(heatmap_metrics()), on="component")
+
+    @property
+    def stopped(self) -> bool:
+        return self.main.stopped
+
+    @property
+    def computed(self) -> int:
+        return self.plain.computed + (self.intactkv.computed if self.intactkv else 0)
+
+    @property
+    def reused(self) -> int:
+        return self.plain.reused + (self.intactkv.reused if self.intactkv else 0)
+
+
+def sweep_variants(dense: LoadedModel, spec: str, prompt_ids, new_tokens: int, *,
+                   intactkv: IntactKV | None = None, progress: Progress | None = None,
+                   calibration: CalibrationSetting = CalibrationSetting(), chat: bool = False,
+                   **kw) -> SweepComparison:
+    """The plain sweep, then (with ``intactkv``, unless the first was stopped) the IntactKV
+    sweep of the same cells; ``kw`` as for :func:`~dtm_core.sweep.sweep`. A method that needs
+    calibration gets the calibration setting's prompts (default: the sweep's own)."""
+    if intactkv is not None:   # a bad setting fails before the sweep
+        intactkv.pivot_lengths(dense.tokenizer, prompt_ids)
+    if parse_spec(spec).needs_calibration:
+        kw["calibration"] = resolve_calibration(dense, calibration, prompt_ids, chat)
+
+    def tell(prefix):
+        return None if progress is None else (lambda f, m: progress(f, prefix + m))
+    plain = sweep(dense, spec, prompt_ids, new_tokens, **kw,
+                  progress=tell("plain sweep: " if intactkv else ""))
+    if intactkv is None or plain.stopped:
+        return SweepComparison(plain=plain)
+    intact = sweep(dense, spec, prompt_ids, new_tokens, **kw, intactkv=intactkv,
+                   progress=tell(f"IntactKV {intactkv.label}: "))
+    return SweepComparison(plain=plain, intactkv=intact, setting=intactkv)
+
+
+def plan_from_sweep(dense: LoadedModel, table: pd.DataFrame, spec: str, prompt_ids,
+                    new_tokens: int, budget: float, *, references=None,
+                    calibration: CalibrationSetting = CalibrationSetting(), chat: bool = False,
+                    progress: Progress | None = None) -> Plan:
+    """Dense references (unless given), then :func:`~dtm_core.plan.make_plan` with the same
+    calibration as the sweep (default: its prompts)."""
+    if references is None:
+        if progress:
+            progress(0.0, "dense references")
+        references = reference_continuations(dense, prompt_ids, new_tokens)
+    calib = None
+    if parse_spec(spec).needs_calibration:
+        calib = resolve_calibration(dense, calibration, prompt_ids, chat)
+    return make_plan(dense, table, spec, prompt_ids, references, new_tokens, budget,
+                     progress=None if progress is None else (lambda k, m: progress(None, m)),
+                     calibration=calib)

@@ -1,0 +1,104 @@
+"""What a compression method is: a frozen config that knows its spec string, its strength axis, the
+calibration statistics it needs, its llama.cpp type and how to compress one weight matrix.
+
+A method never branches on another method's name; the engine never branches on any method's name.
+It asks the method (see :mod:`dtm_core.methods` for the registry).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Mapping
+
+import torch
+
+from ..errors import DTMError
+from .registry import bad_spec
+
+
+@dataclass(frozen=True)
+class Method:
+    """Base of every method config. Subclasses are frozen dataclasses registered with
+    :func:`dtm_core.methods.register`."""
+
+    name: ClassVar[str]                    # the spec's head, e.g. "magnitude"
+    forms: ClassVar[tuple[str, ...]]       # accepted spec forms, e.g. ("magnitude:S",)
+    summary: ClassVar[str] = ""            # one line for help texts and the docs
+    family: ClassVar[str] = "none"         # "pruning", "quantization" or "none"
+    needs: ClassVar[tuple[str, ...]] = ()  # calibration statistics (see dtm_core.calibration)
+    level_axis: ClassVar[str | None] = None   # "sparsity" or "bits": what level() measures
+    presets: ClassVar[tuple[str, ...]] = ()   # specs the app offers in its preset list
+    level_methods: ClassVar[tuple[str, ...]] = ()  # level-curve method names, e.g. "int:g128"
+
+    # -- parsing ----------------------------------------------------------------------------
+    @classmethod
+    def matches(cls, head: str) -> bool:
+        """Whether a spec's head (text before the first ':') names this method."""
+        return head == cls.name
+
+    @classmethod
+    def parse(cls, head: str, options: list[str], spec: str) -> "Method":
+        """The config a spec names; ``options`` are the ':'-separated parts after the head.
+        Raise :func:`bad_spec` with a reason for anything malformed."""
+        if options:
+            raise bad_spec(spec, f"{cls.name} takes no options")
+        return cls()
+
+    def __str__(self) -> str:
+        return self.name
+
+    # -- what the engine asks ---------------------------------------------------------------
+    @property
+    def method(self) -> str:
+        """The method's name (kept for code written against the old ``Spec.method``)."""
+        return self.name
+
+    @property
+    def needs_calibration(self) -> bool:
+        return bool(self.needs)
+
+    @property
+    def is_quantization(self) -> bool:
+        return self.family == "quantization"
+
+    @property
+    def changes_weights(self) -> bool:
+        return True
+
+    @property
+    def level(self) -> float | None:
+        """The spec's strength on its axis: sparsity for pruning, bit width for quantization."""
+        return None
+
+    def with_level(self, level: float) -> "Method":
+        """The same method at another strength (level curves, plans over levels)."""
+        raise DTMError(f"{self.name} has no strength axis to vary.")
+
+    @classmethod
+    def at_level(cls, level: float, options: str = "") -> "Method":
+        """The spec of a level curve's point: this method with ``options`` at ``level``."""
+        raise DTMError(f"{cls.name} has no strength axis to vary.")
+
+    def llama_cpp_type(self) -> str | None:
+        """The llama.cpp tensor type closest to this spec, or None when there is none."""
+        return None
+
+    def apply(self, w: torch.Tensor, stats: Mapping[str, torch.Tensor], name: str = ""
+              ) -> torch.Tensor:
+        """The compressed version of a float32 (out, in) weight matrix. ``stats`` holds this
+        component's calibration statistics named in :attr:`needs`; ``name`` is the component
+        (``LAYER.KIND``) for messages."""
+        raise NotImplementedError
+
+    def runtime_hook(self) -> Callable | None:
+        """A forward pre-hook the compressed module runs with (activation quantization), or
+        None."""
+        return None
+
+
+def need_stat(stats: Mapping[str, torch.Tensor], stat: str, method: str) -> torch.Tensor:
+    """The statistic a method needs, or one sentence saying how to provide it."""
+    got = stats.get(stat) if stats else None
+    if got is None:
+        raise DTMError(f"{method} needs calibration ({stat.replace('_', ' ')}): give a prompt set "
+                       "or a calibration file.")
+    return got

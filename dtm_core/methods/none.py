@@ -1,0 +1,22 @@
+"""``none``: the compressed side equals the dense model (an identity pair, for checks)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .registry import register
+from .base import Method
+
+
+@register
+@dataclass(frozen=True)
+class NoCompression(Method):
+    name = "none"
+    forms = ("none",)
+    summary = "no change (an identical pair, for checks)"
+
+    @property
+    def changes_weights(self) -> bool:
+        return False
+
+    def apply(self, w, stats, name=""):
+        return w

@@ -1,0 +1,118 @@
+"""``intB[:gG][:asym]``: round-to-nearest weight quantization on a per-channel or per-group grid.
+
+The grid (symmetric, or asymmetric with a zero point; per output channel or per group of G
+consecutive input weights) is also the grid of GPTQ-like methods, which reuse :func:`quantize_weight`
+and :func:`grid_options`.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from .registry import register
+from .base import Method
+from .registry import bad_spec
+
+
+def _quant_rows(x: torch.Tensor, bits: int, asym: bool) -> torch.Tensor:
+    """Round-to-nearest fake quantization of each row of x (rows are channels or groups)."""
+    if asym:
+        qmax = 2 ** bits - 1
+        lo = x.amin(dim=-1, keepdim=True).clamp(max=0)
+        hi = x.amax(dim=-1, keepdim=True).clamp(min=0)
+        scale = (hi - lo) / qmax
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        zero = torch.round(-lo / scale)
+        q = torch.clamp(torch.round(x / scale) + zero, 0, qmax)
+        return (q - zero) * scale
+    qmax = 2 ** (bits - 1) - 1
+    scale = x.abs().amax(dim=-1, keepdim=True) / qmax
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return torch.clamp(torch.round(x / scale), -qmax - 1, qmax) * scale
+
+
+def quantize_weight(w: torch.Tensor, bits: int, group: int | None = None,
+                    asym: bool = False) -> torch.Tensor:
+    """Per output channel, or per group of G consecutive input weights (a shorter last group)."""
+    rows, cols = w.shape
+    if not group or group >= cols:
+        return _quant_rows(w, bits, asym)
+    full = cols // group * group
+    parts = [_quant_rows(w[:, :full].reshape(rows, full // group, group), bits, asym)
+             .reshape(rows, full)]
+    if full < cols:
+        parts.append(_quant_rows(w[:, full:], bits, asym))
+    return torch.cat(parts, dim=1)
+
+
+def grid_options(options: list[str], spec: str) -> tuple[int | None, bool]:
+    """``gG`` and ``asym`` options (each at most once, group first), as (group, asym)."""
+    group, asym = None, False
+    for opt in options:
+        mg = re.fullmatch(r"g(\d+)", opt)
+        if mg and group is None and not asym and int(mg.group(1)) > 0:
+            group = int(mg.group(1))
+        elif opt == "asym" and not asym:
+            asym = True
+        else:
+            raise bad_spec(spec, f"unknown option '{opt}'")
+    return group, asym
+
+
+def grid_suffix(group: int | None, asym: bool) -> str:
+    return (f":g{group}" if group else "") + (":asym" if asym else "")
+
+
+LLAMA_CPP_TYPES = {8: ("q8_0", "q8_0"), 7: ("q8_0", "q8_0"), 6: ("q6_K", "q6_K"),
+                   5: ("q5_0", "q5_1"), 4: ("q4_0", "q4_1"), 3: ("q3_K", "q3_K"),
+                   2: ("q2_K", "q2_K")}   # bits -> (symmetric, asymmetric)
+
+
+@register
+@dataclass(frozen=True)
+class RTN(Method):
+    bits: int = 8
+    group: int | None = None
+    asym: bool = False
+    name = "int"
+    forms = ("intB", "intB:gG", "intB:asym", "intB:gG:asym")
+    summary = "round-to-nearest weight quantization, per channel or per group of G inputs"
+    family = "quantization"
+    level_axis = "bits"
+    presets = ("int8", "int4:g128", "int3:g64")
+    level_methods = ("int", "int:g128")
+
+    @classmethod
+    def matches(cls, head: str) -> bool:
+        return re.fullmatch(r"int\d+", head) is not None
+
+    @classmethod
+    def parse(cls, head, options, spec):
+        bits = int(head[3:])
+        if not 2 <= bits <= 8:
+            raise bad_spec(spec, "bit width must be 2-8")
+        group, asym = grid_options(options, spec)
+        return cls(bits=bits, group=group, asym=asym)
+
+    def __str__(self) -> str:
+        return f"int{self.bits}" + grid_suffix(self.group, self.asym)
+
+    @property
+    def level(self) -> float:
+        return float(self.bits)
+
+    def with_level(self, level: float) -> "RTN":
+        return RTN(bits=int(level), group=self.group, asym=self.asym)
+
+    @classmethod
+    def at_level(cls, level: float, options: str = "") -> "RTN":
+        spec = f"int{int(level)}" + (f":{options}" if options else "")
+        return cls.parse(f"int{int(level)}", options.split(":") if options else [], spec)
+
+    def llama_cpp_type(self) -> str:
+        return LLAMA_CPP_TYPES[self.bits][int(self.asym)]
+
+    def apply(self, w, stats, name=""):
+        return quantize_weight(w, self.bits, self.group, self.asym)

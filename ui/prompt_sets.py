@@ -1,0 +1,143 @@
+"""The Prompt sets tab: evaluate a set on the pair (with and without IntactKV), cards, plots, the
+per-prompt table, exports, and a row opening in Compare."""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+
+from dtm_core.evaluate import evaluate
+from dtm_core.jobs import calibration_note, compare_variants, resolve_intactkv
+from dtm_core.prompts import builtin_names
+
+from . import common
+from .common import FIRST, STOPS, IntactKVForm, PairForm
+from .render import friendly, set_plots, summary_cards
+
+TABLE_COLUMNS = ["prompt_index", "line", "fdt", "sdt", "kl_mean", "top1_agree", "ppl_dense",
+                 "ppl_compressed", "correct_dense", "correct_compressed", "choice_dense",
+                 "choice_compressed", "pivots", "fdt_intactkv", "sdt_intactkv", "kl_mean_intactkv",
+                 "correct_compressed_intactkv", "choice_compressed_intactkv", "prompt",
+                 "dense_text", "compressed_text", "compressed_text_intactkv"]
+
+
+@dataclass
+class SetsTab:
+    results: gr.Dataframe
+    run_state: gr.State
+
+
+def run_set(model, preset, spec, components, checkpoint, upload, builtin, chat, new_tokens,
+            ikv_text="off", ikv_cal=False, calib_steps=50, calibration=None,
+            calibration_file=None, request: gr.Request = None, progress=gr.Progress()):
+    """Evaluate a prompt set on the current pair; returns table, cards, plots, files, message."""
+    nothing = (None, "", None, None, None, None, None)
+    try:
+        pset = common.load_set(upload, builtin)
+        req = common.pair_request(model, preset, spec, components, checkpoint, chat, calibration,
+                                  calibration_file)
+        setting = common.intactkv_setting(ikv_text, ikv_cal, calib_steps)
+        progress(0, desc="loading the pair")
+        pair = common.CACHE.open(req, pset.prompts)
+        ikv = resolve_intactkv(setting, pair, pset.prompts, chat=bool(chat),
+                               calibration=req.calibration,
+                               progress=common.calib_progress(progress))
+        n = int(new_tokens)
+        with STOPS.running("set", request) as stop:
+            res = evaluate(pair, pset, n, chat=bool(chat), stop=stop, intactkv=ikv,
+                           progress=lambda f, m: progress(f, desc=m))
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a message
+        return nothing + (friendly(exc), None, None)
+    out_dir = Path(tempfile.mkdtemp(prefix="dtm-export-"))
+    csv_path, json_path = out_dir / "dtm_results.csv", out_dir / "dtm_results.json"
+    csv_path.write_text(res.to_csv(), encoding="utf-8")
+    json_path.write_text(res.to_json(), encoding="utf-8")
+    table = res.table[[c for c in TABLE_COLUMNS if c in res.table.columns]]
+    msg = (f"{'Stopped: ' if res.stopped else 'Done: '}{len(res.table)} prompts of "
+           f"{pset.name} on {pair.dense.source} vs {pair.label}"
+           f"{f', with and without IntactKV {ikv.label}' if ikv else ''}."
+           f"{common.pivot_note(pair.tokenizer, ikv, pset.prompts[0], chat, FIRST)}")
+    if calibration_note(pair):
+        msg += " " + calibration_note(pair)
+    if res.rejected:
+        msg += " ⚠️ " + "; ".join(f"line {n_}: {r}" for n_, r in res.rejected[:20])
+        if len(res.rejected) > 20:
+            msg += f" (and {len(res.rejected) - 20} more)"
+    state = {"chat": bool(chat), "new_tokens": n,
+             "prompts": [[int(i), p] for i, p in zip(res.table.prompt_index, res.table.prompt)]}
+    comparison = None
+    if res.comparison is not None:
+        comparison = res.comparison.copy()
+        if ikv.calibrated is not None:
+            # the calibration's own gain: the same prompts and dense references with the
+            # uncalibrated pivot KV
+            base = compare_variants(pair, res.prompt_ids, n,
+                                    {"uncalibrated": ikv.with_calibration(None)},
+                                    references=res.references).runs["uncalibrated"]
+            comparison.insert(3, "uncalibrated", comparison.key.map(base.summary))
+            comparison["Δ calibration"] = comparison.intactkv - comparison.uncalibrated
+            gain = base.summary["fdt_mean"]
+            msg += (f" Calibrated pivot KV (loss {ikv.calibrated.loss_before:.4g} → "
+                    f"{ikv.calibrated.loss_after:.4g}): mean FDT {gain:.2f} uncalibrated → "
+                    f"{res.summary['fdt_mean_intactkv']:.2f} calibrated "
+                    f"({res.summary['fdt_mean_intactkv'] - gain:+.2f}).")
+        comparison = comparison.drop(columns="key").rename(
+            columns={"plain": "without IntactKV", "intactkv": f"IntactKV {ikv.label}",
+                     "uncalibrated": f"IntactKV {ikv.label.replace('+cal', '')} (uncalibrated)",
+                     "delta": "Δ (IntactKV − plain)"})
+    return (table, summary_cards(res), *set_plots(res, n), str(csv_path), str(json_path), msg,
+            state, comparison)
+
+
+def open_in_compare(run_state, evt: gr.SelectData):
+    """A selected table row opens its prompt in the Compare tab with the same pair."""
+    if evt is None or not run_state:
+        return gr.update(), gr.update(), gr.update(), gr.update()
+    prompts = dict((i, p) for i, p in run_state["prompts"])
+    row = getattr(evt, "row_value", None)
+    if row:  # the table's first column is prompt_index, wherever the user sorted the row to
+        text = prompts.get(int(row[0]))
+    else:
+        text = run_state["prompts"][evt.index[0]][1]
+    return (gr.Tabs(selected="compare"), text, run_state["chat"], run_state["new_tokens"])
+
+
+def build(pair: PairForm, ikv: IntactKVForm) -> SetsTab:
+    gr.Markdown("Evaluate a prompt set on the pair above. Upload `.txt` (one prompt per line), "
+                "`.jsonl` or `.csv` (header row; prompt field `prompt`, `text`, `question`, "
+                "`instruction` or `input`; optional `answer`/`answers`/`target`, `context`, "
+                "`choices`), or pick a built-in set. Select a row to open it in Compare.")
+    with gr.Row():
+        upload = gr.File(label="Prompt file", file_types=[".txt", ".jsonl", ".csv"],
+                         elem_id="set-upload")
+        with gr.Column():
+            builtin = gr.Dropdown(builtin_names(), value="general", label="Built-in set",
+                                  elem_id="set-builtin")
+            chat = gr.Checkbox(value=False, label="Chat template", elem_id="set-chat")
+            new_tokens = gr.Slider(1, 256, value=32, step=1, label="New tokens (N)",
+                                   elem_id="set-new-tokens")
+            with gr.Row():
+                run = gr.Button("Run set", variant="primary", elem_id="set-run")
+                stop = gr.Button("Stop", variant="stop", elem_id="set-stop")
+    status = gr.Markdown("", elem_id="set-status")
+    cards = gr.HTML("", elem_id="set-summary")
+    comparison = gr.Dataframe(label="With and without IntactKV (set IntactKV above)",
+                              elem_id="intactkv-comparison", interactive=False)
+    with gr.Row():
+        hist = gr.Plot(elem_id="set-hist")
+        surv = gr.Plot(elem_id="set-survival")
+        scat = gr.Plot(elem_id="set-scatter")
+    results = gr.Dataframe(label="Per prompt", elem_id="set-table", interactive=False,
+                           wrap=True, max_height=500)
+    with gr.Row():
+        csv_file = gr.File(label="Export CSV", elem_id="set-csv")
+        json_file = gr.File(label="Export JSON", elem_id="set-json")
+    run_state = gr.State(None)
+    run.click(run_set, pair.side + [upload, builtin, chat, new_tokens] + ikv.inputs + pair.calib,
+              [results, cards, hist, surv, scat, csv_file, json_file, status, run_state,
+               comparison], concurrency_id="model")
+    stop.click(STOPS.stopper("set", "Stopping after the current chunk…"), None, [status],
+               queue=False)
+    return SetsTab(results=results, run_state=run_state)

@@ -1,0 +1,221 @@
+"""Rendering: pure functions from engine results to HTML and plotly figures (data in, pictures
+out). Nothing here runs a model."""
+from __future__ import annotations
+
+import html
+import logging
+
+import plotly.express as px
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from dtm_core.errors import user_error
+from dtm_core.evaluate import EvalResult
+from dtm_core.streaming import StreamState
+from dtm_core.sweep import heatmap_frame, heatmap_metrics
+
+
+def friendly(exc: Exception) -> str:
+    """The message a handler shows for a failure; the app keeps serving either way."""
+    err = user_error(exc)
+    if err is not None:
+        return f"⚠️ {err}"
+    logging.getLogger("dtm_inspector").exception("unexpected failure")
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return f"⚠️ Unexpected {type(exc).__name__}: {first}"
+
+
+class TokenTexts:
+    """Each token's text as it appears in the decoded string (multi-byte characters included),
+    extended incrementally so that a stream decodes each prefix once."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.texts, self.prev = tokenizer, [], [], ""
+
+    def __call__(self, ids: list[int]) -> list[str]:
+        if ids[:len(self.ids)] != self.ids:
+            self.ids, self.texts, self.prev = [], [], ""
+        for k in range(len(self.ids), len(ids)):
+            cur = self.tokenizer.decode(ids[:k + 1], skip_special_tokens=False)
+            self.texts.append(cur[len(self.prev):] if cur.startswith(self.prev)
+                              else self.tokenizer.decode([ids[k]]))
+            self.prev = cur
+        self.ids = list(ids)
+        return self.texts
+
+
+def token_texts(tokenizer, ids: list[int]) -> list[str]:
+    return TokenTexts(tokenizer)(ids)
+
+
+def _top_text(tokenizer, top: list[tuple[int, float]]) -> str:
+    return ", ".join(f"{tokenizer.decode([i])!r} {p:.2f}" for i, p in top)
+
+
+def render_column(tokenizer, state: StreamState, side: str, fdt: int | None,
+                  texts: TokenTexts | None = None) -> str:
+    """A column of token spans with data-pos, divergence classes and top-5 hover text."""
+    steps = [s for s in state.steps if (s.dense_token if side == "dense" else s.comp_token)
+             is not None]
+    ids = [s.dense_token if side == "dense" else s.comp_token for s in steps]
+    texts = (texts or TokenTexts(tokenizer))(ids)
+    spans = []
+    for s, text in zip(steps, texts):
+        cls = ["tok"]
+        if fdt is not None and s.pos == fdt:
+            cls.append("first-divergent")
+        elif fdt is not None and s.pos > fdt:
+            cls.append("after-divergence")
+        if side == "dense":
+            hover = (f"pos {s.pos} | dense top-5: {_top_text(tokenizer, s.dense_top)} | "
+                     f"compressed top-5 (same prefix): {_top_text(tokenizer, s.forced_top)}")
+        else:
+            hover = (f"pos {s.pos} | compressed top-5: {_top_text(tokenizer, s.comp_top)} | "
+                     f"dense top-5 (dense prefix): {_top_text(tokenizer, s.dense_top)}")
+        spans.append(f'<span class="{" ".join(cls)}" data-pos="{s.pos}" '
+                     f'title="{html.escape(hover)}">{html.escape(text)}</span>')
+    return f'<div class="tokens">{"".join(spans)}</div>'
+
+
+def render_sdt_map(tokenizer, refs: list[int], agree: list[bool]) -> str:
+    """The dense continuation, each token marked by whether the compressed argmax agrees."""
+    spans = []
+    for pos, (text, ok) in enumerate(zip(token_texts(tokenizer, refs), agree)):
+        spans.append(f'<span class="tok {"agree" if ok else "disagree"}" data-pos="{pos}" '
+                     f'title="pos {pos}: compressed argmax {"agrees" if ok else "differs"}">'
+                     f"{html.escape(text)}</span>")
+    return f'<div class="tokens sdt-map">{"".join(spans)}</div>'
+
+
+def position_plot(state: StreamState) -> go.Figure:
+    steps = [s for s in state.steps if s.dense_token is not None]
+    pos = [s.pos for s in steps]
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    fig.add_trace(go.Bar(x=pos, y=[s.kl for s in steps], name="KL(dense || compressed)",
+                         marker_color="#c0392b", opacity=0.55), secondary_y=False)
+    fig.add_trace(go.Scatter(x=pos, y=[s.p_dense for s in steps], name="p_dense(dense token)",
+                             mode="lines+markers"), secondary_y=True)
+    fig.add_trace(go.Scatter(x=pos, y=[s.p_comp for s in steps], name="p_compressed(dense token)",
+                             mode="lines+markers"), secondary_y=True)
+    fig.update_layout(height=300, margin=dict(l=40, r=40, t=30, b=30),
+                      legend=dict(orientation="h", y=1.15), xaxis_title="position")
+    fig.update_yaxes(title_text="KL (nats)", secondary_y=False)
+    fig.update_yaxes(title_text="probability", range=[0, 1], secondary_y=True)
+    return fig
+
+
+def fdt_badge(state: StreamState, final: int | None = None) -> str:
+    if final is not None:
+        return str(final)
+    f = state.fdt
+    return str(f) if f is not None else f"≥{len(state.dense_tokens)}"
+
+
+def summary_cards(res: EvalResult) -> str:
+    s = res.summary
+    cards = [("Mean FDT", f"{s['fdt_mean']:.2f}"), ("Median FDT", f"{s['fdt_median']:.1f}"),
+             ("Mean SDT", f"{s['sdt_mean']:.1%}"), ("Mean KL", f"{s['kl_mean']:.4f}"),
+             ("Perplexity change", f"{s.get('ppl_change', float('nan')):+.1%}")]
+    if "accuracy_dense" in s:
+        cards.append(("Accuracy dense → compressed",
+                      f"{s['accuracy_dense']:.1%} → {s['accuracy_compressed']:.1%}"))
+        cards.append(("Δ accuracy (95 % CI)",
+                      f"{s['accuracy_delta']:+.1%} [{s['accuracy_delta_ci95_low']:+.1%}, "
+                      f"{s['accuracy_delta_ci95_high']:+.1%}]"))
+    body = "".join(f'<div class="card"><div class="card-label">{html.escape(k)}</div>'
+                   f'<div class="card-value">{html.escape(v)}</div></div>' for k, v in cards)
+    return f'<div class="cards">{body}</div>'
+
+
+def set_plots(res: EvalResult, n: int):
+    t = res.table
+    hist = px.histogram(t, x="fdt", nbins=min(n + 1, 50), title="FDT histogram")
+    hist.update_xaxes(range=[-0.5, n + 0.5])
+    surv = px.line(res.survival, x="position", y="surviving", markers=True,
+                   title="Survival: share of prompts with no divergence up to position t")
+    surv.update_yaxes(range=[0, 1.02])
+    scat = px.scatter(t, x="fdt", y="ppl_change", hover_data=["prompt_index", "line"],
+                      title="Per-prompt perplexity change vs FDT (what perplexity misses)",
+                      labels={"ppl_change": "PPL compressed / dense - 1"})
+    for fig in (hist, surv, scat):
+        fig.update_layout(height=300, margin=dict(l=40, r=20, t=50, b=40))
+    return hist, surv, scat
+
+
+
+def sink_figures(shares, acts) -> tuple[go.Figure, go.Figure]:
+    """Heatmaps (layer x head) of attention share on the pivots, dense next to compressed, and
+    the per-layer massive-activation ratio."""
+    models = ["dense", "compressed"]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=[f"{m}" for m in models],
+                        horizontal_spacing=0.08)
+    for c, m in enumerate(models, 1):
+        z = shares[shares.model == m].pivot(index="layer", columns="head", values="share")
+        fig.add_trace(go.Heatmap(z=z.values, x=list(z.columns), y=list(z.index), zmin=0, zmax=1,
+                                 colorscale="Viridis", showscale=c == 2,
+                                 hovertemplate=f"{m}<br>layer %{{y}}, head %{{x}}<br>"
+                                               "attention on pivots %{z:.3f}<extra></extra>"),
+                      row=1, col=c)
+    fig.update_yaxes(autorange="reversed", title_text="layer", row=1, col=1)
+    fig.update_yaxes(autorange="reversed", row=1, col=2)
+    fig.update_xaxes(title_text="head")
+    fig.update_layout(height=max(320, 14 * shares.layer.nunique() + 120),
+                      title="Share of attention that later queries put on the pivot tokens",
+                      margin=dict(l=50, r=20, t=70, b=40))
+    act = px.line(acts, x="layer", y="ratio", color="model", markers=True, log_y=True,
+                  hover_data=["pivot_max", "other_max", "median_abs"],
+                  title="Massive activations: largest |hidden| at the pivots / median |hidden| "
+                        "elsewhere")
+    act.update_layout(height=300, margin=dict(l=50, r=20, t=50, b=40))
+    return fig, act
+
+
+
+def sensitivity_heatmap(table, metric: str, suffix: str = "", diverging: bool = False
+                        ) -> go.Figure:
+    labels = heatmap_metrics()
+    z = heatmap_frame(table, metric)
+    params = heatmap_frame(table, "params")
+    good_high = metric.startswith("fdt")
+    extra = {}
+    if diverging:
+        lim = float(abs(z.values).max()) or 1.0
+        extra = dict(zmid=0, zmin=-lim, zmax=lim)
+    fig = go.Figure(go.Heatmap(
+        z=z.values, x=list(z.columns), y=list(z.index), customdata=params.values, **extra,
+        colorscale="RdYlGn" if good_high else "RdYlGn_r",
+        hovertemplate="layer %{y}, %{x}<br>" + labels.get(metric, metric) + " %{z:.4g}<br>"
+                      "params %{customdata:,}<extra></extra>"))
+    fig.update_layout(height=max(300, 18 * len(z.index) + 120), yaxis_title="layer",
+                      xaxis_title="kind", title=f"{labels.get(metric, metric)} when one component is "
+                                                f"compressed alone{suffix}",
+                      margin=dict(l=50, r=20, t=50, b=40), yaxis=dict(autorange="reversed"))
+    return fig
+
+
+def level_figure(table, method: str) -> go.Figure:
+    fig = px.line(table, x="level", y="fdt_mean", color="kind", markers=True,
+                  title=f"Mean FDT against {method} level, one line per kind (all layers)")
+    fig.update_layout(height=320)
+    return fig
+
+
+def plan_figure(plan) -> go.Figure:
+    fig = px.line(plan.curve, x="share_params", y="fdt_mean", markers=True,
+                  hover_data=["k"], title="Bisection probes: mean FDT of the combined compression")
+    fig.add_hline(y=plan.budget_fdt, line_dash="dash", annotation_text="budget")
+    fig.update_layout(height=300)
+    return fig
+
+
+def kld_figures(values) -> tuple[go.Figure, go.Figure]:
+    import numpy as np
+
+    kld = px.histogram(x=np.asarray(values.kld), nbins=60, log_y=True,
+                       title="KL divergence per scored position", labels={"x": "KLD (nats)"})
+    dp = px.histogram(x=np.exp(values.logp_comp) - np.exp(values.logp_base), nbins=60,
+                      log_y=True, title="Δp: change in the probability of the real next token",
+                      labels={"x": "Δp"})
+    for fig in (kld, dp):
+        fig.update_layout(height=300)
+    return kld, dp

@@ -1,0 +1,229 @@
+"""The Sensitivity tab: one-component-at-a-time sweeps (plain and IntactKV), the heatmap, cells
+opening in Compare as the very pair they measured, plans and level curves."""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from dtm_core.generation import encode_prompts
+from dtm_core.intactkv import IntactKV
+from dtm_core.jobs import CalibrationSetting, plan_from_sweep, sweep_variants
+from dtm_core.levels import level_curves
+from dtm_core.methods import level_methods, parse_spec
+from dtm_core.prompts import builtin_names
+from dtm_core.sweep import heatmap_metrics
+
+from . import common
+from .common import CUSTOM, EVALUATED, STOPS, PairForm
+from .render import friendly, level_figure, plan_figure, sensitivity_heatmap
+
+SWEEP_VIEWS = ["IntactKV", "plain", "IntactKV − plain"]
+
+
+@dataclass
+class SensitivityTab:
+    cells: gr.Dataframe
+    state: gr.State
+    clicked: gr.Textbox
+    cell_open: gr.Button
+
+
+def run_sweep(model, spec, upload, builtin, chat, new_tokens, layers, kinds, metric,
+              ikv_text="off", view="IntactKV", calibration=None, calibration_file=None,
+              request: gr.Request = None, progress=gr.Progress()):
+    try:
+        parse_spec(spec)
+        pset = common.load_set(upload, builtin)
+        setting = common.calibration_setting(calibration, calibration_file)
+        progress(0, desc="loading the model")
+        dense = common.CACHE.dense(model)
+        ids = encode_prompts(dense.tokenizer, pset.prompts, chat=bool(chat))
+        ikv = IntactKV.parse(ikv_text)
+        with STOPS.running("sweep", request) as stop:
+            both = sweep_variants(dense, spec, ids, int(new_tokens), intactkv=ikv,
+                                  layers=(layers or "").strip() or None,
+                                  kinds=(kinds or "").strip() or None, stop=stop,
+                                  calibration=setting, chat=bool(chat),
+                                  progress=lambda f, m: progress(f, desc=m))
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a message
+        return None, None, friendly(exc), None, None
+    res = both.main
+    if res.table.empty:
+        return None, None, "Stopped before any cell finished.", None, None
+    out = Path(tempfile.mkdtemp(prefix="dtm-sweep-")) / "sweep.csv"
+    table = both.table
+    table.to_csv(out, index=False)
+    # what a cell opened in Compare must calibrate on to be the pair the cell measured
+    source = setting.source or common.upload_path(upload) or builtin
+    state = {"table": res.table.to_dict("records"), "spec": str(parse_spec(spec)),
+             "prompts": pset.prompts, "chat": bool(chat), "new_tokens": int(new_tokens),
+             "calibration": source, "calibration_explicit": setting.source}
+    calib = ""
+    if parse_spec(spec).needs_calibration:
+        calib = f" Calibrated on {'the sweep set' if setting.source is None else source}."
+    if both.intactkv is not None:
+        msg = (f"{'Stopped' if res.stopped else 'Done'}: {len(res.table)} components with "
+               f"IntactKV {ikv.label} and without ({both.computed} computed, {both.reused} "
+               f"reused) for {spec} on {pset.name}; mean FDT over cells "
+               f"{both.plain.table.fdt_mean.mean():.2f} → {res.table.fdt_mean.mean():.2f}. "
+               "Select a row to open that single-component pair in Compare."
+               f"{common.pivot_note(dense.tokenizer, ikv, pset.prompts[0], chat, common.FIRST)}"
+               f"{calib}")
+        state.update(plain=both.plain.table.to_dict("records"), intactkv=ikv.label)
+        return sweep_view_figure(state, metric, view), table, msg, str(out), state
+    msg = (f"{'Stopped' if res.stopped else 'Done'}: {len(res.table)} components "
+           f"({res.computed} computed, {res.reused} reused from the store) for {spec} on "
+           f"{pset.name}. Select a row to open that single-component pair in Compare.{calib}")
+    return sensitivity_heatmap(res.table, metric), table, msg, str(out), state
+
+
+def sweep_view_figure(state, metric, view):
+    table = pd.DataFrame(state["table"])
+    if not state.get("plain"):
+        return sensitivity_heatmap(table, metric)
+    plain = pd.DataFrame(state["plain"])
+    if view == "plain":
+        return sensitivity_heatmap(plain, metric, " (plain)")
+    if view == "IntactKV − plain":
+        diff = table.copy()
+        merged = table.set_index("component")[metric] - plain.set_index("component")[metric]
+        diff[metric] = diff.component.map(merged)
+        return sensitivity_heatmap(diff, metric, f" : IntactKV {state['intactkv']} − plain",
+                                   diverging=True)
+    return sensitivity_heatmap(table, metric, f" (IntactKV {state['intactkv']})")
+
+
+def rerender_heatmap(state, metric, view="IntactKV"):
+    if not state:
+        return None
+    return sweep_view_figure(state, metric, view)
+
+
+def _open_cell(state, name):
+    """Compare-tab updates that open the single-component pair ``name`` of a sweep: the same
+    spec, prompt, N, chat setting and calibration prompts as the cell."""
+    calib = state.get("calibration") or EVALUATED
+    return (gr.Tabs(selected="compare"), CUSTOM, state["spec"], name, state["prompts"][0],
+            state["chat"], state["new_tokens"], gr.update(value=calib))
+
+
+def cell_to_compare(state, evt: gr.SelectData):
+    """A selected sweep row opens that single-component pair in Compare."""
+    if evt is None or not state:
+        return (gr.update(),) * 8
+    row = getattr(evt, "row_value", None)
+    comp = row[2] if row else state["table"][evt.index[0]]["component"]
+    return _open_cell(state, comp)
+
+
+def heatmap_cell_to_compare(state, name):
+    """A clicked heatmap cell ("LAYER.KIND") opens that single-component pair in Compare."""
+    names = {r["component"] for r in (state or {}).get("table", [])}
+    if not state or (name or "").strip() not in names:
+        return (gr.update(),) * 8
+    return _open_cell(state, name.strip())
+
+
+def run_plan(model, state, budget, progress=gr.Progress()):
+    if not state:
+        return "Run a sweep first.", None, None
+    try:
+        dense = common.CACHE.dense(model)
+        ids = encode_prompts(dense.tokenizer, state["prompts"], chat=state["chat"])
+        # the sweep's calibration: its explicit setting, else its own prompts
+        plan = plan_from_sweep(dense, pd.DataFrame(state["table"]), state["spec"], ids,
+                               state["new_tokens"], float(budget), chat=state["chat"],
+                               calibration=CalibrationSetting(state.get("calibration_explicit")),
+                               progress=lambda f, m: progress(f, desc=m))
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a message
+        return friendly(exc), None, None
+    path = Path(tempfile.mkdtemp(prefix="dtm-plan-")) / "plan.json"
+    plan.save(str(path))
+    msg = (f"Plan: {len(plan.components)} components ({plan.share_params:.1%} of component "
+           f"parameters) compressed with {plan.spec}; mean FDT {plan.fdt_mean:.2f} "
+           f"(budget {plan.budget_fdt:.2f}), verified with {len(plan.curve) - 1} evaluations. "
+           "Load the JSON with `--recipe` in the CLI.")
+    return msg, str(path), plan_figure(plan)
+
+
+def run_levels(model, upload, builtin, chat, new_tokens, method, levels, kinds,
+               progress=gr.Progress()):
+    try:
+        pset = common.load_set(upload, builtin)
+        dense = common.CACHE.dense(model)
+        table = level_curves(dense, method, levels, kinds, pset.prompts, int(new_tokens),
+                             chat=bool(chat), progress=lambda f, m: progress(f, desc=m))
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a message
+        return None, friendly(exc)
+    return level_figure(table, method), f"Done: {len(table)} points."
+
+
+def build(pair: PairForm, intactkv: gr.Dropdown) -> SensitivityTab:
+    model = pair.model
+    gr.Markdown("Compress each `LAYER.KIND` alone with one spec and measure the divergence on a "
+                "prompt set. Finished cells are stored on disk: a stopped sweep resumes, a "
+                "finished one reopens instantly.")
+    with gr.Row():
+        spec = gr.Textbox(value="int4:g128", label="Spec", elem_id="sens-spec")
+        builtin = gr.Dropdown(builtin_names(), value="general", label="Built-in set",
+                              elem_id="sens-builtin")
+        upload = gr.File(label="or a prompt file", file_types=[".txt", ".jsonl", ".csv"],
+                         elem_id="sens-upload")
+    with gr.Row():
+        chat = gr.Checkbox(value=False, label="Chat template", elem_id="sens-chat")
+        new_tokens = gr.Slider(1, 128, value=32, step=1, label="N", elem_id="sens-new-tokens")
+        layers = gr.Textbox(label="Layers (optional)", placeholder="0-3", elem_id="sens-layers")
+        kinds = gr.Textbox(label="Kinds (optional)", placeholder="q,k", elem_id="sens-kinds")
+        labels = heatmap_metrics()
+        metric = gr.Dropdown([(v, k) for k, v in labels.items()], value="fdt_mean",
+                             label="Heatmap metric", elem_id="sens-metric")
+        view = gr.Radio(SWEEP_VIEWS, value="IntactKV", label="With IntactKV on, show",
+                        elem_id="sens-view")
+    with gr.Row():
+        run = gr.Button("Run sweep", variant="primary", elem_id="sens-run")
+        stop = gr.Button("Stop", variant="stop", elem_id="sens-stop")
+    status = gr.Markdown("", elem_id="sens-status")
+    heat = gr.Plot(label="Click a cell to open that single-component pair in Compare",
+                   elem_id="sens-heatmap")
+    with gr.Row(elem_classes="dtm-hidden"):
+        clicked = gr.Textbox(elem_id="sens-clicked", show_label=False, container=False)
+        cell_open = gr.Button("open cell", elem_id="sens-open")
+    cells = gr.Dataframe(label="Cells (select a row to open it in Compare)", interactive=False,
+                         elem_id="sens-table", max_height=400)
+    csv_file = gr.File(label="Sweep CSV", elem_id="sens-csv")
+    state = gr.State(None)
+    run.click(run_sweep, [model, spec, upload, builtin, chat, new_tokens, layers, kinds, metric,
+                          intactkv, view] + pair.calib,
+              [heat, cells, status, csv_file, state], concurrency_id="model")
+    stop.click(STOPS.stopper("sweep", "Stopping after the current cell…"), None, [status],
+               queue=False)
+    metric.change(rerender_heatmap, [state, metric, view], [heat])
+    view.change(rerender_heatmap, [state, metric, view], [heat])
+    gr.Markdown("### Plan: the largest least-sensitive set within a budget")
+    with gr.Row():
+        budget = gr.Slider(0.1, 1.0, value=0.9, step=0.01, label="Budget: mean FDT >= budget x N",
+                           elem_id="plan-budget")
+        plan_btn = gr.Button("Make plan", elem_id="plan-run")
+    plan_status = gr.Markdown("", elem_id="plan-status")
+    with gr.Row():
+        plan_file = gr.File(label="Plan JSON (recipe)", elem_id="plan-json")
+        plan_plot = gr.Plot(elem_id="plan-curve")
+    plan_btn.click(run_plan, [model, state, budget], [plan_status, plan_file, plan_plot],
+                   concurrency_id="model")
+    gr.Markdown("### Level curves: a metric against sparsity or bit width, one line per kind")
+    with gr.Row():
+        methods = level_methods()
+        method = gr.Dropdown(methods, value=methods[0], label="Method", elem_id="lvl-method")
+        levels = gr.Textbox(value="0.1,0.3,0.5,0.7,0.9", label="Levels (sparsities or bits)",
+                            elem_id="lvl-levels")
+        lvl_kinds = gr.Textbox(value="q,down", label="Kinds", elem_id="lvl-kinds")
+        lvl_btn = gr.Button("Draw level curves", elem_id="lvl-run")
+    lvl_status = gr.Markdown("", elem_id="lvl-status")
+    lvl_plot = gr.Plot(elem_id="lvl-plot")
+    lvl_btn.click(run_levels, [model, upload, builtin, chat, new_tokens, method, levels,
+                               lvl_kinds], [lvl_plot, lvl_status], concurrency_id="model")
+    return SensitivityTab(cells=cells, state=state, clicked=clicked, cell_open=cell_open)
