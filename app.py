@@ -75,6 +75,9 @@ def build_app(default_model: str = "default") -> gr.Blocks:
                 sens = sensitivity.build(pair, ikv.pivots)
             with gr.Tab("KLD report", id="kld"):
                 kld.build(pair)
+        # the Components help follows the dense model's family
+        for event in (pair.model.submit, pair.model.blur, demo.load):
+            event(common.component_help, [pair.model], [pair.components], queue=False)
         # wiring across tabs: a selected row or a clicked heatmap cell opens in Compare
         sets.results.select(prompt_sets.open_in_compare, [sets.run_state],
                             [tabs, cmp.prompt, cmp.chat, cmp.new_tokens])

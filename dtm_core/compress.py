@@ -117,7 +117,7 @@ class Applied:
     """Handle of an applied recipe: :meth:`restore` puts the original tensors back."""
 
     def __init__(self):
-        self._saved: list[tuple[torch.nn.Module, torch.nn.Parameter]] = []
+        self._saved: list[tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
         self._hooks: list = []
         self.changed_bytes = 0
         self.changed_params = 0
@@ -125,8 +125,8 @@ class Applied:
     def restore(self) -> None:
         for h in self._hooks:
             h.remove()
-        for module, param in reversed(self._saved):
-            module.weight = param
+        for module, name, param in reversed(self._saved):
+            setattr(module, name, param)
         self._saved.clear()
         self._hooks.clear()
 
@@ -145,6 +145,16 @@ def apply_recipe(model, recipe: Recipe, calibration=None) -> Applied:
     paths), or a dict ``{module path: input norms}`` for code written before statistics were named.
     """
     pairs = recipe.components(model)  # validate before touching anything
+    for comp, spec in pairs:
+        part = comp.experts is not None or comp.rows is not None
+        if part and spec.runtime_hook() is not None:
+            raise DTMError(f"{spec} also changes the input of the whole module at {comp.path}, "
+                           f"so it cannot apply to the part {comp.name} alone; give the whole "
+                           "(fused or experts) kind instead.")
+        if comp.experts is not None and spec.needs:
+            raise DTMError(f"{spec.name} needs calibration statistics of each expert's own "
+                           f"inputs, which are not gathered for mixture-of-experts experts "
+                           f"({comp.name}); use a method without calibration there.")
     wanted = {s for _, spec in pairs for s in spec.needs}
     stats: dict[str, dict[str, torch.Tensor]] = {}
     if wanted:
@@ -156,25 +166,31 @@ def apply_recipe(model, recipe: Recipe, calibration=None) -> Applied:
         else:
             stats = calibration.many(sorted(wanted), [c.path for c, sp in pairs if sp.needs])
     applied = Applied()
+    fresh: dict[tuple[int, str], torch.Tensor] = {}   # (module, param) -> this recipe's copy
     try:
         for comp, spec in pairs:
             if not spec.changes_weights:
                 continue
-            module = comp.module
-            orig = module.weight
-            w = orig.detach().float()
-            if comp.transposed:
-                w = w.t().contiguous()
-            new = spec.apply(w, stats.get(comp.path, {}), comp.name)
-            if comp.transposed:
-                new = new.t()
-            module.weight = torch.nn.Parameter(new.to(orig.dtype).contiguous(), requires_grad=False)
-            applied._saved.append((module, orig))
-            applied.changed_bytes += orig.numel() * orig.element_size()
-            applied.changed_params += orig.numel()
+            key = (id(comp.module), comp.param)
+            if key not in fresh:   # one copy per parameter, however many of its parts change
+                orig = getattr(comp.module, comp.param)
+                fresh[key] = orig.detach().clone(memory_format=torch.contiguous_format)
+                applied._saved.append((comp.module, comp.param, orig))
+                applied.changed_bytes += orig.numel() * orig.element_size()
+                applied.changed_params += orig.numel()
+                setattr(comp.module, comp.param,
+                        torch.nn.Parameter(fresh[key], requires_grad=False))
+            full = fresh[key]
+            for m in comp.matrices(full):   # each (out, in) matrix is compressed on its own
+                w = (m[comp.rows] if comp.rows is not None else m).float()
+                new = spec.apply(w.contiguous(), stats.get(comp.path, {}), comp.name)
+                if comp.rows is not None:
+                    m[comp.rows] = new.to(full.dtype)
+                else:
+                    m.copy_(new)
             hook = spec.runtime_hook()
             if hook is not None:
-                applied._hooks.append(module.register_forward_pre_hook(hook))
+                applied._hooks.append(comp.module.register_forward_pre_hook(hook))
     except BaseException:
         applied.restore()
         raise

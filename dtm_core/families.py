@@ -27,26 +27,65 @@ def get_path(obj, path: str):
 
 
 @dataclass(frozen=True)
+class Kind:
+    """Where one kind's weights are inside a decoder layer.
+
+    ``path`` names the module and ``param`` its parameter (2-D ``(out, in)``, Conv1D ``(in, out)``,
+    or 3-D ``(experts, out, in)`` with ``experts``); ``rows(config)`` picks the output rows of a
+    fused weight that belong to this kind (q inside qkv, gate inside gate_up).
+    """
+
+    path: str
+    param: str = "weight"
+    rows: Callable[[object], torch.Tensor] | None = None
+    experts: bool = False
+
+
+def _kind(k: "str | Kind") -> Kind:
+    return k if isinstance(k, Kind) else Kind(k)
+
+
+@dataclass(frozen=True)
 class Family:
     name: str
     layers: str                         # attribute path of the decoder layer list
-    kinds: dict[str, str]               # kind -> attribute path inside one layer
+    kinds: dict                         # kind -> module path (str) or Kind, inside one layer
     transposed: bool = False            # Conv1D keeps weights as (in, out)
     tail: tuple[str, ...] = ()          # modules between the last layer and the LM head
     attention: str = "self_attn"        # the self-attention submodule of a layer
     gguf: dict[str, str] = field(default_factory=dict)   # kind -> GGUF tensor name (blk.N.*)
     examples: str = ""                  # architectures users know the family by
+    model_types: tuple[str, ...] = ()   # config.model_type values of this family
+    # slices of fused weights that can be addressed too, but are not part of "*"
+    slices: dict = field(default_factory=dict)
     # logits = postprocess(model, head(hidden)); None: the head's output is the logits
     postprocess: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None
     # which layers attend through a sliding window (config -> set of layer indices)
     sliding_layers: Callable[[object], set[int]] | None = None
 
+    def kind(self, name: str) -> Kind:
+        return _kind(self.kinds[name] if name in self.kinds else self.slices[name])
+
     def matches(self, model) -> bool:
+        mt = getattr(getattr(model, "config", None), "model_type", None)
+        if self.model_types and mt not in self.model_types:
+            return False
         try:
-            first = get_path(model, self.layers)[0]
-            return all(hasattr(get_path(first, p), "weight") for p in self.kinds.values())
+            layers = get_path(model, self.layers)
+            return any(self._present(layers[0], k) for k in self.kinds)
         except (AttributeError, IndexError, TypeError):
             return False
+
+    def _present(self, layer, kind: str) -> bool:
+        k = self.kind(kind)
+        try:
+            return isinstance(getattr(get_path(layer, k.path), k.param), torch.Tensor)
+        except AttributeError:
+            return False
+
+    def kinds_in(self, layer) -> list[str]:
+        """The primary kinds this layer has (MoE models mix dense and sparse MLP layers)."""
+        return [k for k in self.kinds if self._present(layer, k)]
 
     def decoder_layers(self, model) -> list:
         return list(get_path(model, self.layers))
@@ -95,28 +134,161 @@ def register_family(fam: Family) -> Family:
     return fam
 
 
+# ---- helpers the adapters share ------------------------------------------------------------
+
+def softcap_logits(model, logits: torch.Tensor) -> torch.Tensor:
+    """Gemma's final logit soft-capping: cap * tanh(logits / cap) (none when the config has no
+    cap), exactly as the model's own forward computes it."""
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap is None:
+        return logits
+    return torch.tanh(logits / cap) * cap
+
+
+def layer_types_sliding(config) -> set[int]:
+    """Layers whose ``layer_types`` entry is sliding attention; all layers when the config has a
+    window but no per-layer types (Mistral)."""
+    types = getattr(config, "layer_types", None)
+    if types:
+        return {i for i, t in enumerate(types) if t == "sliding_attention"}
+    if getattr(config, "sliding_window", None):
+        return set(range(config.num_hidden_layers))
+    return set()
+
+
+def _head_dim(c) -> int:
+    return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+
+
+def _qkv_rows(part: int):
+    """Rows of q (0), k (1) or v (2) in a contiguous [q; k; v] projection (Phi-3, GPT-2)."""
+    def rows(c):
+        hd = _head_dim(c)
+        nq = c.num_attention_heads * hd
+        nkv = (getattr(c, "num_key_value_heads", None) or c.num_attention_heads) * hd
+        start, size = [(0, nq), (nq, nkv), (nq + nkv, nkv)][part]
+        return torch.arange(start, start + size)
+    return rows
+
+
+def _neox_rows(part: int):
+    """Rows of q, k or v in GPT-NeoX's per-head interleaved [q_h; k_h; v_h] projection."""
+    def rows(c):
+        hd = c.hidden_size // c.num_attention_heads
+        return torch.cat([torch.arange(h * 3 * hd + part * hd, h * 3 * hd + (part + 1) * hd)
+                          for h in range(c.num_attention_heads)])
+    return rows
+
+
+def _half_rows(part: int, size_attr: str = "intermediate_size"):
+    """First (gate) or second (up) half of a fused [gate; up] projection."""
+    def rows(c):
+        n = getattr(c, size_attr)
+        return torch.arange(part * n, (part + 1) * n)
+    return rows
+
+
+def _moe_rows(part: int):
+    def rows(c):
+        n = getattr(c, "moe_intermediate_size", None) or c.intermediate_size
+        return torch.arange(part * n, (part + 1) * n)
+    return rows
+
+
+_LLAMA_KINDS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+                "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
+                "down": "mlp.down_proj"}
 _LLAMA_GGUF = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output",
                "gate": "ffn_gate", "up": "ffn_up", "down": "ffn_down"}
+_ATTN = {k: _LLAMA_KINDS[k] for k in ("q", "k", "v", "o")}
+_MOE = {"router": "mlp.gate",
+        "experts.gate": Kind("mlp.experts", "gate_up_proj", _moe_rows(0), experts=True),
+        "experts.up": Kind("mlp.experts", "gate_up_proj", _moe_rows(1), experts=True),
+        "experts.down": Kind("mlp.experts", "down_proj", experts=True)}
+_MOE_GGUF = {**{k: _LLAMA_GGUF[k] for k in ("q", "k", "v", "o")}, "router": "ffn_gate_inp",
+             "experts.gate": "ffn_gate_exps", "experts.up": "ffn_up_exps",
+             "experts.down": "ffn_down_exps"}
 
+for _name, _types, _examples in (("llama", ("llama",), "Llama, Llama-3, SmolLM"),
+                                 ("mistral", ("mistral",), "Mistral"),
+                                 ("qwen2", ("qwen2",), "Qwen2, Qwen2.5"),
+                                 ("qwen3", ("qwen3",), "Qwen3")):
+    register_family(Family(_name, "model.layers", dict(_LLAMA_KINDS), tail=("model.norm",),
+                           gguf=_LLAMA_GGUF, examples=_examples, model_types=_types,
+                           sliding_layers=layer_types_sliding))
+for _name, _types, _examples in (("gemma2", ("gemma2",), "Gemma-2"),
+                                 ("gemma3", ("gemma3_text",), "Gemma-3 (text)")):
+    register_family(Family(_name, "model.layers", dict(_LLAMA_KINDS), tail=("model.norm",),
+                           gguf=_LLAMA_GGUF, examples=_examples, model_types=_types,
+                           postprocess=softcap_logits, sliding_layers=layer_types_sliding))
 register_family(Family(
-    "llama", "model.layers", {
-        "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
-        "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
-        "down": "mlp.down_proj"}, tail=("model.norm",), gguf=_LLAMA_GGUF,
-    examples="Llama, SmolLM"))
+    "phi3", "model.layers", {"qkv": "self_attn.qkv_proj", "o": "self_attn.o_proj",
+                             "gate_up": "mlp.gate_up_proj", "down": "mlp.down_proj"},
+    tail=("model.norm",), model_types=("phi3",), examples="Phi-3",
+    slices={"q": Kind("self_attn.qkv_proj", rows=_qkv_rows(0)),
+            "k": Kind("self_attn.qkv_proj", rows=_qkv_rows(1)),
+            "v": Kind("self_attn.qkv_proj", rows=_qkv_rows(2)),
+            "gate": Kind("mlp.gate_up_proj", rows=_half_rows(0)),
+            "up": Kind("mlp.gate_up_proj", rows=_half_rows(1))},
+    gguf={"qkv": "attn_qkv", "o": "attn_output", "gate_up": "ffn_up", "down": "ffn_down"},
+    sliding_layers=layer_types_sliding))
+register_family(Family(
+    "gpt_neox", "gpt_neox.layers", {"qkv": "attention.query_key_value", "o": "attention.dense",
+                                    "up": "mlp.dense_h_to_4h", "down": "mlp.dense_4h_to_h"},
+    tail=("gpt_neox.final_layer_norm",), attention="attention", model_types=("gpt_neox",),
+    examples="GPT-NeoX, Pythia",
+    slices={"q": Kind("attention.query_key_value", rows=_neox_rows(0)),
+            "k": Kind("attention.query_key_value", rows=_neox_rows(1)),
+            "v": Kind("attention.query_key_value", rows=_neox_rows(2))},
+    gguf={"qkv": "attn_qkv", "o": "attn_output", "up": "ffn_up", "down": "ffn_down"}))
 register_family(Family(
     "gpt2", "transformer.h", {
         "qkv": "attn.c_attn", "o": "attn.c_proj", "up": "mlp.c_fc", "down": "mlp.c_proj"},
-    transposed=True, tail=("transformer.ln_f",), attention="attn",
+    transposed=True, tail=("transformer.ln_f",), attention="attn", model_types=("gpt2",),
+    slices={"q": Kind("attn.c_attn", rows=_qkv_rows(0)), "k": Kind("attn.c_attn", rows=_qkv_rows(1)),
+            "v": Kind("attn.c_attn", rows=_qkv_rows(2))},
     gguf={"qkv": "attn_qkv", "o": "attn_output", "up": "ffn_up", "down": "ffn_down"},
     examples="GPT-2"))
 register_family(Family(
     "opt", "model.decoder.layers", {
         "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
         "o": "self_attn.out_proj", "up": "fc1", "down": "fc2"},
-    tail=("model.decoder.final_layer_norm", "model.decoder.project_out"),
+    tail=("model.decoder.final_layer_norm", "model.decoder.project_out"), model_types=("opt",),
     gguf={"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output", "up": "ffn_up",
           "down": "ffn_down"}, examples="OPT"))
+register_family(Family(
+    "mixtral", "model.layers", {**_ATTN, **_MOE}, tail=("model.norm",), model_types=("mixtral",),
+    gguf=_MOE_GGUF, examples="Mixtral", sliding_layers=layer_types_sliding))
+register_family(Family(
+    "qwen3_moe", "model.layers", {**_LLAMA_KINDS, **_MOE}, tail=("model.norm",),
+    model_types=("qwen3_moe",), gguf={**_LLAMA_GGUF, **_MOE_GGUF}, examples="Qwen3-MoE",
+    sliding_layers=layer_types_sliding))
+register_family(Family(
+    "qwen2_moe", "model.layers", {**_LLAMA_KINDS, **_MOE,
+                                  "shared.gate": "mlp.shared_expert.gate_proj",
+                                  "shared.up": "mlp.shared_expert.up_proj",
+                                  "shared.down": "mlp.shared_expert.down_proj",
+                                  "shared.router": "mlp.shared_expert_gate"},
+    tail=("model.norm",), model_types=("qwen2_moe",), gguf={**_LLAMA_GGUF, **_MOE_GGUF},
+    examples="Qwen2-MoE", sliding_layers=layer_types_sliding))
+
+
+def family_for_type(model_type: str | None) -> Family | None:
+    """The family registered for a ``config.model_type`` (None when there is none)."""
+    return next((f for f in FAMILIES if model_type in f.model_types), None)
+
+
+def kinds_help(fam: Family | None) -> str:
+    """The component help line for a family (the app shows it under the Components box)."""
+    if fam is None:
+        return "LAYERS.KIND, e.g. *.q,*.k,0-3.down"
+    text = f"LAYERS.KIND; {fam.name} kinds: {', '.join(fam.kinds)}"
+    if fam.slices:
+        text += f"; slices: {', '.join(fam.slices)}"
+    moe = [k.split('.', 1)[1] for k in fam.kinds if _kind(fam.kinds[k]).experts]
+    if moe:
+        text += f"; one expert: eN.{moe[-1]}, each expert: e*.{moe[-1]}"
+    return text
 
 
 def family_of(model) -> Family:
@@ -125,7 +297,8 @@ def family_of(model) -> Family:
         if fam.matches(model):
             return fam
     arch = type(model).__name__
+    mt = getattr(getattr(model, "config", None), "model_type", "?")
     names = ", ".join(f"{f.name} ({f.examples})" if f.examples else f.name for f in FAMILIES)
-    raise DTMError(f"Architecture {arch} is not supported: components are named for the families "
-                   f"{names}; a new family is one adapter entry in dtm_core/families.py "
-                   "(see docs/architecture.md).")
+    raise DTMError(f"Architecture {arch} (model_type '{mt}') is not supported: the supported "
+                   f"families are {names}; a new family is one adapter entry (see 'How to add a "
+                   "family' in docs/architecture.md).")

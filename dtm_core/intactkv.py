@@ -11,6 +11,13 @@ padding. Outputs *at* pivot positions belong to the dense model (it computed tho
 K equal to the whole prompt, the first continuation token is the dense model's prediction and the
 compressed model decodes from the dense prompt cache ("dense prefill, compressed decode").
 
+Sliding-window layers (Mistral, Qwen2, Gemma-2/3, ...): IntactKV means that the compressed model
+continues from the dense model's cache of the pivot tokens. A sliding layer attends to the dense
+pivot K/V while they lie inside its window and, exactly like the model itself, not once the window
+has moved past them; full-attention layers always do. The dense pivot K/V are taken from the dense
+pass as computed (:class:`RecordingCache`), never from a sliding layer's cache storage, which has
+dropped the first tokens by the end of a long prompt.
+
 Variants: ``IntactKV(k=K)`` keeps the first K tokens of every input ([BOS] when the tokenizer adds
 one, IntactKV[B] for K=1), ``IntactKV(prefix=True)`` keeps the chat template's system prefix
 (IntactKV[P]). :func:`calibrate` trains the pivot KV (all weights frozen) to minimise the MSE between
@@ -205,9 +212,25 @@ class PivotCache(DynamicCache):
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
 
-def cache_kv(cache, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-    layer = cache.layers[layer_idx]
-    return layer.keys, layer.values
+class RecordingCache(DynamicCache):
+    """A DynamicCache that keeps each layer's keys and values of the first ``width`` columns as
+    its first update computed them. A sliding-window layer's cache drops the first tokens once
+    the prompt is longer than its window, so the dense pivot K/V are read here, never from the
+    cache's storage."""
+
+    def __init__(self, config, width: int):
+        super().__init__(config=config)
+        self.width = width
+        self.first: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if layer_idx not in self.first:
+            self.first[layer_idx] = (key_states[:, :, :self.width].clone(),
+                                     value_states[:, :, :self.width].clone())
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def pivots(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [self.first[i] for i in sorted(self.first)]
 
 
 def right_pad_mask(ks: Sequence[int], width: int) -> torch.Tensor:
@@ -220,14 +243,13 @@ def pivot_source(ikv: IntactKV, dense_cache, starts: Sequence[int], width: int,
     """The K/V a :class:`PivotCache` puts at the pivot columns, over the first ``width`` columns.
 
     Calibrated: the trained K/V placed at columns starts[i].. of row i (built per layer when
-    asked). Otherwise the dense model's, from ``dense_cache`` of the same batch layout: copied out
-    per layer now, so the rest of that cache can be freed.
+    asked). Otherwise the dense model's, from the :class:`RecordingCache` of a dense pass of the
+    same batch layout (its first ``width`` columns, kept apart from the cache's storage, so the
+    rest of that cache can be freed).
     """
     cal = ikv.calibrated
     if cal is None:
-        kv = [tuple(t[:, :, :width].clone() for t in cache_kv(dense_cache, li))
-              for li in range(len(dense_cache.layers))]
-        return kv.__getitem__
+        return dense_cache.pivots().__getitem__
     kk = len(cal.ids)
 
     def source(layer_idx):
@@ -252,10 +274,10 @@ def teacher_forced_pair(dense_model, comp_model, seqs: Sequence[Sequence[int]], 
     columns < K_i of row i, and its logits there are replaced by the dense model's.
     """
     t0 = max(ks)
-    d_out = teacher_forced(dense_model, seqs, pad_id, use_cache=True)
+    rec = RecordingCache(dense_model.config, t0)
+    d_out = teacher_forced(dense_model, seqs, pad_id, use_cache=True, past_key_values=rec)
     d_logits = d_out.logits
-    source = pivot_source(ikv, d_out.past_key_values, [0] * len(seqs), t0,
-                          model_device(comp_model))
+    source = pivot_source(ikv, rec, [0] * len(seqs), t0, model_device(comp_model))
     del d_out
     cache = PivotCache(comp_model.config, right_pad_mask(ks, t0), source)
     c_logits = teacher_forced(comp_model, seqs, pad_id, past_key_values=cache,
@@ -279,10 +301,12 @@ def intact_prefill(decoder, dense_model, ks: Sequence[int], ikv: IntactKV) -> to
     st = torch.tensor(starts, device=ids.device)[:, None]
     kt = torch.tensor(list(ks), device=ids.device)[:, None]
     mask = (col >= st) & (col < st + kt)
+    rec = RecordingCache(dense_model.config, width)
     d_out = dense_model(input_ids=ids.to(model_device(dense_model)),
                         attention_mask=amask.to(model_device(dense_model)),
-                        position_ids=pos.to(model_device(dense_model)), use_cache=True)
-    source = pivot_source(ikv, d_out.past_key_values, starts, width, ids.device)
+                        position_ids=pos.to(model_device(dense_model)), use_cache=True,
+                        past_key_values=rec)
+    source = pivot_source(ikv, rec, starts, width, ids.device)
     decoder.cache = PivotCache(decoder.model.config, mask, source)
     logits = decoder.forward(ids, pos)
     whole = torch.tensor([k >= n for k, n in zip(ks, lens)], device=logits.device)
@@ -354,10 +378,10 @@ def calibrate(pair, prompt_ids: Sequence[Sequence[int]], ikv: IntactKV, *, steps
     dev = model_device(comp)
     pad = pad_id_of(pair.tokenizer)
     with torch.no_grad():
-        d_cache = dense(input_ids=torch.tensor([pivot], device=model_device(dense)),
-                        use_cache=True).past_key_values
-        init = [t[0].float().to(dev) for li in range(len(d_cache.layers))
-                for t in cache_kv(d_cache, li)]   # k0, v0, k1, v1, ...
+        rec = RecordingCache(dense.config, k)
+        dense(input_ids=torch.tensor([pivot], device=model_device(dense)), use_cache=True,
+              past_key_values=rec)
+        init = [t[0].float().to(dev) for kv in rec.pivots() for t in kv]   # k0, v0, k1, v1, ...
     batches = [prompt_ids[s:s + batch_size] for s in range(0, len(prompt_ids), batch_size)]
     targets = []   # per batch: token ids, non-pivot real positions, dense layer outputs
     with torch.no_grad():

@@ -7,6 +7,7 @@ mid-write never leaves a cache that a later load would trust.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -127,6 +128,28 @@ def _classify(source: str) -> tuple[str, Path | None]:
     if source.startswith(("/", ".", "~")) or "\\" in source or not _HUB_ID.match(source):
         raise DTMError(f"'{source}' is neither an existing path nor a valid hub id (owner/name).")
     return "hub", None
+
+
+@functools.lru_cache(maxsize=32)
+def model_type_of(source: str) -> str | None:
+    """The ``model_type`` a source's config names, read without loading weights (None when it
+    cannot be told cheaply, e.g. a hub id not in the local cache)."""
+    try:
+        kind, path = _classify(source)
+    except DTMError:
+        return None
+    try:
+        if kind in ("default", "gguf"):
+            from gguf import GGUFReader
+            field = GGUFReader(str(path)).fields.get("general.architecture")
+            arch = bytes(field.parts[field.data[0]]).decode() if field is not None else None
+            return {"gemma3": "gemma3_text"}.get(arch, arch)
+        if kind == "folder":
+            return json.loads((path / "config.json").read_text()).get("model_type")
+        from transformers import AutoConfig
+        return AutoConfig.from_pretrained(source, local_files_only=True).model_type
+    except Exception:  # noqa: BLE001 - only a help text depends on it
+        return None
 
 
 def validate_source(source: str) -> str:

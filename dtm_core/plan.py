@@ -94,8 +94,9 @@ def make_plan(dense: LoadedModel, sweep_table: pd.DataFrame, spec: str, prompt_i
         calibration = calibration_for(dense.model, prompt_ids)
     order = sweep_table.sort_values(["fdt_mean", "kl_mean"], ascending=[False, True])
     names = list(order.component)
-    params = {c.name: c.params for c in all_components(dense.model)}
-    total = sum(params.values())
+    # shares of all compressible parameters; a table of slices or experts brings its own counts
+    params = dict(zip(sweep_table.component, sweep_table.params))
+    total = sum(c.params for c in all_components(dense.model))
     target = budget * new_tokens
     probes: dict[int, float] = {0: float(new_tokens)}
 

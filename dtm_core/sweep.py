@@ -27,13 +27,14 @@ import torch
 from . import METRIC_VERSION, hooks
 from .calibration import Calibration, calibration_from
 from .compress import Recipe, apply_recipe, parse_spec
-from .components import all_components, decoder_layers, tail_modules
+from .components import decoder_layers, tail_modules
 from .divergence import reference_continuations
 from .errors import DTMError
 from .families import family_of
 from .generation import (check_lengths, model_device, pad_id_of, plan_batches, teacher_forced,
                          vocab_size)
-from .intactkv import IntactKV, PivotCache, calibration_fingerprint, pivot_source, right_pad_mask
+from .intactkv import (IntactKV, PivotCache, RecordingCache, calibration_fingerprint,
+                       pivot_source, right_pad_mask)
 from .metrics import (METRICS, TokenMetrics, aggregate, aggregates, concat, needs_distributions,
                       primitives, run_metrics, slice_tokens)
 from .models import LoadedModel, cache_root
@@ -118,11 +119,13 @@ def prepare(dense: LoadedModel, prompt_ids: Sequence[Sequence[int]], new_tokens:
             t0 = max(kb)
             mask = right_pad_mask(kb, t0)
             if ikv.calibrated is None:   # dense weights with dense pivots: the dense pass itself
+                kv = RecordingCache(dense.model.config, t0)
                 with _recording(layers, rec):
-                    out = teacher_forced(dense.model, seqs, pad, use_cache=True)
+                    out = teacher_forced(dense.model, seqs, pad, use_cache=True,
+                                         past_key_values=kv)
                 logits = out.logits
-                source = pivot_source(ikv, out.past_key_values, [0] * len(idx), t0, None)
-                del out
+                source = pivot_source(ikv, kv, [0] * len(idx), t0, None)
+                del out, kv
             else:
                 # calibrated pivots change every layer's input, also before a cell's component:
                 # record the dense weights' layer inputs under them; the metrics' reference stays
@@ -337,22 +340,14 @@ class SweepResult:
 
 
 def select_components(model, layers: str | None = None, kinds: str | None = None) -> list:
-    """The components of a sweep: all, or those in a layer range and a list of kinds."""
-    comps = all_components(model)
-    fam = family_of(model)
-    if kinds:
-        wanted = [k.strip() for k in kinds.split(",") if k.strip()]
-        bad = [k for k in wanted if k not in fam.kinds]
-        if bad:
-            raise DTMError(f"Unknown kind(s) {', '.join(bad)}: valid kinds are "
-                           f"{', '.join(fam.kinds)}.")
-        comps = [c for c in comps if c.kind in wanted]
-    if layers:
-        from .components import parse_selection
-        names = set(parse_selection(",".join(f"{part.strip()}.*" for part in layers.split(",")),
-                                    model))
-        comps = [c for c in comps if c.name in names]
-    return comps
+    """The components of a sweep: all, or those in layer ranges and a list of kinds (any kind a
+    selection takes: fused slices such as ``q`` on Phi-3, one expert ``e0.down`` or every expert
+    of a kind one by one, ``e*.down``)."""
+    from .components import resolve
+
+    spans = [p.strip() for p in (layers or "*").split(",") if p.strip()] or ["*"]
+    wanted = [k.strip() for k in (kinds or "*").split(",") if k.strip()] or ["*"]
+    return resolve(model, ",".join(f"{sp}.{k}" for sp in spans for k in wanted))
 
 
 def sweep(dense: LoadedModel, spec: str, prompt_ids: Sequence[Sequence[int]], new_tokens: int,
@@ -397,7 +392,6 @@ def sweep(dense: LoadedModel, spec: str, prompt_ids: Sequence[Sequence[int]], ne
     if todo:
         ctx = ctx or prepare(dense, prompt_ids, new_tokens, batch_size, intactkv=ikv)
         work = shared_copy(dense.model)   # compressed in place, one cell at a time
-        work_comps = {c.name: c for c in all_components(work)}
         if calib is not None:   # every cell's statistics in one pass over the calibration set
             calib.many(sp.needs, [c.path for c in todo])
         for n, comp in enumerate(todo):
@@ -408,7 +402,7 @@ def sweep(dense: LoadedModel, spec: str, prompt_ids: Sequence[Sequence[int]], ne
             with apply_recipe(work, Recipe.single(sp, comp.name), calib):
                 summary = summarize_cell(cell_table(work, ctx, comp.layer))
             row = {"layer": comp.layer, "kind": comp.kind, "component": comp.name,
-                   "params": work_comps[comp.name].params, **summary,
+                   "params": comp.params, **summary,
                    "seconds": time.perf_counter() - t0}
             store.put(comp.name, row)
             computed += 1

@@ -62,6 +62,15 @@ class IntactKVForm:
         return [self.pivots, self.calibrated, self.steps]
 
 
+def component_help(source):
+    """The Components box's help line for the dense model's family (from its config only)."""
+    from dtm_core.families import family_for_type, kinds_help
+    from dtm_core.models import model_type_of
+
+    return gr.update(info=kinds_help(family_for_type(model_type_of((source or "default")
+                                                                    .strip()))))
+
+
 def upload_path(upload) -> str | None:
     if upload is None:
         return None
