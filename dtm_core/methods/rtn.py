@@ -16,21 +16,34 @@ from .base import Method
 from .registry import bad_spec
 
 
-def _quant_rows(x: torch.Tensor, bits: int, asym: bool) -> torch.Tensor:
-    """Round-to-nearest fake quantization of each row of x (rows are channels or groups)."""
+def grid_params(x: torch.Tensor, bits: int, asym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero point) of the grid of each row of x (rows are channels or groups); zero is 0
+    on the symmetric grid."""
     if asym:
         qmax = 2 ** bits - 1
         lo = x.amin(dim=-1, keepdim=True).clamp(max=0)
         hi = x.amax(dim=-1, keepdim=True).clamp(min=0)
         scale = (hi - lo) / qmax
         scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-        zero = torch.round(-lo / scale)
-        q = torch.clamp(torch.round(x / scale) + zero, 0, qmax)
+        return scale, torch.round(-lo / scale)
+    scale = x.abs().amax(dim=-1, keepdim=True) / (2 ** (bits - 1) - 1)
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return scale, torch.zeros_like(scale)
+
+
+def on_grid(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+            asym: bool) -> torch.Tensor:
+    """x rounded to the nearest point of the grid (scale, zero)."""
+    if asym:
+        q = torch.clamp(torch.round(x / scale) + zero, 0, 2 ** bits - 1)
         return (q - zero) * scale
     qmax = 2 ** (bits - 1) - 1
-    scale = x.abs().amax(dim=-1, keepdim=True) / qmax
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     return torch.clamp(torch.round(x / scale), -qmax - 1, qmax) * scale
+
+
+def _quant_rows(x: torch.Tensor, bits: int, asym: bool) -> torch.Tensor:
+    """Round-to-nearest fake quantization of each row of x (rows are channels or groups)."""
+    return on_grid(x, *grid_params(x, bits, asym), bits, asym)
 
 
 def quantize_weight(w: torch.Tensor, bits: int, group: int | None = None,
