@@ -29,8 +29,8 @@ from .errors import DTMError
 
 @dataclass(frozen=True)
 class Statistic:
-    """``init(x_width, device)`` -> state; ``add(state, x (n, width) float32 rows of real tokens)``
-    -> state; ``finish(state, n_rows)`` -> the tensor a method gets."""
+    """``add(state or None, x)`` -> state, with x the (real tokens, width) float32 inputs of one
+    batch; ``finish(state, n_tokens)`` -> the tensor a method gets."""
 
     name: str
     description: str
@@ -107,7 +107,7 @@ class Calibration:
 
     @torch.no_grad()
     def _gather(self, wanted: list[tuple[str, str]]) -> None:
-        from .generation import model_device
+        from .generation import model_device, right_padded
 
         model = self._model()
         if model is None:
@@ -129,12 +129,9 @@ class Calibration:
         with hooks.attached(mods, observe, pre=True):
             for start in range(0, len(self.seqs), self.batch_size):
                 chunk = self.seqs[start:start + self.batch_size]
-                width = max(len(s) for s in chunk)
-                ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
-                mask = torch.zeros((len(chunk), width), dtype=torch.bool)
-                for j, s in enumerate(chunk):
-                    ids[j, :len(s)] = torch.tensor(s)
-                    mask[j, :len(s)] = True
+                ids = right_padded(chunk, self.pad_id)
+                mask = torch.arange(ids.shape[1])[None, :] < torch.tensor(
+                    [len(s) for s in chunk])[:, None]
                 live[:] = [mask]
                 rows[0] += int(mask.sum())
                 model(input_ids=ids.to(dev), use_cache=False)
