@@ -50,14 +50,22 @@ def pair_row(default_model: str) -> tuple[common.PairForm, common.IntactKVForm]:
                                 elem_id="calib-steps")
         calibration = gr.Dropdown(common.calibration_choices(), value=common.EVALUATED,
                                   allow_custom_value=True, label="Calibration prompts",
-                                  info="for methods that need statistics (wanda) and calibrated "
-                                       "IntactKV: the prompts being evaluated, or a set",
+                                  info="for methods that need statistics (wanda, gptq, "
+                                       "sparsegpt, awq) and calibrated IntactKV: the prompts "
+                                       "being evaluated, or a set",
                                   elem_id="calibration")
         calibration_file = gr.File(label="or a calibration file", height=120,
                                    file_types=[".txt", ".jsonl", ".csv"],
                                    elem_id="calibration-file")
+        with gr.Column(min_width=140, scale=0):
+            calib_ctx = gr.Number(value=0, precision=0, minimum=0, label="Chunk (tokens)",
+                                  info="cut the calibration text into chunks; 0: per prompt",
+                                  elem_id="calib-ctx")
+            calib_samples = gr.Number(value=0, precision=0, minimum=0, label="Samples",
+                                      info="first M sequences; 0: all",
+                                      elem_id="calib-samples")
     return (common.PairForm(model, preset, spec, components, checkpoint, calibration,
-                            calibration_file),
+                            calibration_file, calib_ctx, calib_samples),
             common.IntactKVForm(intactkv, ikv_cal, calib_steps))
 
 

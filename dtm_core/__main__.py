@@ -42,9 +42,21 @@ def _spec_help() -> str:
 
 def _calibration_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration", metavar="FILE",
-                   help="prompts (a file or a built-in set) for the statistics a method needs "
-                        "(wanda's activation norms) and for calibrated IntactKV; default: the "
-                        "evaluated prompts")
+                   help="prompts (a prompt file, a plain text or a built-in set) for the "
+                        "statistics a method needs (wanda, gptq, sparsegpt, awq) and for "
+                        "calibrated IntactKV; default: the evaluated prompts")
+    p.add_argument("--calib-ctx", type=int, metavar="T",
+                   help="cut the calibration text into chunks of T tokens (default: one "
+                        "sequence per prompt)")
+    p.add_argument("--calib-samples", type=int, metavar="M",
+                   help="use the first M calibration sequences (prompts or chunks); default all")
+
+
+def _calibration(args):
+    from .jobs import CalibrationSetting
+    return CalibrationSetting.of(getattr(args, "calibration", None),
+                                 getattr(args, "calib_ctx", None),
+                                 getattr(args, "calib_samples", None))
 
 
 def _intactkv_args(p: argparse.ArgumentParser) -> None:
@@ -143,7 +155,7 @@ def _builtins() -> list[str]:
 def _pair_request(args):
     """The pair the arguments describe, checked before any model loads."""
     from .compress import Recipe
-    from .jobs import CalibrationSetting, PairRequest
+    from .jobs import PairRequest
 
     if args.compress is None and not args.recipe and not args.compressed_model:
         raise DTMError("Give the compressed side: --compress SPEC, --recipe FILE or "
@@ -151,7 +163,7 @@ def _pair_request(args):
     req = PairRequest(model=args.model, compress=args.compress, components=args.components,
                       recipe=Recipe.load(args.recipe) if args.recipe else None,
                       compressed_model=args.compressed_model,
-                      calibration=CalibrationSetting.of(args.calibration),
+                      calibration=_calibration(args),
                       chat=getattr(args, "chat", False))
     req.validate()
     return req
@@ -225,7 +237,7 @@ def _print_comparison(header: str, plain: dict, intact: dict) -> None:
 
 def _intactkv(args, pair, prompts: list[str]):
     """The IntactKV setting of a command (None when off), calibrated when asked."""
-    from .jobs import CalibrationSetting, IntactKVSetting, resolve_intactkv
+    from .jobs import IntactKVSetting, resolve_intactkv
 
     setting = IntactKVSetting(pivots=getattr(args, "intactkv", None),
                               calibrated=getattr(args, "intactkv_calibrated", False),
@@ -234,7 +246,7 @@ def _intactkv(args, pair, prompts: list[str]):
     if setting.calibrated and setting.parse() is None:
         raise DTMError("--intactkv-calibrated needs --intactkv K or --intactkv prefix.")
     ikv = resolve_intactkv(setting, pair, prompts, chat=getattr(args, "chat", False),
-                           calibration=CalibrationSetting.of(getattr(args, "calibration", None)),
+                           calibration=_calibration(args),
                            cache_dir=args.cache_dir, progress=stderr_progress)
     if ikv is not None and ikv.calibrated is not None:
         cal = ikv.calibrated
@@ -323,10 +335,9 @@ def _sweep_setup(args):
 
 
 def _sweep_kw(args, rank, world) -> dict:
-    from .jobs import CalibrationSetting
     return dict(layers=args.layers, kinds=args.kinds, cache_dir=args.cache_dir,
                 batch_size=args.batch_size, rank=rank, world=world, chat=args.chat,
-                calibration=CalibrationSetting.of(args.calibration))
+                calibration=_calibration(args))
 
 
 def cmd_sweep(args) -> int:
@@ -352,7 +363,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from .jobs import CalibrationSetting, plan_from_sweep, sweep_variants
+    from .jobs import plan_from_sweep, sweep_variants
     from .plan import save_compressed
     from .sweep import prepare
 
@@ -362,7 +373,7 @@ def cmd_plan(args) -> int:
                          ctx=ctx).main
     if rank != 0:
         return 0
-    calibration = CalibrationSetting.of(args.calibration)
+    calibration = _calibration(args)
     plan = plan_from_sweep(dense, res.table, args.compress, ids, args.new_tokens, args.budget,
                            references=ctx.references, calibration=calibration, chat=args.chat)
     if args.out:

@@ -7,6 +7,10 @@ far, per module path; asking again for a (statistic, path) it has costs nothing,
 pass fills every missing path at once. :func:`calibration_for` hands out one Calibration per
 (model, sequences), so a pair, a sweep and a plan over the same prompts share their statistics.
 
+Modules that read the very same input tensor (q/k/v of an attention block, gate/up of an MLP; any
+family: it is observed, not declared) share it: each statistic is accumulated once per input and
+the modules get the same tensor object (:meth:`Calibration.peers` lists them).
+
 The calibration policy is the same in the app, the CLI, sweeps and plans: the prompts being
 evaluated, or an explicit calibration file (see :class:`dtm_core.jobs.CalibrationSetting`).
 Sequences are the prompts' tokens (chat template applied when on), padded on the right in batches
@@ -60,6 +64,10 @@ register_statistic(Statistic(
     "input_norms", "L2 norm of each input feature over every calibration token (Wanda)",
     _add_sq, lambda s, n: s.sqrt()))
 register_statistic(Statistic(
+    "input_absmean", "mean |x| of each input feature over every calibration token (AWQ)",
+    lambda s, x: (x.abs().sum(0) if s is None else s + x.abs().sum(0)),
+    lambda s, n: s / max(n, 1)))
+register_statistic(Statistic(
     "input_hessian", "H = 2/n sum x x^T of the module's inputs over n calibration tokens "
     "(GPTQ, SparseGPT)", _add_outer, lambda s, n: s * (2.0 / max(n, 1))))
 
@@ -87,7 +95,27 @@ class Calibration:
         self.pad_id = pad_id
         self.passes = 0            # forward passes over the set (tests check reuse)
         self._stats: dict[tuple[str, str], torch.Tensor] = {}
+        self._groups: dict[str, tuple[str, ...]] = {}   # path -> the paths reading its input
+        self._memo: dict = {}
         self._lock = threading.Lock()
+
+    def peers(self, path: str) -> list[str]:
+        """The modules observed reading the same input as ``path`` (itself included), in model
+        order; only modules gathered in the same pass are known to each other."""
+        return list(self._groups.get(path, (path,)))
+
+    def _join(self, a: str, b: str) -> None:
+        merged = tuple(dict.fromkeys(self._groups.get(a, (a,)) + self._groups.get(b, (b,))))
+        for p in merged:
+            self._groups[p] = merged
+
+    def memo(self, key, compute: Callable):
+        """A value derived from these statistics, computed once (e.g. AWQ's scales of a group
+        of modules, shared by every component of the group)."""
+        with self._lock:
+            if key not in self._memo:
+                self._memo[key] = compute()
+            return self._memo[key]
 
     def get(self, stat: str, paths: Sequence[str]) -> dict[str, torch.Tensor]:
         """``{path: tensor}`` of one statistic for the modules at ``paths``."""
@@ -106,38 +134,75 @@ class Calibration:
             return {p: {s: self._stats[(s, p)] for s in stats} for p in paths}
 
     @torch.no_grad()
-    def _gather(self, wanted: list[tuple[str, str]]) -> None:
+    def _gather(self, wanted: list[tuple[str, str]], share: bool = True) -> None:
         from .generation import model_device, right_padded
 
         model = self._model()
         if model is None:
             raise DTMError("The model these calibration statistics belong to was released.")
         paths = list(dict.fromkeys(p for _, p in wanted))
-        state: dict[tuple[str, str], torch.Tensor | None] = {k: None for k in wanted}
+        by_path = {p: [s for s, q in wanted if q == p] for p in paths}
+        # (s, p) -> the (s, root) whose accumulator it shares: decided in the first batch, when
+        # p's input is the very tensor an earlier module of the same parent read
+        owner: dict[tuple[str, str], tuple[str, str]] = {}
+        joined: list[tuple[str, str]] = []
+        state: dict[tuple[str, str], torch.Tensor | None] = {}
         rows = [0]
         live: list[torch.Tensor] = []
-        by_path = {p: [s for s, q in wanted if q == p] for p in paths}
+        first = [True]
+        seen: list = [None, []]    # the current parent module, [(input tensor, path)] under it
 
         def observe(i, module, args):
-            x = args[0]
-            x = x[live[0].to(x.device)].float()          # (real tokens, width)
-            for s in by_path[paths[i]]:
-                state[(s, paths[i])] = STATISTICS[s].add(state[(s, paths[i])], x)
+            p = paths[i]
+            raw = args[0]
+            parent = p.rpartition(".")[0]
+            if seen[0] != parent:          # inputs are held only while their parent runs, so
+                seen[0], seen[1] = parent, []   # a freed tensor's address is never mistaken
+            same = next((q for t, q in seen[1] if t is raw), None) if share else None
+            seen[1].append((raw, p))
+            if first[0] and same is not None:
+                joined.append((same, p))
+            x = None
+            for s in by_path[p]:
+                key = (s, p)
+                if first[0] and same is not None:
+                    src = owner.get((s, same), (s, same))
+                    if src in state:
+                        owner[key] = src
+                if key in owner:
+                    if not any(t is raw and q == owner[key][1] for t, q in seen[1]):
+                        raise _Unshared()
+                    continue
+                if x is None:
+                    x = raw[live[0].to(raw.device)].float()          # (real tokens, width)
+                state[key] = STATISTICS[s].add(state.get(key), x)
 
         dev = model_device(model)
         mods = [model.get_submodule(p) for p in paths]
-        with hooks.attached(mods, observe, pre=True):
-            for start in range(0, len(self.seqs), self.batch_size):
-                chunk = self.seqs[start:start + self.batch_size]
-                ids = right_padded(chunk, self.pad_id)
-                mask = torch.arange(ids.shape[1])[None, :] < torch.tensor(
-                    [len(s) for s in chunk])[:, None]
-                live[:] = [mask]
-                rows[0] += int(mask.sum())
-                model(input_ids=ids.to(dev), use_cache=False)
+        try:
+            with hooks.attached(mods, observe, pre=True):
+                for start in range(0, len(self.seqs), self.batch_size):
+                    chunk = self.seqs[start:start + self.batch_size]
+                    ids = right_padded(chunk, self.pad_id)
+                    mask = torch.arange(ids.shape[1])[None, :] < torch.tensor(
+                        [len(s) for s in chunk])[:, None]
+                    live[:] = [mask]
+                    rows[0] += int(mask.sum())
+                    model(input_ids=ids.to(dev), use_cache=False)
+                    first[0] = False
+                    seen[:] = [None, []]
+        except _Unshared:     # inputs shared in one batch but not another: gather apart
+            return self._gather(wanted, share=False)
         self.passes += 1
-        for (s, p), v in state.items():
-            self._stats[(s, p)] = STATISTICS[s].finish(v, rows[0])
+        finished = {k: STATISTICS[k[0]].finish(v, rows[0]) for k, v in state.items()}
+        for key in wanted:
+            self._stats[key] = finished[owner.get(key, key)]
+        for a, b in joined:
+            self._join(a, b)
+
+
+class _Unshared(Exception):
+    pass
 
 
 _SHARED: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, Calibration]]" = \

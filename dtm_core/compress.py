@@ -137,6 +137,57 @@ class Applied:
         self.restore()
 
 
+def _plain_components(model, layer: int) -> dict[str, Component]:
+    """Module path -> the whole 2-D component of that module in one layer (no slices, no
+    experts)."""
+    out = {}
+    for c in resolve(model, f"{layer}.*"):
+        if c.experts is None and c.rows is None:
+            out.setdefault(c.path, c)
+    return out
+
+
+def gather_statistics(model, pairs, calibration) -> dict:
+    """``{(module path, spec): statistics}`` for every (component, spec) of ``pairs`` whose
+    method needs calibration: one pass over the calibration set for everything missing. For
+    methods that compress the components reading one input together (AWQ), it also finds those
+    groups (every module of the layers involved is observed once), works out each group's shared
+    result once per calibration (kept by it, so a sweep's cells reuse it) and adds it as
+    ``"group"``."""
+    calibrating = [(c, sp) for c, sp in pairs if sp.needs]
+    if not calibrating:
+        return {}
+    if calibration is None:
+        names = ", ".join(sorted({sp.name for _, sp in calibrating}))
+        raise DTMError(f"{names} needs calibration prompts to measure input activations.")
+    wanted = sorted({s for _, sp in calibrating for s in sp.needs})
+    if isinstance(calibration, dict):     # {path: input norms}, the form before named statistics
+        return {(c.path, sp): {"input_norms": calibration.get(c.path)} for c, sp in calibrating}
+    grouped = [(c, sp) for c, sp in calibrating if sp.shares_input]
+    plain: dict[int, dict[str, Component]] = {}
+    if grouped:
+        layers = sorted({c.layer for c, _ in grouped})
+        plain = {n: _plain_components(model, n) for n in layers}
+        # a cheap statistic of every module of those layers tells who reads the same input
+        calibration.many(["input_absmean"], [p for n in layers for p in plain[n]])
+    paths = list(dict.fromkeys(
+        [c.path for c, _ in calibrating]
+        + [p for c, _ in grouped for p in calibration.peers(c.path) if p in plain[c.layer]]))
+    got = calibration.many(wanted, paths)
+    out = {}
+    for c, sp in calibrating:
+        st = dict(got[c.path])
+        if sp.shares_input:
+            group = tuple(p for p in calibration.peers(c.path) if p in plain[c.layer])
+            def prepare(group=group, sp=sp, st=st, comps=plain[c.layer]):
+                return sp.prepare_group(
+                    {p: comps[p].matrices(comps[p].weight.detach())[0].float() for p in group},
+                    st)
+            st["group"] = calibration.memo(("group", str(sp), group), prepare)
+        out[(c.path, sp)] = st
+    return out
+
+
 def apply_recipe(model, recipe: Recipe, calibration=None) -> Applied:
     """Compress the recipe's components in place, swapping in new tensors only for those.
 
@@ -155,16 +206,7 @@ def apply_recipe(model, recipe: Recipe, calibration=None) -> Applied:
             raise DTMError(f"{spec.name} needs calibration statistics of each expert's own "
                            f"inputs, which are not gathered for mixture-of-experts experts "
                            f"({comp.name}); use a method without calibration there.")
-    wanted = {s for _, spec in pairs for s in spec.needs}
-    stats: dict[str, dict[str, torch.Tensor]] = {}
-    if wanted:
-        if calibration is None:
-            names = ", ".join(sorted({spec.name for _, spec in pairs if spec.needs}))
-            raise DTMError(f"{names} needs calibration prompts to measure input activations.")
-        if isinstance(calibration, dict):
-            stats = {p: {"input_norms": v} for p, v in calibration.items()}
-        else:
-            stats = calibration.many(sorted(wanted), [c.path for c, sp in pairs if sp.needs])
+    stats = gather_statistics(model, pairs, calibration)
     applied = Applied()
     fresh: dict[tuple[int, str], torch.Tensor] = {}   # (module, param) -> this recipe's copy
     try:
@@ -183,7 +225,7 @@ def apply_recipe(model, recipe: Recipe, calibration=None) -> Applied:
             full = fresh[key]
             for m in comp.matrices(full):   # each (out, in) matrix is compressed on its own
                 w = (m[comp.rows] if comp.rows is not None else m).float()
-                new = spec.apply(w.contiguous(), stats.get(comp.path, {}), comp.name)
+                new = spec.apply(w.contiguous(), stats.get((comp.path, spec), {}), comp.name)
                 if comp.rows is not None:
                     m[comp.rows] = new.to(full.dtype)
                 else:

@@ -62,6 +62,15 @@ class Family:
     postprocess: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None
     # which layers attend through a sliding window (config -> set of layer indices)
     sliding_layers: Callable[[object], set[int]] | None = None
+    # kind -> the norm (path inside a layer) whose output is that kind's input, where a scale of
+    # the input can be folded into it (AWQ); or config -> that dict
+    norms: dict | Callable[[object], dict] = field(default_factory=dict)
+    norm_offset: float = 0.0            # the norm multiplies by (offset + weight): Gemma's 1
+
+    def input_norm(self, config, kind: str) -> str | None:
+        """The norm whose output ``kind`` reads (None: no norm to fold a scale into)."""
+        norms = self.norms(config) if callable(self.norms) else self.norms
+        return norms.get(kind)
 
     def kind(self, name: str) -> Kind:
         return _kind(self.kinds[name] if name in self.kinds else self.slices[name])
@@ -201,6 +210,9 @@ _LLAMA_KINDS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_att
 _LLAMA_GGUF = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output",
                "gate": "ffn_gate", "up": "ffn_up", "down": "ffn_down"}
 _ATTN = {k: _LLAMA_KINDS[k] for k in ("q", "k", "v", "o")}
+_LLAMA_NORMS = {"q": "input_layernorm", "k": "input_layernorm", "v": "input_layernorm",
+                "gate": "post_attention_layernorm", "up": "post_attention_layernorm"}
+_ATTN_NORMS = {k: _LLAMA_NORMS[k] for k in ("q", "k", "v")}
 _MOE = {"router": "mlp.gate",
         "experts.gate": Kind("mlp.experts", "gate_up_proj", _moe_rows(0), experts=True),
         "experts.up": Kind("mlp.experts", "gate_up_proj", _moe_rows(1), experts=True),
@@ -215,12 +227,14 @@ for _name, _types, _examples in (("llama", ("llama",), "Llama, Llama-3, SmolLM")
                                  ("qwen3", ("qwen3",), "Qwen3")):
     register_family(Family(_name, "model.layers", dict(_LLAMA_KINDS), tail=("model.norm",),
                            gguf=_LLAMA_GGUF, examples=_examples, model_types=_types,
-                           sliding_layers=layer_types_sliding))
+                           sliding_layers=layer_types_sliding, norms=_LLAMA_NORMS))
 for _name, _types, _examples in (("gemma2", ("gemma2",), "Gemma-2"),
                                  ("gemma3", ("gemma3_text",), "Gemma-3 (text)")):
     register_family(Family(_name, "model.layers", dict(_LLAMA_KINDS), tail=("model.norm",),
                            gguf=_LLAMA_GGUF, examples=_examples, model_types=_types,
-                           postprocess=softcap_logits, sliding_layers=layer_types_sliding))
+                           postprocess=softcap_logits, sliding_layers=layer_types_sliding,
+                           norms={**_ATTN_NORMS, "gate": "pre_feedforward_layernorm",
+                                  "up": "pre_feedforward_layernorm"}, norm_offset=1.0))
 register_family(Family(
     "phi3", "model.layers", {"qkv": "self_attn.qkv_proj", "o": "self_attn.o_proj",
                              "gate_up": "mlp.gate_up_proj", "down": "mlp.down_proj"},
@@ -231,7 +245,8 @@ register_family(Family(
             "gate": Kind("mlp.gate_up_proj", rows=_half_rows(0)),
             "up": Kind("mlp.gate_up_proj", rows=_half_rows(1))},
     gguf={"qkv": "attn_qkv", "o": "attn_output", "gate_up": "ffn_up", "down": "ffn_down"},
-    sliding_layers=layer_types_sliding))
+    sliding_layers=layer_types_sliding,
+    norms={"qkv": "input_layernorm", "gate_up": "post_attention_layernorm"}))
 register_family(Family(
     "gpt_neox", "gpt_neox.layers", {"qkv": "attention.query_key_value", "o": "attention.dense",
                                     "up": "mlp.dense_h_to_4h", "down": "mlp.dense_4h_to_h"},
@@ -240,7 +255,8 @@ register_family(Family(
     slices={"q": Kind("attention.query_key_value", rows=_neox_rows(0)),
             "k": Kind("attention.query_key_value", rows=_neox_rows(1)),
             "v": Kind("attention.query_key_value", rows=_neox_rows(2))},
-    gguf={"qkv": "attn_qkv", "o": "attn_output", "up": "ffn_up", "down": "ffn_down"}))
+    gguf={"qkv": "attn_qkv", "o": "attn_output", "up": "ffn_up", "down": "ffn_down"},
+    norms={"qkv": "input_layernorm", "up": "post_attention_layernorm"}))
 register_family(Family(
     "gpt2", "transformer.h", {
         "qkv": "attn.c_attn", "o": "attn.c_proj", "up": "mlp.c_fc", "down": "mlp.c_proj"},
@@ -248,21 +264,26 @@ register_family(Family(
     slices={"q": Kind("attn.c_attn", rows=_qkv_rows(0)), "k": Kind("attn.c_attn", rows=_qkv_rows(1)),
             "v": Kind("attn.c_attn", rows=_qkv_rows(2))},
     gguf={"qkv": "attn_qkv", "o": "attn_output", "up": "ffn_up", "down": "ffn_down"},
-    examples="GPT-2"))
+    examples="GPT-2", norms={"qkv": "ln_1", "up": "ln_2"}))
 register_family(Family(
     "opt", "model.decoder.layers", {
         "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
         "o": "self_attn.out_proj", "up": "fc1", "down": "fc2"},
     tail=("model.decoder.final_layer_norm", "model.decoder.project_out"), model_types=("opt",),
     gguf={"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output", "up": "ffn_up",
-          "down": "ffn_down"}, examples="OPT"))
+          "down": "ffn_down"}, examples="OPT",
+    # pre-norm OPT only: with do_layer_norm_before off (OPT-350m) the norms come after
+    norms=lambda c: ({"q": "self_attn_layer_norm", "k": "self_attn_layer_norm",
+                      "v": "self_attn_layer_norm", "up": "final_layer_norm"}
+                     if getattr(c, "do_layer_norm_before", True) else {})))
 register_family(Family(
     "mixtral", "model.layers", {**_ATTN, **_MOE}, tail=("model.norm",), model_types=("mixtral",),
-    gguf=_MOE_GGUF, examples="Mixtral", sliding_layers=layer_types_sliding))
+    gguf=_MOE_GGUF, examples="Mixtral", sliding_layers=layer_types_sliding,
+    norms=_ATTN_NORMS))
 register_family(Family(
     "qwen3_moe", "model.layers", {**_LLAMA_KINDS, **_MOE}, tail=("model.norm",),
     model_types=("qwen3_moe",), gguf={**_LLAMA_GGUF, **_MOE_GGUF}, examples="Qwen3-MoE",
-    sliding_layers=layer_types_sliding))
+    sliding_layers=layer_types_sliding, norms=_LLAMA_NORMS))
 register_family(Family(
     "qwen2_moe", "model.layers", {**_LLAMA_KINDS, **_MOE,
                                   "shared.gate": "mlp.shared_expert.gate_proj",
@@ -270,7 +291,7 @@ register_family(Family(
                                   "shared.down": "mlp.shared_expert.down_proj",
                                   "shared.router": "mlp.shared_expert_gate"},
     tail=("model.norm",), model_types=("qwen2_moe",), gguf={**_LLAMA_GGUF, **_MOE_GGUF},
-    examples="Qwen2-MoE", sliding_layers=layer_types_sliding))
+    examples="Qwen2-MoE", sliding_layers=layer_types_sliding, norms=_ATTN_NORMS))
 
 
 def family_for_type(model_type: str | None) -> Family | None:

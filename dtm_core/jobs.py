@@ -55,19 +55,35 @@ Progress = Callable[[float, str], None]
 @dataclass(frozen=True)
 class CalibrationSetting:
     """Where a method's calibration statistics (and a calibrated IntactKV's training prompts)
-    come from: ``source`` None means the prompts being evaluated; else a prompt file or the name
-    of a built-in set."""
+    come from: ``source`` None means the prompts being evaluated; else a prompt file (any
+    ``.txt``, ``.jsonl``, ``.csv`` prompt file or plain text) or the name of a built-in set.
+    ``ctx``: cut the calibration text into chunks of that many tokens (GPTQ's usual calibration
+    on running text) instead of one sequence per prompt; ``samples``: use at most that many
+    sequences (prompts or chunks), the first ones."""
 
     source: str | None = None
+    ctx: int | None = None
+    samples: int | None = None
+
+    def __post_init__(self):
+        if self.ctx is not None and not 2 <= int(self.ctx) <= 1_000_000:
+            raise DTMError(f"The calibration chunk size must be at least 2 tokens, not "
+                           f"{self.ctx}.")
+        if self.samples is not None and int(self.samples) < 1:
+            raise DTMError(f"The number of calibration samples must be at least 1, not "
+                           f"{self.samples}.")
 
     @classmethod
-    def of(cls, value) -> "CalibrationSetting":
+    def of(cls, value, ctx: int | None = None, samples: int | None = None
+           ) -> "CalibrationSetting":
         if isinstance(value, CalibrationSetting):
             return value
         text = str(value).strip() if value is not None else ""
+        ctx = int(ctx) if ctx not in (None, "", 0) else None
+        samples = int(samples) if samples not in (None, "", 0) else None
         if text.lower() in ("", "evaluated", "prompts in use", "none", "default"):
-            return cls()
-        return cls(text)
+            return cls(None, ctx, samples)
+        return cls(text, ctx, samples)
 
     def texts(self, evaluated: Sequence[str], what: str = "the evaluated prompts"
               ) -> tuple[list[str], str]:
@@ -80,6 +96,54 @@ class CalibrationSetting:
             return items, f"{what} ({len(items)} prompt{'s' * (len(items) != 1)})"
         pset = load_prompts(self.source)
         return pset.prompts, f"'{pset.name}' ({len(pset.prompts)} prompts)"
+
+    def sequences(self, tokenizer, evaluated, chat: bool = False) -> tuple[list[list[int]], str]:
+        """(token sequences, label): the prompts tokenized as the job's are (``evaluated`` may
+        be token ids already), or with ``ctx`` the whole text cut into chunks; at most
+        ``samples`` of them."""
+        evaluated = list(evaluated)
+        if self.source is None and evaluated and not isinstance(evaluated[0], str):
+            seqs = [list(map(int, e)) for e in evaluated]
+            label = f"the evaluated prompts ({len(seqs)} prompts)"
+            if self.ctx:
+                seqs = _chunks([t for q in seqs for t in q], self.ctx)
+        else:
+            texts, label = self.texts(evaluated)
+            if self.ctx:
+                ids = tokenizer("\n".join(texts), add_special_tokens=False).input_ids
+                seqs = _chunks(list(ids), self.ctx - int(_bos(tokenizer) is not None))
+                if _bos(tokenizer) is not None:
+                    seqs = [[_bos(tokenizer)] + c for c in seqs]
+            else:
+                seqs = encode_prompts(tokenizer, texts, chat=chat)
+        if self.ctx:
+            label += f" cut into {len(seqs)} chunk{'s' * (len(seqs) != 1)} of {self.ctx} tokens"
+        if self.samples and len(seqs) > self.samples:
+            seqs = seqs[:self.samples]
+            label += f", the first {self.samples}"
+        return seqs, label
+
+    @property
+    def key(self) -> tuple:
+        return (self.source, self.ctx, self.samples)
+
+
+def _bos(tokenizer) -> int | None:
+    """The BOS id the tokenizer puts before a text, or None."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = tokenizer("").input_ids
+    return bos if list(ids) == [bos] else None
+
+
+def _chunks(tokens: list[int], ctx: int) -> list[list[int]]:
+    """Consecutive chunks of ``ctx`` tokens (a text shorter than one chunk is one chunk)."""
+    if not tokens:
+        raise DTMError("The calibration text tokenizes to nothing.")
+    ctx = max(1, ctx)
+    n = len(tokens) // ctx
+    return [tokens[i * ctx:(i + 1) * ctx] for i in range(n)] if n else [tokens]
 
 
 @dataclass(frozen=True)
@@ -162,14 +226,15 @@ def resolve_calibration(dense: LoadedModel, setting: CalibrationSetting, evaluat
                         chat: bool = False) -> Calibration:
     """The shared :class:`~dtm_core.calibration.Calibration` of a setting: its prompts (or the
     evaluated ones: texts, or token ids already encoded) tokenized as the job's prompts are."""
+    from .models import max_positions
+
     setting = CalibrationSetting.of(setting)
-    evaluated = list(evaluated)
-    if setting.source is None and evaluated and not isinstance(evaluated[0], str):
-        calib = calibration_from(dense, evaluated)
-        calib.label = f"the evaluated prompts ({len(evaluated)} prompts)"
-        return calib
-    texts, label = setting.texts(evaluated)
-    calib = calibration_from(dense, texts, chat)
+    seqs, label = setting.sequences(dense.tokenizer, evaluated, chat)
+    limit = max_positions(dense.model)
+    if limit and max(len(q) for q in seqs) > limit:
+        raise DTMError(f"Calibration sequences of {max(len(q) for q in seqs)} tokens exceed the "
+                       f"model's {limit} positions: give a smaller --calib-ctx.")
+    calib = calibration_from(dense, seqs)
     calib.label = label
     return calib
 
@@ -213,7 +278,7 @@ class PairCache:
         calib_key = None
         if request.needs_calibration:
             texts, _ = request.calibration.texts(evaluated)
-            calib_key = (request.calibration.source, request.chat,
+            calib_key = (request.calibration.key, request.chat,
                          hashlib.sha256(json.dumps(texts).encode()).hexdigest())
         model = (request.model or "default").strip()
         key = (model, request.compress, request.components,

@@ -26,7 +26,7 @@ import torch
 
 from . import METRIC_VERSION, hooks
 from .calibration import Calibration, calibration_from
-from .compress import Recipe, apply_recipe, parse_spec
+from .compress import Recipe, apply_recipe, gather_statistics, parse_spec
 from .components import decoder_layers, tail_modules
 from .divergence import reference_continuations
 from .errors import DTMError
@@ -393,7 +393,7 @@ def sweep(dense: LoadedModel, spec: str, prompt_ids: Sequence[Sequence[int]], ne
         ctx = ctx or prepare(dense, prompt_ids, new_tokens, batch_size, intactkv=ikv)
         work = shared_copy(dense.model)   # compressed in place, one cell at a time
         if calib is not None:   # every cell's statistics in one pass over the calibration set
-            calib.many(sp.needs, [c.path for c in todo])
+            gather_statistics(work, [(c, sp) for c in todo], calib)
         for n, comp in enumerate(todo):
             if stop is not None and stop.is_set():
                 stopped = True

@@ -165,13 +165,13 @@ def test_specs_parse_and_refuse_in_one_sentence():
 
 
 @pytest.mark.parametrize("spec", ["gptq:int4:g16", "gptq:int3:act", "sparsegpt:0.5",
-                                  "sparsegpt:2:4"])
+                                  "sparsegpt:2:4", "awq:int4:g16", "awq:int3"])
 def test_pairs_and_sweep_cells_with_hessian_methods(spec, tmp_path):
     """A sweep cell equals the single-component pair calibrated on the same prompts; the pair
     is reversible and shares untouched tensors."""
     tiny = make_tiny("llama", scale=4.0)
     prompts = random_prompts(6, seed=4, lo=6, hi=14)
-    res = sweep(tiny, spec, prompts, 8, cache_dir=tmp_path, layers="1", kinds="q,down")
+    res = sweep(tiny, spec, prompts, 8, cache_dir=tmp_path, layers="1", kinds="k,up,down")
     for _, row in res.table.iterrows():
         pair = make_pair(tiny, Recipe.single(spec, row.component), calibration=prompts)
         d = divergence(pair, prompt_ids=prompts, new_tokens=8)

@@ -156,3 +156,49 @@ def test_stop_signals_do_not_outlive_their_job():
             raise RuntimeError("boom")
     assert len(stops) == 0
     assert isinstance(threading.Event(), type(ev))
+
+
+def test_calibration_text_cut_into_chunks_and_samples(tmp_path):
+    """--calib-ctx cuts the calibration text (joined lines) into chunks of that many tokens,
+    --calib-samples keeps the first M sequences; the pair says so and is calibrated on them."""
+    tiny = make_tiny("llama", scale=4.0)
+    tiny.tokenizer = NumberTokenizer()
+    f = tmp_path / "text.txt"
+    lines = [" ".join(str(3 + (7 * i + j) % 90) for j in range(i % 5 + 3)) for i in range(20)]
+    f.write_text("\n".join(lines) + "\n")
+    flat = [int(w) for line in lines for w in line.split()]
+    seqs, label = CalibrationSetting(str(f), ctx=16).sequences(tiny.tokenizer, ["x"])
+    assert seqs == [flat[i:i + 16] for i in range(0, len(flat) // 16 * 16, 16)]
+    assert f"cut into {len(flat) // 16} chunks of 16 tokens" in label
+    seqs, label = CalibrationSetting(str(f), ctx=16, samples=3).sequences(tiny.tokenizer, ["x"])
+    assert seqs == [flat[:16], flat[16:32], flat[32:48]] and "the first 3" in label
+    seqs, _ = CalibrationSetting(str(f), samples=2).sequences(tiny.tokenizer, ["x"])
+    assert seqs == [[int(w) for w in lines[0].split()], [int(w) for w in lines[1].split()]]
+    # evaluated token ids are chunked too
+    seqs, _ = CalibrationSetting(ctx=4).sequences(tiny.tokenizer, [[5, 6, 7], [8, 9, 10, 11, 12]])
+    assert seqs == [[5, 6, 7, 8], [9, 10, 11, 12]]
+    pair = build_pair(tiny, PairRequest(compress="gptq:int3", components="1.up",
+                                        calibration=CalibrationSetting(str(f), 16, 3)), ["1 2"])
+    assert "chunks of 16 tokens, the first 3" in pair.calibration.label
+    assert pair.calibration.seqs == [flat[:16], flat[16:32], flat[32:48]]
+    for bad in (dict(ctx=1), dict(samples=0)):
+        with pytest.raises(DTMError, match="calibration"):
+            CalibrationSetting(str(f), **bad)
+    long = tmp_path / "long.txt"
+    long.write_text(" ".join(str(3 + i % 90) for i in range(600)))
+    with pytest.raises(DTMError, match="calib-ctx"):    # 300-token chunks > 256 positions
+        build_pair(tiny, PairRequest(compress="gptq:int3", components="1.up",
+                                     calibration=CalibrationSetting(str(long), 300)), ["1 2"])
+
+
+def test_every_command_with_compress_takes_the_calibration_options():
+    from dtm_core.__main__ import _calibration, build_parser
+
+    parser = build_parser()
+    base = {"divergence": ["--prompts", "p"], "evaluate": ["--prompts", "p"],
+            "kld": ["--text", "t"], "sweep": ["--prompts", "p"], "plan": ["--prompts", "p"],
+            "intactkv-calibrate": ["--prompts", "p"]}
+    for cmd, extra in base.items():
+        args = parser.parse_args([cmd, "--compress", "awq:int4", *extra, "--calibration",
+                                  "c.txt", "--calib-ctx", "128", "--calib-samples", "8"])
+        assert _calibration(args) == CalibrationSetting("c.txt", 128, 8), cmd

@@ -40,6 +40,8 @@ class PairForm:
     checkpoint: gr.Textbox
     calibration: gr.Dropdown
     calibration_file: gr.File
+    calib_ctx: gr.Number
+    calib_samples: gr.Number
 
     @property
     def side(self) -> list:
@@ -48,7 +50,7 @@ class PairForm:
 
     @property
     def calib(self) -> list:
-        return [self.calibration, self.calibration_file]
+        return [self.calibration, self.calibration_file, self.calib_ctx, self.calib_samples]
 
 
 @dataclass
@@ -77,19 +79,22 @@ def upload_path(upload) -> str | None:
     return upload if isinstance(upload, str) else getattr(upload, "name", None)
 
 
-def calibration_setting(choice, upload=None) -> CalibrationSetting:
-    """The page's calibration choice: an uploaded file wins over the dropdown."""
+def calibration_setting(choice, upload=None, ctx=None, samples=None) -> CalibrationSetting:
+    """The page's calibration choice: an uploaded file wins over the dropdown; ``ctx`` and
+    ``samples`` (0 or empty: off) cut it into chunks / keep the first ones."""
     path = upload_path(upload)
+    ctx, samples = (int(v) if v else None for v in (ctx, samples))
     if path:
-        return CalibrationSetting(path)
-    return CalibrationSetting.of(None if (choice or EVALUATED) == EVALUATED else choice)
+        return CalibrationSetting(path, ctx, samples)
+    return CalibrationSetting.of(None if (choice or EVALUATED) == EVALUATED else choice, ctx,
+                                 samples)
 
 
 def pair_request(model, preset, spec, components, checkpoint, chat=False, calibration=None,
-                 calibration_file=None) -> PairRequest:
+                 calibration_file=None, calib_ctx=None, calib_samples=None) -> PairRequest:
     """The pair the form describes, validated before any model work."""
     source = (model or "default").strip()
-    setting = calibration_setting(calibration, calibration_file)
+    setting = calibration_setting(calibration, calibration_file, calib_ctx, calib_samples)
     if preset == CHECKPOINT:
         if not (checkpoint or "").strip():
             raise DTMError("Give the path or hub id of the second checkpoint.")

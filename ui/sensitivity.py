@@ -34,11 +34,13 @@ class SensitivityTab:
 
 def run_sweep(model, spec, upload, builtin, chat, new_tokens, layers, kinds, metric,
               ikv_text="off", view="IntactKV", calibration=None, calibration_file=None,
+              calib_ctx=None, calib_samples=None,
               request: gr.Request = None, progress=gr.Progress()):
     try:
         parse_spec(spec)
         pset = common.load_set(upload, builtin)
-        setting = common.calibration_setting(calibration, calibration_file)
+        setting = common.calibration_setting(calibration, calibration_file, calib_ctx,
+                                             calib_samples)
         progress(0, desc="loading the model")
         dense = common.CACHE.dense(model)
         ids = encode_prompts(dense.tokenizer, pset.prompts, chat=bool(chat))

@@ -63,7 +63,7 @@ def level_spec(method: str, level: float) -> Method:
 
 # the built-in methods register themselves on import
 # (in this order, which is the order of the accepted forms and of the app's presets)
-from . import none, magnitude, nm, wanda, sparsegpt, rtn, gptq, w8a8  # noqa: E402,F401,I001
+from . import none, magnitude, nm, wanda, sparsegpt, rtn, gptq, awq, w8a8  # noqa: E402,F401,I001
 
 __all__ = ["METHODS", "Method", "Spec", "accepted_forms", "bad_spec", "level_methods",
            "level_spec", "parse_spec", "presets", "register", "unregister"]

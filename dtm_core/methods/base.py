@@ -28,6 +28,10 @@ class Method:
     level_axis: ClassVar[str | None] = None   # "sparsity" or "bits": what level() measures
     presets: ClassVar[tuple[str, ...]] = ()   # specs the app offers in its preset list
     level_methods: ClassVar[tuple[str, ...]] = ()  # level-curve method names, e.g. "int:g128"
+    # True: the components that read one input are compressed together (AWQ's shared scales):
+    # the engine calls prepare_group once per group and hands its result to apply as
+    # stats["group"]
+    shares_input: ClassVar[bool] = False
 
     # -- parsing ----------------------------------------------------------------------------
     @classmethod
@@ -88,6 +92,13 @@ class Method:
         component's calibration statistics named in :attr:`needs`; ``name`` is the component
         (``LAYER.KIND``) for messages."""
         raise NotImplementedError
+
+    def prepare_group(self, weights: Mapping[str, torch.Tensor], stats: Mapping
+                      ) -> object:
+        """For :attr:`shares_input` methods: what the group of (out, in) float32 matrices that
+        read one input (``weights`` by module path, dense) shares, from that input's
+        statistics."""
+        return None
 
     def runtime_hook(self) -> Callable | None:
         """A forward pre-hook the compressed module runs with (activation quantization), or
