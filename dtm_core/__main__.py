@@ -26,6 +26,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     side.add_argument("--compressed-model", metavar="PATH",
                       help="a second checkpoint of the same base instead of --compress")
     _calibration_arg(p)
+    p.add_argument("--sequential", action="store_true",
+                   help="a whole-model recipe gathers each layer's calibration statistics on the "
+                        "outputs of the layers before it as already compressed (full-model "
+                        "GPTQ); default: every component sees the dense model's inputs")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, "
                                                     "bfloat16, float16")
@@ -164,7 +168,8 @@ def _pair_request(args):
                       recipe=Recipe.load(args.recipe) if args.recipe else None,
                       compressed_model=args.compressed_model,
                       calibration=_calibration(args),
-                      chat=getattr(args, "chat", False))
+                      chat=getattr(args, "chat", False),
+                      sequential=getattr(args, "sequential", False))
     req.validate()
     return req
 

@@ -133,10 +133,20 @@ class Calibration:
                 self._gather(missing)
             return {p: {s: self._stats[(s, p)] for s in stats} for p in paths}
 
-    @torch.no_grad()
-    def _gather(self, wanted: list[tuple[str, str]], share: bool = True) -> None:
+    def _batches(self, model):
+        """(mask of real tokens, run the batch) for each batch of the calibration sequences."""
         from .generation import model_device, right_padded
 
+        dev = model_device(model)
+        for start in range(0, len(self.seqs), self.batch_size):
+            chunk = self.seqs[start:start + self.batch_size]
+            ids = right_padded(chunk, self.pad_id)
+            mask = torch.arange(ids.shape[1])[None, :] < torch.tensor(
+                [len(s) for s in chunk])[:, None]
+            yield mask, (lambda ids=ids: model(input_ids=ids.to(dev), use_cache=False))
+
+    @torch.no_grad()
+    def _gather(self, wanted: list[tuple[str, str]], share: bool = True) -> None:
         model = self._model()
         if model is None:
             raise DTMError("The model these calibration statistics belong to was released.")
@@ -177,18 +187,13 @@ class Calibration:
                     x = raw[live[0].to(raw.device)].float()          # (real tokens, width)
                 state[key] = STATISTICS[s].add(state.get(key), x)
 
-        dev = model_device(model)
         mods = [model.get_submodule(p) for p in paths]
         try:
             with hooks.attached(mods, observe, pre=True):
-                for start in range(0, len(self.seqs), self.batch_size):
-                    chunk = self.seqs[start:start + self.batch_size]
-                    ids = right_padded(chunk, self.pad_id)
-                    mask = torch.arange(ids.shape[1])[None, :] < torch.tensor(
-                        [len(s) for s in chunk])[:, None]
+                for mask, run in self._batches(model):
                     live[:] = [mask]
                     rows[0] += int(mask.sum())
-                    model(input_ids=ids.to(dev), use_cache=False)
+                    run()
                     first[0] = False
                     seen[:] = [None, []]
         except _Unshared:     # inputs shared in one batch but not another: gather apart
@@ -203,6 +208,56 @@ class Calibration:
 
 class _Unshared(Exception):
     pass
+
+
+class LayerCalibration(Calibration):
+    """The statistics of one decoder layer's modules on given inputs of that layer (the outputs
+    of the layers before it, as compressed so far): what :func:`sequential` hands out."""
+
+    def __init__(self, parent: Calibration, model, layer, inputs: list):
+        super().__init__(model, parent.seqs, f"{parent.label}, layer by layer",
+                         parent.batch_size, parent.pad_id)
+        self.key = f"{parent.key}|sequential"
+        self._layer = layer
+        self._inputs = inputs        # per batch: (hidden, args, kwargs, mask)
+
+    def _batches(self, model):
+        for hidden, args, kwargs, mask in self._inputs:
+            yield mask, (lambda h=hidden, a=args, k=kwargs: hooks.run_layer(self._layer, h, a, k))
+
+
+@torch.no_grad()
+def sequential(calib: Calibration, model, layers: Sequence[int], compress_layer: Callable
+               ) -> None:
+    """GPTQ's order of work over the whole model: for each decoder layer in ``layers`` (in
+    order), ``compress_layer(index, LayerCalibration)`` compresses it with statistics gathered on
+    the outputs of the layers before it as already compressed; then that layer's compressed
+    output becomes the next layer's input. Costs about two passes of the model over the
+    calibration set, whatever the number of layers."""
+    from .components import decoder_layers
+
+    if not layers:
+        return
+    blocks = decoder_layers(model)
+    batches = []     # per batch: (hidden into the next layer, [(args, kwargs) per layer], mask)
+    for mask, run in calib._batches(model):
+        rec: list = [None] * len(blocks)
+        with hooks.recording(blocks, rec):
+            run()
+        args0, kw0 = rec[0]
+        hidden = args0[0] if args0 else kw0["hidden_states"]
+        # only layer 0's hidden input is kept; the others' come from the compressed layers
+        calls = [(((None,) + tuple(a[1:])) if a else a,
+                  {k: v for k, v in kw.items() if k != "hidden_states"}) for a, kw in rec]
+        batches.append([hidden, calls, mask])
+    for n in range(max(layers) + 1):
+        if n in layers:
+            lc = LayerCalibration(calib, model, blocks[n],
+                                  [(h, calls[n][0], calls[n][1], m) for h, calls, m in batches])
+            compress_layer(n, lc)
+        if n < max(layers):
+            for b in batches:
+                b[0] = hooks.run_layer(blocks[n], b[0], *b[1][n])
 
 
 _SHARED: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, Calibration]]" = \

@@ -188,12 +188,16 @@ def gather_statistics(model, pairs, calibration) -> dict:
     return out
 
 
-def apply_recipe(model, recipe: Recipe, calibration=None) -> Applied:
+def apply_recipe(model, recipe: Recipe, calibration=None, sequential: bool = False) -> Applied:
     """Compress the recipe's components in place, swapping in new tensors only for those.
 
     ``calibration`` provides the statistics the recipe's methods need: a
     :class:`~dtm_core.calibration.Calibration` of the dense model (whose modules have the same
     paths), or a dict ``{module path: input norms}`` for code written before statistics were named.
+    With ``sequential`` the statistics of each layer's components are gathered on the outputs of
+    the layers before it as already compressed (full-model GPTQ's order,
+    :func:`dtm_core.calibration.sequential`); otherwise every component sees the dense model's
+    inputs. A recipe of one layer's components is the same either way.
     """
     pairs = recipe.components(model)  # validate before touching anything
     for comp, spec in pairs:
@@ -206,34 +210,53 @@ def apply_recipe(model, recipe: Recipe, calibration=None) -> Applied:
             raise DTMError(f"{spec.name} needs calibration statistics of each expert's own "
                            f"inputs, which are not gathered for mixture-of-experts experts "
                            f"({comp.name}); use a method without calibration there.")
-    stats = gather_statistics(model, pairs, calibration)
     applied = Applied()
     fresh: dict[tuple[int, str], torch.Tensor] = {}   # (module, param) -> this recipe's copy
     try:
-        for comp, spec in pairs:
-            if not spec.changes_weights:
-                continue
-            key = (id(comp.module), comp.param)
-            if key not in fresh:   # one copy per parameter, however many of its parts change
-                orig = getattr(comp.module, comp.param)
-                fresh[key] = orig.detach().clone(memory_format=torch.contiguous_format)
-                applied._saved.append((comp.module, comp.param, orig))
-                applied.changed_bytes += orig.numel() * orig.element_size()
-                applied.changed_params += orig.numel()
-                setattr(comp.module, comp.param,
-                        torch.nn.Parameter(fresh[key], requires_grad=False))
-            full = fresh[key]
-            for m in comp.matrices(full):   # each (out, in) matrix is compressed on its own
-                w = (m[comp.rows] if comp.rows is not None else m).float()
-                new = spec.apply(w.contiguous(), stats.get((comp.path, spec), {}), comp.name)
-                if comp.rows is not None:
-                    m[comp.rows] = new.to(full.dtype)
-                else:
-                    m.copy_(new)
-            hook = spec.runtime_hook()
-            if hook is not None:
-                applied._hooks.append(comp.module.register_forward_pre_hook(hook))
+        needs = sorted({c.layer for c, sp in pairs if sp.needs})
+        if sequential and needs and not isinstance(calibration, dict) and \
+                calibration is not None:
+            from .calibration import sequential as layer_by_layer
+
+            def compress_layer(n, layer_calib):
+                here = [(c, sp) for c, sp in pairs if c.layer == n]
+                _compress(here, gather_statistics(model, here, layer_calib), applied, fresh)
+            # every layer up to the last calibrated one is compressed in order, so that what
+            # comes after sees it; the layers after that need no statistics
+            last = max(needs)
+            layer_by_layer(calibration, model, sorted({c.layer for c, _ in pairs
+                                                      if c.layer <= last}), compress_layer)
+            _compress([(c, sp) for c, sp in pairs if c.layer > last], {}, applied, fresh)
+        else:
+            _compress(pairs, gather_statistics(model, pairs, calibration), applied, fresh)
     except BaseException:
         applied.restore()
         raise
     return applied
+
+
+def _compress(pairs, stats: dict, applied: Applied, fresh: dict) -> None:
+    """Swap in compressed copies of the pairs' weights (one copy per parameter)."""
+    for comp, spec in pairs:
+        if not spec.changes_weights:
+            continue
+        key = (id(comp.module), comp.param)
+        if key not in fresh:   # one copy per parameter, however many of its parts change
+            orig = getattr(comp.module, comp.param)
+            fresh[key] = orig.detach().clone(memory_format=torch.contiguous_format)
+            applied._saved.append((comp.module, comp.param, orig))
+            applied.changed_bytes += orig.numel() * orig.element_size()
+            applied.changed_params += orig.numel()
+            setattr(comp.module, comp.param,
+                    torch.nn.Parameter(fresh[key], requires_grad=False))
+        full = fresh[key]
+        for m in comp.matrices(full):   # each (out, in) matrix is compressed on its own
+            w = (m[comp.rows] if comp.rows is not None else m).float()
+            new = spec.apply(w.contiguous(), stats.get((comp.path, spec), {}), comp.name)
+            if comp.rows is not None:
+                m[comp.rows] = new.to(full.dtype)
+            else:
+                m.copy_(new)
+        hook = spec.runtime_hook()
+        if hook is not None:
+            applied._hooks.append(comp.module.register_forward_pre_hook(hook))

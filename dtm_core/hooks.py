@@ -52,3 +52,33 @@ def outputs(modules: Sequence[torch.nn.Module], transform: Callable | None = Non
         store.append(transform(h) if transform else h)
     with attached(modules, keep):
         yield store
+
+
+def layer_call(layer, args: tuple, kwargs: dict, cache) -> tuple[tuple, dict]:
+    """The recorded call of a decoder layer with ``past_key_values`` set to ``cache`` (None: no
+    cache, and none kept alive by the recording)."""
+    import inspect
+
+    names = list(inspect.signature(layer.forward).parameters)
+    if "past_key_values" in names and names.index("past_key_values") < len(args):
+        args = list(args)
+        args[names.index("past_key_values")] = cache
+        return tuple(args), {**kwargs, "use_cache": cache is not None}
+    return args, {**kwargs, "past_key_values": cache, "use_cache": cache is not None}
+
+
+def recording(layers, rec: list):
+    """Record each decoder layer's call (args, kwargs) into ``rec`` during a forward pass."""
+    def keep(i, module, args, kwargs):
+        rec[i] = layer_call(module, args, dict(kwargs), None)
+    return attached(layers, keep, pre=True, with_kwargs=True)
+
+
+def run_layer(layer, hidden, args: tuple, kwargs: dict):
+    """A decoder layer's output hidden states for ``hidden`` with a recorded call's other
+    arguments."""
+    if args:
+        out = layer(hidden, *args[1:], **kwargs)
+    else:
+        out = layer(**{**kwargs, "hidden_states": hidden})
+    return hidden_of(out)

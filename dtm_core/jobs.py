@@ -158,6 +158,7 @@ class PairRequest:
     compressed_model: str | None = None
     calibration: CalibrationSetting = field(default_factory=CalibrationSetting)
     chat: bool = False
+    sequential: bool = False      # statistics of each layer on the compressed layers' outputs
 
     def validate(self) -> None:
         """Every check that needs no model: one compressed side, a spec that parses."""
@@ -219,7 +220,7 @@ def build_pair(dense: LoadedModel, request: PairRequest, evaluated: Sequence[str
     calib = None
     if recipe.needs_calibration:
         calib = resolve_calibration(dense, request.calibration, evaluated, request.chat)
-    return make_pair(dense, recipe, calibration=calib)
+    return make_pair(dense, recipe, calibration=calib, sequential=request.sequential)
 
 
 def resolve_calibration(dense: LoadedModel, setting: CalibrationSetting, evaluated,
@@ -283,7 +284,7 @@ class PairCache:
         model = (request.model or "default").strip()
         key = (model, request.compress, request.components,
                str(request.recipe) if request.recipe else None, request.compressed_model,
-               calib_key)
+               calib_key, request.sequential)
         with self._lock:
             if key in self._pairs:
                 self._pairs.move_to_end(key)

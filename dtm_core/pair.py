@@ -41,14 +41,17 @@ def shared_copy(model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def make_pair(dense: LoadedModel, recipe: Recipe, calibration=None, chat: bool = False) -> Pair:
+def make_pair(dense: LoadedModel, recipe: Recipe, calibration=None, chat: bool = False,
+              sequential: bool = False) -> Pair:
     """The dense model and a shared copy compressed by ``recipe``.
 
     ``calibration`` feeds the statistics that the recipe's methods need (wanda's input norms, ...):
     prompt texts (encoded with ``chat``), token sequences, or a
     :class:`~dtm_core.calibration.Calibration`; statistics are measured on the dense model, whose
     modules have the same paths as the copy's, and shared with every other user of the same
-    calibration prompts (:func:`~dtm_core.calibration.calibration_for`).
+    calibration prompts (:func:`~dtm_core.calibration.calibration_for`). ``sequential``: each
+    layer's statistics on the outputs of the layers before it as compressed (see
+    :func:`~dtm_core.compress.apply_recipe`).
     """
     recipe.components(dense.model)  # validate selections before copying anything
     calib = None
@@ -56,8 +59,9 @@ def make_pair(dense: LoadedModel, recipe: Recipe, calibration=None, chat: bool =
         names = ", ".join(sorted({i.spec.name for i in recipe.items if i.spec.needs}))
         calib = calibration_from(dense, calibration, chat, names)
     comp = shared_copy(dense.model)
-    applied = apply_recipe(comp, recipe, calib)
-    return Pair(dense=dense, compressed=comp, label=str(recipe), recipe=recipe, applied=applied,
+    applied = apply_recipe(comp, recipe, calib, sequential=sequential)
+    label = str(recipe) + (" (sequential)" if sequential and calib is not None else "")
+    return Pair(dense=dense, compressed=comp, label=label, recipe=recipe, applied=applied,
                 calibration=calib)
 
 

@@ -112,7 +112,7 @@ def prepare(dense: LoadedModel, prompt_ids: Sequence[Sequence[int]], new_tokens:
         seqs = [full[i] for i in idx]
         rec: list = [None] * len(layers)
         if ikv is None:
-            with _recording(layers, rec):
+            with hooks.recording(layers, rec):
                 logits = teacher_forced(dense.model, seqs, pad).logits
         else:
             kb = [ks[i] for i in idx]
@@ -120,7 +120,7 @@ def prepare(dense: LoadedModel, prompt_ids: Sequence[Sequence[int]], new_tokens:
             mask = right_pad_mask(kb, t0)
             if ikv.calibrated is None:   # dense weights with dense pivots: the dense pass itself
                 kv = RecordingCache(dense.model.config, t0)
-                with _recording(layers, rec):
+                with hooks.recording(layers, rec):
                     out = teacher_forced(dense.model, seqs, pad, use_cache=True,
                                          past_key_values=kv)
                 logits = out.logits
@@ -133,7 +133,7 @@ def prepare(dense: LoadedModel, prompt_ids: Sequence[Sequence[int]], new_tokens:
                 logits = teacher_forced(dense.model, seqs, pad).logits
                 source = pivot_source(ikv, None, [0] * len(idx), t0,
                                       model_device(dense.model))
-                with _recording(layers, rec):
+                with hooks.recording(layers, rec):
                     teacher_forced(dense.model, seqs, pad, use_cache=True,
                                    past_key_values=PivotCache(dense.model.config, mask, source))
         rows = torch.cat([torch.full((len(refs[i]),), j) for j, i in enumerate(idx)])
@@ -171,26 +171,6 @@ def prepare(dense: LoadedModel, prompt_ids: Sequence[Sequence[int]], new_tokens:
     return ctx
 
 
-def _call_with_cache(layer, args: tuple, kwargs: dict, cache) -> tuple[tuple, dict]:
-    """The recorded call of a decoder layer with ``past_key_values`` set to ``cache`` (None: no
-    cache, and none kept alive by the recording)."""
-    import inspect
-
-    names = list(inspect.signature(layer.forward).parameters)
-    if "past_key_values" in names and names.index("past_key_values") < len(args):
-        args = list(args)
-        args[names.index("past_key_values")] = cache
-        return tuple(args), {**kwargs, "use_cache": cache is not None}
-    return args, {**kwargs, "past_key_values": cache, "use_cache": cache is not None}
-
-
-def _recording(layers, rec: list):
-    """Record each decoder layer's call (args, kwargs) into ``rec`` during a forward pass."""
-    def keep(i, module, args, kwargs):
-        rec[i] = _call_with_cache(module, args, dict(kwargs), None)
-    return hooks.attached(layers, keep, pre=True, with_kwargs=True)
-
-
 @torch.no_grad()
 def continuation_hidden(model, ctx: SweepContext, b: int, start: int) -> torch.Tensor:
     """(sum L, H) final hidden states at batch ``b``'s continuation positions when layers
@@ -204,12 +184,8 @@ def continuation_hidden(model, ctx: SweepContext, b: int, start: int) -> torch.T
     for i, layer in enumerate(decoder_layers(model)[start:], start):
         args, kwargs = ctx.layer_inputs[b][i]
         if cache is not None:
-            args, kwargs = _call_with_cache(layer, args, kwargs, cache)
-        if args:
-            out = layer(hidden, *args[1:], **kwargs)
-        else:
-            out = layer(**{**kwargs, "hidden_states": hidden})
-        hidden = hooks.hidden_of(out)
+            args, kwargs = hooks.layer_call(layer, args, kwargs, cache)
+        hidden = hooks.run_layer(layer, hidden, args, kwargs)
     for mod in tail_modules(model):
         hidden = mod(hidden)
     return hidden[ctx.rows[b], ctx.pos[b]]
