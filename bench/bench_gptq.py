@@ -1,4 +1,4 @@
-"""GPTQ and SparseGPT sweeps against the RTN and magnitude sweeps of the same grid / sparsity
+"""GPTQ, AWQ and SparseGPT sweeps against the RTN and magnitude sweeps of the same grid / sparsity
 (issue: GPTQ, SparseGPT and AWQ). Prints each sweep's wall time on the default model (fresh cell
 store, so every cell is computed; the Hessians of the calibration prompts are gathered once per
 sweep) and the ratios, measured in this run.
@@ -24,7 +24,7 @@ def main():
     dense = load_model("default")
     ids = encode_prompts(dense.tokenizer, load_prompts("general").prompts[:args.prompts])
     times = {}
-    for spec in ("int4:g128", "gptq:int4:g128", "magnitude:0.5", "sparsegpt:0.5"):
+    for spec in ("int4:g128", "gptq:int4:g128", "awq:int4:g128", "magnitude:0.5", "sparsegpt:0.5"):
         with tempfile.TemporaryDirectory() as d:
             t = time.perf_counter()
             res = sweep_variants(dense, spec, ids, args.new_tokens, layers=args.layers,
@@ -34,6 +34,8 @@ def main():
               f"({times[spec] / len(res.table):.2f} s per cell), mean FDT over cells "
               f"{res.table.fdt_mean.mean():.2f}")
     print(f"RATIO gptq sweep / rtn sweep = {times['gptq:int4:g128'] / times['int4:g128']:.2f}"
+          "  (target <= 2)")
+    print(f"RATIO awq sweep / rtn sweep = {times['awq:int4:g128'] / times['int4:g128']:.2f}"
           "  (target <= 2)")
     print(f"RATIO sparsegpt sweep / magnitude sweep = "
           f"{times['sparsegpt:0.5'] / times['magnitude:0.5']:.2f}  (target <= 2)")

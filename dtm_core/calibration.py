@@ -72,6 +72,11 @@ register_statistic(Statistic(
     "(GPTQ, SparseGPT)", _add_outer, lambda s, n: s * (2.0 / max(n, 1))))
 
 
+def expert_key(path: str, param: str, expert: int) -> str:
+    """The name statistics of one expert's matrix are kept under: ``PATH:PARAM:E``."""
+    return f"{path}:{param}:{expert}"
+
+
 def sequences_key(seqs: Sequence[Sequence[int]]) -> str:
     return hashlib.sha256(json.dumps([list(map(int, s)) for s in seqs]).encode()).hexdigest()[:16]
 
@@ -150,14 +155,16 @@ class Calibration:
         model = self._model()
         if model is None:
             raise DTMError("The model these calibration statistics belong to was released.")
+        experts = [(s, p) for s, p in wanted if ":" in p]
+        wanted = [(s, p) for s, p in wanted if ":" not in p]
         paths = list(dict.fromkeys(p for _, p in wanted))
         by_path = {p: [s for s, q in wanted if q == p] for p in paths}
+        counts: dict[tuple[str, str], int] = {}
         # (s, p) -> the (s, root) whose accumulator it shares: decided in the first batch, when
         # p's input is the very tensor an earlier module of the same parent read
         owner: dict[tuple[str, str], tuple[str, str]] = {}
         joined: list[tuple[str, str]] = []
         state: dict[tuple[str, str], torch.Tensor | None] = {}
-        rows = [0]
         live: list[torch.Tensor] = []
         first = [True]
         seen: list = [None, []]    # the current parent module, [(input tensor, path)] under it
@@ -186,22 +193,46 @@ class Calibration:
                 if x is None:
                     x = raw[live[0].to(raw.device)].float()          # (real tokens, width)
                 state[key] = STATISTICS[s].add(state.get(key), x)
+                counts[key] = counts.get(key, 0) + len(x)
+
+        # experts: each expert's matrices see only the tokens the router sends to it
+        from .families import family_of
+        ex_mods = list(dict.fromkeys(p.split(":")[0] for _, p in experts))
+        ex_wanted = {m: [(s, p) for s, p in experts if p.split(":")[0] == m] for m in ex_mods}
+        expert_input = family_of(model).expert_input if experts else None
+        if experts and expert_input is None:
+            raise DTMError("This model family has no rule for the inputs of single experts.")
+
+        def observe_experts(i, module, args):
+            x, index = args[0], args[1]
+            real = live[0].to(x.device).reshape(-1)
+            for s, key in ex_wanted[ex_mods[i]]:
+                _, param, e = key.split(":")
+                routed = (index == int(e)).any(-1) & real
+                if not bool(routed.any()):
+                    continue
+                xe = expert_input(module, x[routed], int(e), param).float()
+                state[(s, key)] = STATISTICS[s].add(state.get((s, key)), xe)
+                counts[(s, key)] = counts.get((s, key), 0) + len(xe)
 
         mods = [model.get_submodule(p) for p in paths]
         try:
-            with hooks.attached(mods, observe, pre=True):
+            with hooks.attached(mods, observe, pre=True), \
+                    hooks.attached([model.get_submodule(m) for m in ex_mods], observe_experts,
+                                   pre=True):
                 for mask, run in self._batches(model):
                     live[:] = [mask]
-                    rows[0] += int(mask.sum())
                     run()
                     first[0] = False
                     seen[:] = [None, []]
         except _Unshared:     # inputs shared in one batch but not another: gather apart
-            return self._gather(wanted, share=False)
+            return self._gather(wanted + experts, share=False)
         self.passes += 1
-        finished = {k: STATISTICS[k[0]].finish(v, rows[0]) for k, v in state.items()}
+        finished = {k: STATISTICS[k[0]].finish(v, counts[k]) for k, v in state.items()}
         for key in wanted:
             self._stats[key] = finished[owner.get(key, key)]
+        for key in experts:     # an expert no calibration token reached has no statistics
+            self._stats[key] = finished.get(key)
         for a, b in joined:
             self._join(a, b)
 

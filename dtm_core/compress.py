@@ -147,6 +147,15 @@ def _plain_components(model, layer: int) -> dict[str, Component]:
     return out
 
 
+def _stat_keys(c: Component) -> list[str]:
+    """The names a component's statistics are kept under: its module path, or one per expert."""
+    from .calibration import expert_key
+
+    if c.experts is None:
+        return [c.path]
+    return [expert_key(c.path, c.param, e) for e in c.experts]
+
+
 def gather_statistics(model, pairs, calibration) -> dict:
     """``{(module path, spec): statistics}`` for every (component, spec) of ``pairs`` whose
     method needs calibration: one pass over the calibration set for everything missing. For
@@ -171,11 +180,19 @@ def gather_statistics(model, pairs, calibration) -> dict:
         # a cheap statistic of every module of those layers tells who reads the same input
         calibration.many(["input_absmean"], [p for n in layers for p in plain[n]])
     paths = list(dict.fromkeys(
-        [c.path for c, _ in calibrating]
+        [p for c, _ in calibrating for p in _stat_keys(c)]
         + [p for c, _ in grouped for p in calibration.peers(c.path) if p in plain[c.layer]]))
     got = calibration.many(wanted, paths)
     out = {}
     for c, sp in calibrating:
+        if c.experts is not None:       # each expert on the tokens routed to it, on its own
+            for key in _stat_keys(c):
+                if any(v is None for v in got[key].values()):
+                    raise DTMError(f"Expert {key.split(':')[-1]} of layer {c.layer} received no "
+                                   f"calibration token, so {sp.name} has no statistics for "
+                                   f"{c.name}; give more calibration prompts.")
+                out[(key, sp)] = got[key]
+            continue
         st = dict(got[c.path])
         if sp.shares_input:
             group = tuple(p for p in calibration.peers(c.path) if p in plain[c.layer])
@@ -206,10 +223,6 @@ def apply_recipe(model, recipe: Recipe, calibration=None, sequential: bool = Fal
             raise DTMError(f"{spec} also changes the input of the whole module at {comp.path}, "
                            f"so it cannot apply to the part {comp.name} alone; give the whole "
                            "(fused or experts) kind instead.")
-        if comp.experts is not None and spec.needs:
-            raise DTMError(f"{spec.name} needs calibration statistics of each expert's own "
-                           f"inputs, which are not gathered for mixture-of-experts experts "
-                           f"({comp.name}); use a method without calibration there.")
     applied = Applied()
     fresh: dict[tuple[int, str], torch.Tensor] = {}   # (module, param) -> this recipe's copy
     try:
@@ -250,9 +263,10 @@ def _compress(pairs, stats: dict, applied: Applied, fresh: dict) -> None:
             setattr(comp.module, comp.param,
                     torch.nn.Parameter(fresh[key], requires_grad=False))
         full = fresh[key]
-        for m in comp.matrices(full):   # each (out, in) matrix is compressed on its own
+        # each (out, in) matrix is compressed on its own (with its own statistics)
+        for sk, m in zip(_stat_keys(comp), comp.matrices(full)):
             w = (m[comp.rows] if comp.rows is not None else m).float()
-            new = spec.apply(w.contiguous(), stats.get((comp.path, spec), {}), comp.name)
+            new = spec.apply(w.contiguous(), stats.get((sk, spec), {}), comp.name)
             if comp.rows is not None:
                 m[comp.rows] = new.to(full.dtype)
             else:

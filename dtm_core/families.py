@@ -66,6 +66,9 @@ class Family:
     # the input can be folded into it (AWQ); or config -> that dict
     norms: dict | Callable[[object], dict] = field(default_factory=dict)
     norm_offset: float = 0.0            # the norm multiplies by (offset + weight): Gemma's 1
+    # (experts module, its inputs (tokens, hidden) routed to expert e, e, param) -> the input of
+    # that expert's ``param`` matrix: what calibration statistics of single experts are taken on
+    expert_input: Callable | None = None
 
     def input_norm(self, config, kind: str) -> str | None:
         """The norm whose output ``kind`` reads (None: no norm to fold a scale into)."""
@@ -163,6 +166,15 @@ def layer_types_sliding(config) -> set[int]:
     if getattr(config, "sliding_window", None):
         return set(range(config.num_hidden_layers))
     return set()
+
+
+def moe_expert_input(module, x: torch.Tensor, e: int, param: str) -> torch.Tensor:
+    """transformers 5 experts (Mixtral, Qwen2/3-MoE): ``gate_up_proj[e]`` reads the routed hidden
+    states, ``down_proj[e]`` reads act(gate) * up of them."""
+    if param == "gate_up_proj":
+        return x
+    gate, up = torch.nn.functional.linear(x, module.gate_up_proj[e].to(x.dtype)).chunk(2, dim=-1)
+    return module.act_fn(gate) * up
 
 
 def _head_dim(c) -> int:
@@ -279,11 +291,11 @@ register_family(Family(
 register_family(Family(
     "mixtral", "model.layers", {**_ATTN, **_MOE}, tail=("model.norm",), model_types=("mixtral",),
     gguf=_MOE_GGUF, examples="Mixtral", sliding_layers=layer_types_sliding,
-    norms=_ATTN_NORMS))
+    norms=_ATTN_NORMS, expert_input=moe_expert_input))
 register_family(Family(
     "qwen3_moe", "model.layers", {**_LLAMA_KINDS, **_MOE}, tail=("model.norm",),
     model_types=("qwen3_moe",), gguf={**_LLAMA_GGUF, **_MOE_GGUF}, examples="Qwen3-MoE",
-    sliding_layers=layer_types_sliding, norms=_LLAMA_NORMS))
+    sliding_layers=layer_types_sliding, norms=_LLAMA_NORMS, expert_input=moe_expert_input))
 register_family(Family(
     "qwen2_moe", "model.layers", {**_LLAMA_KINDS, **_MOE,
                                   "shared.gate": "mlp.shared_expert.gate_proj",
@@ -291,7 +303,8 @@ register_family(Family(
                                   "shared.down": "mlp.shared_expert.down_proj",
                                   "shared.router": "mlp.shared_expert_gate"},
     tail=("model.norm",), model_types=("qwen2_moe",), gguf={**_LLAMA_GGUF, **_MOE_GGUF},
-    examples="Qwen2-MoE", sliding_layers=layer_types_sliding, norms=_ATTN_NORMS))
+    examples="Qwen2-MoE", sliding_layers=layer_types_sliding, norms=_ATTN_NORMS,
+    expert_input=moe_expert_input))
 
 
 def family_for_type(model_type: str | None) -> Family | None:

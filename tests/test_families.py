@@ -270,12 +270,62 @@ def test_moe_pair_copies_only_the_compressed_parameters():
         .numel() * 4
 
 
-def test_calibrated_methods_refuse_experts_with_a_sentence():
-    lm = make("mixtral")
-    with pytest.raises(DTMError, match="each expert's own inputs"):
-        make_pair(lm, Recipe.single("wanda:0.5", "1.experts.down"), calibration=prompts(2, 1))
+def test_parts_refuse_activation_quantization_with_a_sentence():
     with pytest.raises(DTMError, match="cannot apply to the part 1.q alone"):
         make_pair(make("phi3"), Recipe.single("w8a8", "1.q"))
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_expert_statistics_are_each_experts_own_routed_inputs(family):
+    """Each expert's statistics come from the tokens the router sends to it: prompt by prompt
+    without padding, the routed hidden states (gate_up) and act(gate) * up of them (down)."""
+    from dtm_core.calibration import Calibration, expert_key
+
+    lm = make(family)
+    seqs = prompts(5, 3)
+    mod = lm.model.model.layers[1].mlp.experts
+    keys = [expert_key("model.layers.1.mlp.experts", p, e)
+            for p in ("gate_up_proj", "down_proj") for e in range(4)]
+    got = Calibration(lm.model, seqs).many(["input_hessian", "input_norms"], keys)
+    sums = {k: 0 for k in keys}
+    n = {k: 0 for k in keys}
+    seen = []
+    h = mod.register_forward_pre_hook(lambda m, a: seen.append((a[0].detach(), a[1])))
+    for s in seqs:
+        lm.model(torch.tensor([s]))
+    h.remove()
+    for x, idx in seen:
+        for e in range(4):
+            xe = x[(idx == e).any(-1)]
+            g, u = torch.nn.functional.linear(xe, mod.gate_up_proj[e]).chunk(2, dim=-1)
+            for k, inp in ((keys[e], xe), (keys[4 + e], mod.act_fn(g) * u)):
+                sums[k] = sums[k] + inp.t() @ inp
+                n[k] += len(inp)
+    for k in keys:
+        assert n[k] > 0
+        torch.testing.assert_close(got[k]["input_hessian"], sums[k] * 2 / n[k], rtol=1e-4,
+                                   atol=1e-5)
+        torch.testing.assert_close(got[k]["input_norms"], torch.diag(sums[k]).sqrt(), rtol=1e-4,
+                                   atol=1e-5)
+
+
+def test_calibrated_methods_on_experts_pairs_and_sweep_cells(tmp_path):
+    lm = make("mixtral")
+    seqs = prompts(6, 4)
+    res = sweep(lm, "gptq:int3", seqs, N, cache_dir=tmp_path, layers="1", kinds="e*.down")
+    assert len(res.table) == 4
+    for _, row in res.table.iloc[:2].iterrows():
+        pair = make_pair(lm, Recipe.single("gptq:int3", row.component), calibration=seqs)
+        d = divergence(pair, prompt_ids=seqs, new_tokens=N)
+        assert row.fdt_mean == d.table.fdt.mean()
+    a = make_pair(lm, Recipe.single("wanda:0.5", "1.e0.down"), calibration=seqs)
+    b = make_pair(lm, Recipe.single("magnitude:0.5", "1.e0.down"))
+    wa = a.compressed.model.layers[1].mlp.experts.down_proj
+    wb = b.compressed.model.layers[1].mlp.experts.down_proj
+    assert not torch.equal(wa[0], wb[0]) and torch.equal(wa[1], wb[1])
+    # a single one-token prompt reaches 2 of the 4 experts: the others have no statistics
+    with pytest.raises(DTMError, match="received no calibration token"):
+        make_pair(lm, Recipe.single("gptq:int4", "1.experts.down"), calibration=[[5]])
 
 
 def test_an_unsupported_family_is_refused_in_one_sentence():

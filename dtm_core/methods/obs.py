@@ -23,17 +23,27 @@ def inverse_hessian_factor(h: torch.Tensor, damp: float, name: str = "") -> tupl
                                                                                  float]:
     """Upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1 (so U^T U = that inverse), and
     the dampening used: a factorization that fails is retried with ten times the dampening, and
-    the log says so."""
-    h = h.clone()
-    mean = float(torch.diag(h).mean()) or 1.0
+    the log says so. ``h`` is dampened in place (pass a copy: :func:`prepare` makes one), and
+    every intermediate is freed as soon as the next exists, so at most three Hessian-sized
+    matrices are alive at once."""
+    diag = torch.diagonal(h)
+    mean = float(diag.mean()) or 1.0
+    added = 0.0
     for attempt in range(6):
         d = damp * 10 ** attempt
-        hd = h + d * mean * torch.eye(len(h), dtype=h.dtype, device=h.device)
+        diag.add_(d * mean - added)
+        added = d * mean
         try:
-            low = torch.linalg.cholesky(hd)
-            u = torch.linalg.cholesky(torch.cholesky_inverse(low), upper=True)
+            low = torch.linalg.cholesky(h)
         except torch.linalg.LinAlgError:
             continue
+        inv = torch.cholesky_inverse(low)
+        del low
+        try:
+            u = torch.linalg.cholesky(inv, upper=True)
+        except torch.linalg.LinAlgError:
+            continue
+        del inv
         if attempt:
             LOG.warning("%s: the Hessian was not positive definite with %.3g %% dampening; "
                         "used %.3g %%.", name or "a component", 100 * damp, 100 * d)

@@ -33,7 +33,7 @@ def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, sparsity: float = 0.5, n: 
         k = int(round(sparsity * score.numel()))
         if k:
             idx = torch.topk(score.flatten(), k, largest=False).indices
-            block = torch.zeros(score.numel(), dtype=torch.bool)
+            block = torch.zeros(score.numel(), dtype=torch.bool, device=w.device)
             block[idx] = True
             mask[:, i1:i2] = block.view(score.shape)
 
