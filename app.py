@@ -64,8 +64,12 @@ def pair_row(default_model: str) -> tuple[common.PairForm, common.IntactKVForm]:
             calib_samples = gr.Number(value=0, precision=0, minimum=0, label="Samples",
                                       info="first M sequences; 0: all",
                                       elem_id="calib-samples")
+            sequential = gr.Checkbox(value=False, label="Sequential",
+                                     info="each layer calibrated on the compressed layers "
+                                          "before it (whole-model GPTQ)",
+                                     elem_id="sequential")
     return (common.PairForm(model, preset, spec, components, checkpoint, calibration,
-                            calibration_file, calib_ctx, calib_samples),
+                            calibration_file, calib_ctx, calib_samples, sequential),
             common.IntactKVForm(intactkv, ikv_cal, calib_steps))
 
 

@@ -42,6 +42,7 @@ class PairForm:
     calibration_file: gr.File
     calib_ctx: gr.Number
     calib_samples: gr.Number
+    sequential: gr.Checkbox
 
     @property
     def side(self) -> list:
@@ -50,7 +51,8 @@ class PairForm:
 
     @property
     def calib(self) -> list:
-        return [self.calibration, self.calibration_file, self.calib_ctx, self.calib_samples]
+        return [self.calibration, self.calibration_file, self.calib_ctx, self.calib_samples,
+                self.sequential]
 
 
 @dataclass
@@ -91,7 +93,8 @@ def calibration_setting(choice, upload=None, ctx=None, samples=None) -> Calibrat
 
 
 def pair_request(model, preset, spec, components, checkpoint, chat=False, calibration=None,
-                 calibration_file=None, calib_ctx=None, calib_samples=None) -> PairRequest:
+                 calibration_file=None, calib_ctx=None, calib_samples=None,
+                 sequential=False) -> PairRequest:
     """The pair the form describes, validated before any model work."""
     source = (model or "default").strip()
     setting = calibration_setting(calibration, calibration_file, calib_ctx, calib_samples)
@@ -104,7 +107,7 @@ def pair_request(model, preset, spec, components, checkpoint, chat=False, calibr
         raise DTMError("Give a compression spec, e.g. int4:g128.")
     req = PairRequest(model=source, compress=str(parse_spec(text)),
                       components=(components or "").strip() or "*.*", calibration=setting,
-                      chat=bool(chat))
+                      chat=bool(chat), sequential=bool(sequential))
     req.validate()
     return req
 

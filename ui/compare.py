@@ -32,7 +32,8 @@ class CompareTab:
 
 def compare(model, preset, spec, components, checkpoint, prompt, chat, new_tokens,
             ikv_text="off", ikv_cal=False, calib_steps=50, calibration=None,
-            calibration_file=None, calib_ctx=None, calib_samples=None, request: gr.Request = None, progress=gr.Progress()):
+            calibration_file=None, calib_ctx=None, calib_samples=None, sequential=False,
+            request: gr.Request = None, progress=gr.Progress()):
     """Generator: stream both generations, then finalize with the engine's teacher-forced pass.
 
     Inputs come positionally in the order API clients have always used; the calibration inputs
@@ -42,7 +43,8 @@ def compare(model, preset, spec, components, checkpoint, prompt, chat, new_token
         if not (prompt or "").strip():
             raise DTMError("Type a prompt first.")
         req = common.pair_request(model, preset, spec, components, checkpoint, chat, calibration,
-                                  calibration_file, calib_ctx, calib_samples)
+                                  calibration_file, calib_ctx, calib_samples,
+                                  sequential)
         setting = common.intactkv_setting(ikv_text, ikv_cal, calib_steps)
         yield empty + ("Starting…",)
         if not common.CACHE.cached(req.model):
@@ -111,14 +113,16 @@ def compare(model, preset, spec, components, checkpoint, prompt, chat, new_token
 
 
 def run_sinks(model, preset, spec, components, checkpoint, ikv_text, prompt, chat, k,
-              calibration=None, calibration_file=None, calib_ctx=None, calib_samples=None):
+              calibration=None, calibration_file=None, calib_ctx=None, calib_samples=None,
+              sequential=False):
     from dtm_core.intactkv import IntactKV
 
     try:
         if not (prompt or "").strip():
             raise DTMError("Type a prompt first.")
         req = common.pair_request(model, preset, spec, components, checkpoint, chat, calibration,
-                                  calibration_file, calib_ctx, calib_samples)
+                                  calibration_file, calib_ctx, calib_samples,
+                                  sequential)
         pair = common.CACHE.open(req, [prompt])
         ids = encode_prompts(pair.tokenizer, [prompt], chat=bool(chat))[0]
         k = int(k or 0)

@@ -13,14 +13,16 @@ from .render import friendly, kld_figures
 
 
 def run_kld(model, preset, spec, components, checkpoint, text_file, ctx, calibration=None,
-            calibration_file=None, calib_ctx=None, calib_samples=None, progress=gr.Progress()):
+            calibration_file=None, calib_ctx=None, calib_samples=None, sequential=False,
+            progress=gr.Progress()):
     try:
         path = common.upload_path(text_file)
         if not path:
             raise DTMError("Upload a plain-text file to score.")
         text = read_text_file(path)
         req = common.pair_request(model, preset, spec, components, checkpoint, False,
-                                  calibration, calibration_file, calib_ctx, calib_samples)
+                                  calibration, calibration_file, calib_ctx, calib_samples,
+                                  sequential)
         progress(0, desc="loading the pair")
         # the evaluated prompts of a text: its first 64 non-empty lines (as the CLI's kld)
         pair = common.CACHE.open(req, [ln for ln in text.splitlines() if ln.strip()][:64])

@@ -31,13 +31,15 @@ class SetsTab:
 
 def run_set(model, preset, spec, components, checkpoint, upload, builtin, chat, new_tokens,
             ikv_text="off", ikv_cal=False, calib_steps=50, calibration=None,
-            calibration_file=None, calib_ctx=None, calib_samples=None, request: gr.Request = None, progress=gr.Progress()):
+            calibration_file=None, calib_ctx=None, calib_samples=None, sequential=False,
+            request: gr.Request = None, progress=gr.Progress()):
     """Evaluate a prompt set on the current pair; returns table, cards, plots, files, message."""
     nothing = (None, "", None, None, None, None, None)
     try:
         pset = common.load_set(upload, builtin)
         req = common.pair_request(model, preset, spec, components, checkpoint, chat, calibration,
-                                  calibration_file, calib_ctx, calib_samples)
+                                  calibration_file, calib_ctx, calib_samples,
+                                  sequential)
         setting = common.intactkv_setting(ikv_text, ikv_cal, calib_steps)
         progress(0, desc="loading the pair")
         pair = common.CACHE.open(req, pset.prompts)

@@ -34,7 +34,7 @@ class SensitivityTab:
 
 def run_sweep(model, spec, upload, builtin, chat, new_tokens, layers, kinds, metric,
               ikv_text="off", view="IntactKV", calibration=None, calibration_file=None,
-              calib_ctx=None, calib_samples=None,
+              calib_ctx=None, calib_samples=None, sequential=False,
               request: gr.Request = None, progress=gr.Progress()):
     try:
         parse_spec(spec)

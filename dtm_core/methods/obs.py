@@ -23,9 +23,8 @@ def inverse_hessian_factor(h: torch.Tensor, damp: float, name: str = "") -> tupl
                                                                                  float]:
     """Upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1 (so U^T U = that inverse), and
     the dampening used: a factorization that fails is retried with ten times the dampening, and
-    the log says so. ``h`` is dampened in place (pass a copy: :func:`prepare` makes one), and
-    every intermediate is freed as soon as the next exists, so at most three Hessian-sized
-    matrices are alive at once."""
+    the log says so. ``h`` is dampened and then overwritten by U (pass a copy: :func:`prepare`
+    makes one), so at most two Hessian-sized matrices are alive at once."""
     diag = torch.diagonal(h)
     mean = float(diag.mean()) or 1.0
     added = 0.0
@@ -33,17 +32,19 @@ def inverse_hessian_factor(h: torch.Tensor, damp: float, name: str = "") -> tupl
         d = damp * 10 ** attempt
         diag.add_(d * mean - added)
         added = d * mean
-        try:
-            low = torch.linalg.cholesky(h)
-        except torch.linalg.LinAlgError:
+        low, info = torch.linalg.cholesky_ex(h)
+        if int(info):
+            del low
             continue
-        inv = torch.cholesky_inverse(low)
+        # the rest reuses h's storage: at most two Hessian-sized matrices at once
+        h.copy_(low)
         del low
-        try:
-            u = torch.linalg.cholesky(inv, upper=True)
-        except torch.linalg.LinAlgError:
-            continue
-        del inv
+        torch.cholesky_inverse(h, out=h)
+        u, info = torch.linalg.cholesky_ex(h, upper=True, out=(h, torch.empty(
+            (), dtype=torch.int32, device=h.device)))
+        if int(info):
+            raise DTMError(f"The inverse Hessian of {name or 'a component'} is not positive "
+                           "definite; give more calibration prompts or a larger dampening.")
         if attempt:
             LOG.warning("%s: the Hessian was not positive definite with %.3g %% dampening; "
                         "used %.3g %%.", name or "a component", 100 * damp, 100 * d)
