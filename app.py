@@ -48,26 +48,26 @@ def pair_row(default_model: str) -> tuple[common.PairForm, common.IntactKVForm]:
                                    "same first tokens in every prompt", elem_id="intactkv-cal")
         calib_steps = gr.Slider(1, 500, value=50, step=1, label="Calibration steps",
                                 elem_id="calib-steps")
+    with gr.Row(elem_classes="calibration-row"):
         calibration = gr.Dropdown(common.calibration_choices(), value=common.EVALUATED,
                                   allow_custom_value=True, label="Calibration prompts",
                                   info="for methods that need statistics (wanda, gptq, "
                                        "sparsegpt, awq) and calibrated IntactKV: the prompts "
                                        "being evaluated, or a set",
-                                  elem_id="calibration")
+                                  elem_id="calibration", scale=2)
         calibration_file = gr.File(label="or a calibration file", height=120,
                                    file_types=[".txt", ".jsonl", ".csv"],
-                                   elem_id="calibration-file")
-        with gr.Column(min_width=140, scale=0):
-            calib_ctx = gr.Number(value=0, precision=0, minimum=0, label="Chunk (tokens)",
-                                  info="cut the calibration text into chunks; 0: per prompt",
-                                  elem_id="calib-ctx")
-            calib_samples = gr.Number(value=0, precision=0, minimum=0, label="Samples",
-                                      info="first M sequences; 0: all",
-                                      elem_id="calib-samples")
-            sequential = gr.Checkbox(value=False, label="Sequential",
-                                     info="each layer calibrated on the compressed layers "
-                                          "before it (whole-model GPTQ)",
-                                     elem_id="sequential")
+                                   elem_id="calibration-file", scale=2)
+        calib_ctx = gr.Number(value=0, precision=0, minimum=0, label="Chunk (tokens)",
+                              info="cut the calibration text into chunks of this many tokens; "
+                                   "0: one sequence per prompt", elem_id="calib-ctx")
+        calib_samples = gr.Number(value=0, precision=0, minimum=0, label="Samples",
+                                  info="use the first M sequences; 0: all",
+                                  elem_id="calib-samples")
+        sequential = gr.Checkbox(value=False, label="Sequential",
+                                 info="each layer calibrated on the outputs of the compressed "
+                                      "layers before it (whole-model GPTQ)",
+                                 elem_id="sequential")
     return (common.PairForm(model, preset, spec, components, checkpoint, calibration,
                             calibration_file, calib_ctx, calib_samples, sequential),
             common.IntactKVForm(intactkv, ikv_cal, calib_steps))

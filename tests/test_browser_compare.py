@@ -332,3 +332,26 @@ def test_intactkv_prompt_set_comparison_and_sweep_views(browser, app_url, tmp_pa
     page.wait_for_function(
         "document.querySelector('#sens-heatmap .gtitle').textContent.includes('− plain')",
         timeout=20_000)
+
+
+def test_awq_with_chunked_calibration_text_in_compare(browser, app_url, tmp_path):
+    """The pair row's calibration controls reach the engine: a custom AWQ spec calibrated on a
+    built-in set cut into 32-token chunks, the first 4, and the status says so."""
+    page = browser.new_page(viewport={"width": 1500, "height": 1100})
+    page.goto(app_url)
+    page.locator("#preset input").click()
+    page.get_by_role("option", name="custom spec").click()
+    page.locator("#spec textarea, #spec input").first.fill("awq:int3:g64")
+    page.locator("#components textarea, #components input").first.fill("0-2.*")
+    page.locator("#calibration input").click()
+    page.get_by_role("option", name="instructions").click()
+    for box, value in (("#calib-ctx", 32), ("#calib-samples", 4)):
+        page.locator(f"{box} input[type=number]").fill(str(value))
+    page.locator("#prompt textarea").fill("The capital of France is")
+    set_tokens(page, 8)
+    page.locator("#generate").click()
+    page.wait_for_function("document.querySelector('#status').innerText.includes('Done')",
+                           timeout=180_000)
+    status = page.locator("#status").inner_text()
+    assert "chunks of 32 tokens, the first 4" in status, status
+    page.screenshot(path=str(tmp_path / "awq-calibration.png"))
