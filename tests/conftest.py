@@ -91,6 +91,21 @@ class NumberTokenizer(TinyTokenizer):
         return Encoded()
 
 
+class ChatNumberTokenizer(NumberTokenizer):
+    """A NumberTokenizer with a chat template: each user turn becomes ``1 5 <ids> 6`` and the
+    generation prompt ``7``, rendered by jinja2 as transformers renders templates."""
+
+    chat_template = ("{% for m in messages %}1 5 {{ m['content'] }} 6 {% endfor %}"
+                     "{% if add_generation_prompt %}7{% endif %}")
+
+    def apply_chat_template(self, messages, add_generation_prompt=False, tokenize=False, **kw):
+        import jinja2
+
+        text = jinja2.Template(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt)
+        return self(text).input_ids if tokenize else text
+
+
 def hf_greedy(model, ids, n, eos, pad_id=0):
     """transformers' own generate, one prompt at a time, cut after the first EOS: ground truth."""
     x = torch.tensor([ids])

@@ -19,7 +19,7 @@ from dtm_core.pair import make_pair, tensor_bytes
 from dtm_core.streaming import stream_pair
 from dtm_core.sweep import sweep
 
-from conftest import VOCAB, TinyTokenizer, hf_greedy
+from conftest import VOCAB, ChatNumberTokenizer, TinyTokenizer, hf_greedy
 from test_intactkv import _greedy_from_dense_cache
 
 N = 10
@@ -128,6 +128,30 @@ def test_fdt_equals_real_greedy_divergence(fam):
     assert res.table.fdt.min() < N, "the compression must show a divergence somewhere"
     ident = divergence(make_pair(fam, Recipe.single("none")), prompt_ids=ps, new_tokens=N)
     assert (ident.table.fdt == N).all() and (ident.table.kl_mean == 0).all()
+
+
+def test_fdt_equals_real_greedy_divergence_through_a_chat_template(fam):
+    """Prompt texts through a chat template (user turn and generation prompt around them), in
+    padded batches: FDT is where the two models' own greedy texts first differ."""
+    from dtm_core.generation import encode_prompts
+
+    lm = LoadedModel(model=fam.model, tokenizer=ChatNumberTokenizer(), source=fam.source,
+                     description=fam.description, fingerprint=fam.fingerprint + "-chat")
+    texts = [" ".join(map(str, p[1:])) for p in prompts(6, seed=8)]
+    pair = make_pair(lm, Recipe.single("int4", "1.*"))
+    res = divergence(pair, texts, N, chat=True, generate_compressed=True, batch_size=4)
+    ids = encode_prompts(lm.tokenizer, texts, chat=True)
+    assert all(i[:2] == [1, 5] and i[-2:] == [6, 7] for i in ids)
+    assert res.prompt_ids == ids
+    eos = eos_ids(lm)
+    for p, ref, fdt in zip(ids, res.references, res.table.fdt):
+        dense = hf_greedy(fam.model, p, N, eos)
+        comp = hf_greedy(pair.compressed, p, N, eos)
+        assert ref == dense
+        first = next((t for t, (a, b) in enumerate(zip(dense, comp)) if a != b),
+                     min(len(dense), len(comp)))
+        assert fdt == (N if dense == comp else first)
+    assert res.table.fdt.min() < N
 
 
 def test_sweep_cells_equal_single_component_pairs(fam, tmp_path):
