@@ -88,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     div.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
     div.add_argument("--generate-compressed", action="store_true",
                      help="also generate the compressed model's full greedy text (slower)")
-    div.add_argument("--out", help="CSV file with one row per prompt")
+    div.add_argument("--out", help="one row per prompt: a plain CSV, or Parquet when the name "
+                                   "ends in .parquet; the configuration goes to NAME.json "
+                                   "beside it")
     div.add_argument("--json", help="write the aggregates as JSON here")
     _intactkv_args(div)
     ev = sub.add_parser("evaluate", help="a prompt set: divergence metrics and task accuracy")
@@ -97,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a .txt/.jsonl/.csv file or a built-in set: " + ", ".join(_builtins()))
     ev.add_argument("--new-tokens", type=int, default=32, metavar="N")
     ev.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
-    ev.add_argument("--out", help="CSV with one row per prompt (run configuration in a # line)")
+    ev.add_argument("--out", help="one row per prompt: a plain CSV, or Parquet when the name ends "
+                                  "in .parquet; the configuration goes to NAME.json beside it")
     ev.add_argument("--json", help="JSON with configuration, summary and rows")
     _intactkv_args(ev)
     kl = sub.add_parser("kld", help="llama.cpp-style KL-divergence statistics on a text")
@@ -123,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
                                             "$XDG_CACHE_HOME/dtm-inspector)")
         sp.add_argument("--batch-size", type=int, default=16)
         if name == "sweep":
-            sp.add_argument("--out", help="CSV with one row per component")
+            sp.add_argument("--out", help="one row per component: a plain CSV, or Parquet when "
+                                          "the name ends in .parquet (configuration in "
+                                          "NAME.json beside it)")
             sp.add_argument("--intactkv", metavar="K|prefix",
                             help="run every cell with the dense model's KV for the first K "
                                  "tokens or the chat prefix (stored apart from plain sweeps)")
@@ -225,7 +230,13 @@ def cmd_divergence(args) -> int:
         summary = {"plain": res.summary, "intactkv": intact.summary, "intactkv_setting": ikv.label}
         _print_comparison(header + f"   IntactKV: {ikv.label}", res.summary, intact.summary)
     if args.out:
-        table.to_csv(args.out, index=False)
+        from .exports import write_table
+        write_table(table, args.out, {
+            "command": "divergence", "model": pair.dense.source, "pair": pair.label,
+            "prompts": args.prompts, "prompt_count": len(pset.records),
+            "new_tokens": args.new_tokens, "chat": args.chat,
+            "intactkv": None if ikv is None else ikv.label,
+            "calibration": None if pair.calibration is None else pair.calibration.label})
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(summary, fh, indent=2)
@@ -281,8 +292,7 @@ def cmd_evaluate(args) -> int:
               "warning: rejected " + "; ".join(f"line {n}: {r}" for n, r in res.rejected),
               file=sys.stderr)
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as fh:
-            fh.write(res.to_csv())
+        res.write(args.out)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             fh.write(res.to_json())
@@ -357,7 +367,12 @@ def cmd_sweep(args) -> int:
     if rank != 0:
         return 0
     if args.out:
-        res.table.to_csv(args.out, index=False)
+        from .exports import write_table
+        write_table(res.table, args.out, {
+            "command": "sweep", "model": dense.source, "spec": args.compress,
+            "prompts": args.prompts, "prompt_count": len(ids), "new_tokens": args.new_tokens,
+            "chat": args.chat, "intactkv": None if ikv is None else ikv.label,
+            "cell_store": str(res.folder)})
     print(f"sweep {args.compress}{f' IntactKV {ikv.label}' if ikv else ''} on {dense.source}: "
           f"{len(res.table)} components "
           f"({res.computed} computed here, {res.reused} from the store {res.folder}"

@@ -83,8 +83,14 @@ class EvalResult:
                            "rows": json.loads(self.table.to_json(orient="records"))}, indent=2)
 
     def to_csv(self) -> str:
-        """The table as CSV, preceded by ``# config: {json}`` (read back with comment='#')."""
-        return f"# config: {json.dumps(self.config)}\n" + self.table.to_csv(index=False)
+        """The table as a plain CSV (header first; the configuration is in :meth:`to_json` and
+        in the sidecar :meth:`write` puts beside a file)."""
+        return self.table.to_csv(index=False)
+
+    def write(self, path) -> list:
+        """The table as CSV or Parquet (by suffix) and the configuration in ``NAME.json``."""
+        from .exports import write_table
+        return write_table(self.table, path, self.config)
 
 
 def intact_columns() -> list[str]:

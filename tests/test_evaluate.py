@@ -1,6 +1,6 @@
 """Prompt-set evaluation: LLM-KICK accuracy against a slow reference, bootstrap, export, rejects."""
-import io
 import json
+import tempfile
 import re
 
 import numpy as np
@@ -85,14 +85,18 @@ def test_accuracy_equals_slow_reference(default_model, set_name, n_prompts, tmp_
     s = res.summary
     assert s["accuracy_dense"] == res.table.correct_dense.mean()
     assert s["accuracy_compressed"] == res.table.correct_compressed.mean()
-    # export: CSV with the configuration in a comment line, JSON with everything
+    # export: a plain CSV (header first) with the configuration in NAME.json beside it, JSON
+    # with everything
     csv_text = res.to_csv()
-    cfg = json.loads(csv_text.splitlines()[0].removeprefix("# config: "))
+    assert csv_text.splitlines()[0].startswith("prompt_index,")
+    with tempfile.TemporaryDirectory() as d:
+        res.write(f"{d}/run.csv")
+        cfg = json.loads(open(f"{d}/run.json", encoding="utf-8").read())["config"]
+        back = pd.read_csv(f"{d}/run.csv")
     assert cfg["prompt_set_sha256"] == full.sha256 and cfg["new_tokens"] == 12
     assert cfg["recipe"] == [{"spec": "magnitude:0.2", "components": "*.up,*.gate"}]
     assert {"torch", "transformers", "dtm_core"} <= set(cfg["versions"])
-    back = pd.read_csv(io.StringIO(csv_text), comment="#")
-    assert list(back.fdt) == list(res.table.fdt)
+    assert list(back.fdt) == list(res.table.fdt) and len(back) == len(res.table)
     data = json.loads(res.to_json())
     assert data["config"] == cfg and len(data["rows"]) == n_prompts
 

@@ -36,7 +36,7 @@ def test_wanda_sweep_cell_opened_in_compare_is_the_measured_pair(tmp_path, monke
     common.CACHE._pairs.clear()
     f = tmp_path / "few.txt"
     f.write_text("The capital of France is\nWater boils at\nOnce upon a time\n")
-    heat, table, msg, csv, state = sensitivity.run_sweep(
+    heat, table, msg, csv, state, parquet = sensitivity.run_sweep(
         "default", "wanda:0.5", str(f), "general", False, N, "4", "q,down", "fdt_mean",
         progress=quiet)
     assert "Done" in msg, msg

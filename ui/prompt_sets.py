@@ -51,11 +51,13 @@ def run_set(model, preset, spec, components, checkpoint, upload, builtin, chat, 
             res = evaluate(pair, pset, n, chat=bool(chat), stop=stop, intactkv=ikv,
                            progress=lambda f, m: progress(f, desc=m))
     except Exception as exc:  # noqa: BLE001 - every failure becomes a message
-        return nothing + (friendly(exc), None, None)
+        return nothing + (friendly(exc), None, None, None)
     out_dir = Path(tempfile.mkdtemp(prefix="dtm-export-"))
     csv_path, json_path = out_dir / "dtm_results.csv", out_dir / "dtm_results.json"
-    csv_path.write_text(res.to_csv(), encoding="utf-8")
-    json_path.write_text(res.to_json(), encoding="utf-8")
+    parquet_path = out_dir / "dtm_results.parquet"
+    res.write(csv_path)
+    res.write(parquet_path)
+    json_path.write_text(res.to_json(), encoding="utf-8")   # the sidecar, with summary and rows
     table = res.table[[c for c in TABLE_COLUMNS if c in res.table.columns]]
     msg = (f"{'Stopped: ' if res.stopped else 'Done: '}{len(res.table)} prompts of "
            f"{pset.name} on {pair.dense.source} vs {pair.label}"
@@ -90,7 +92,7 @@ def run_set(model, preset, spec, components, checkpoint, upload, builtin, chat, 
                      "uncalibrated": f"IntactKV {ikv.label.replace('+cal', '')} (uncalibrated)",
                      "delta": "Δ (IntactKV − plain)"})
     return (table, summary_cards(res), *set_plots(res, n), str(csv_path), str(json_path), msg,
-            state, comparison)
+            state, comparison, str(parquet_path))
 
 
 def open_in_compare(run_state, evt: gr.SelectData):
@@ -136,10 +138,11 @@ def build(pair: PairForm, ikv: IntactKVForm) -> SetsTab:
     with gr.Row():
         csv_file = gr.File(label="Export CSV", elem_id="set-csv")
         json_file = gr.File(label="Export JSON", elem_id="set-json")
+        parquet_file = gr.File(label="Export Parquet", elem_id="set-parquet")
     run_state = gr.State(None)
     run.click(run_set, pair.side + [upload, builtin, chat, new_tokens] + ikv.inputs + pair.calib,
               [results, cards, hist, surv, scat, csv_file, json_file, status, run_state,
-               comparison], concurrency_id="model")
+               comparison, parquet_file], concurrency_id="model")
     stop.click(STOPS.stopper("set", "Stopping after the current chunk…"), None, [status],
                queue=False)
     return SetsTab(results=results, run_state=run_state)

@@ -9,6 +9,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
+from dtm_core.exports import write_table
 from dtm_core.generation import encode_prompts
 from dtm_core.intactkv import IntactKV
 from dtm_core.jobs import CalibrationSetting, plan_from_sweep, sweep_variants
@@ -52,13 +53,17 @@ def run_sweep(model, spec, upload, builtin, chat, new_tokens, layers, kinds, met
                                   calibration=setting, chat=bool(chat),
                                   progress=lambda f, m: progress(f, desc=m))
     except Exception as exc:  # noqa: BLE001 - every failure becomes a message
-        return None, None, friendly(exc), None, None
+        return None, None, friendly(exc), None, None, None
     res = both.main
     if res.table.empty:
-        return None, None, "Stopped before any cell finished.", None, None
+        return None, None, "Stopped before any cell finished.", None, None, None
     out = Path(tempfile.mkdtemp(prefix="dtm-sweep-")) / "sweep.csv"
     table = both.table
-    table.to_csv(out, index=False)
+    config = {"model": dense.source, "spec": str(parse_spec(spec)), "prompts": pset.name,
+              "prompt_count": len(ids), "new_tokens": int(new_tokens), "chat": bool(chat),
+              "intactkv": None if ikv is None else ikv.label, "cell_store": str(res.folder)}
+    write_table(table, out, config)
+    write_table(table, out.with_suffix(".parquet"), config)
     # what a cell opened in Compare must calibrate on to be the pair the cell measured
     source = setting.source or common.upload_path(upload) or builtin
     state = {"table": res.table.to_dict("records"), "spec": str(parse_spec(spec)),
@@ -76,11 +81,13 @@ def run_sweep(model, spec, upload, builtin, chat, new_tokens, layers, kinds, met
                f"{common.pivot_note(dense.tokenizer, ikv, pset.prompts[0], chat, common.FIRST)}"
                f"{calib}")
         state.update(plain=both.plain.table.to_dict("records"), intactkv=ikv.label)
-        return sweep_view_figure(state, metric, view), table, msg, str(out), state
+        return (sweep_view_figure(state, metric, view), table, msg, str(out), state,
+                str(out.with_suffix(".parquet")))
     msg = (f"{'Stopped' if res.stopped else 'Done'}: {len(res.table)} components "
            f"({res.computed} computed, {res.reused} reused from the store) for {spec} on "
            f"{pset.name}. Select a row to open that single-component pair in Compare.{calib}")
-    return sensitivity_heatmap(res.table, metric), table, msg, str(out), state
+    return (sensitivity_heatmap(res.table, metric), table, msg, str(out), state,
+            str(out.with_suffix(".parquet")))
 
 
 def sweep_view_figure(state, metric, view):
@@ -196,11 +203,13 @@ def build(pair: PairForm, intactkv: gr.Dropdown) -> SensitivityTab:
         cell_open = gr.Button("open cell", elem_id="sens-open")
     cells = gr.Dataframe(label="Cells (select a row to open it in Compare)", interactive=False,
                          elem_id="sens-table", max_height=400)
-    csv_file = gr.File(label="Sweep CSV", elem_id="sens-csv")
+    with gr.Row():
+        csv_file = gr.File(label="Sweep CSV", elem_id="sens-csv")
+        parquet_file = gr.File(label="Sweep Parquet", elem_id="sens-parquet")
     state = gr.State(None)
     run.click(run_sweep, [model, spec, upload, builtin, chat, new_tokens, layers, kinds, metric,
                           intactkv, view] + pair.calib,
-              [heat, cells, status, csv_file, state], concurrency_id="model")
+              [heat, cells, status, csv_file, state, parquet_file], concurrency_id="model")
     stop.click(STOPS.stopper("sweep", "Stopping after the current cell…"), None, [status],
                queue=False)
     metric.change(rerender_heatmap, [state, metric, view], [heat])
