@@ -4,9 +4,10 @@ The kinds of each family and their module paths live in the family adapters
 (:mod:`dtm_core.families`), e.g. Llama ``q k v o gate up down``, GPT-2 (Conv1D, weights stored as
 (in, out)) ``qkv o up down``, OPT ``q k v o up down``.
 
-A selection is a comma-separated list of ``LAYERS.KIND`` where LAYERS is ``*``, ``N`` or ``N-M``
-and KIND is ``*``, a kind, a slice of a fused weight (``q`` in Phi-3's ``qkv``) or one expert
-(``e3.down``, ``e*.down``): ``*.q,*.k,0-3.down``.
+A selection is a comma-separated list (spaces allowed) of ``LAYERS.KIND``, or ``*`` / ``all`` for
+every component, where LAYERS is ``*``, ``all``, ``N`` or ``N-M`` and KIND is ``*``, ``all``, a kind,
+a slice of a fused weight (``q`` in Phi-3's ``qkv``) or one expert (``e3.down``, ``e*.down``):
+``*.q, *.k, 0-3.down``.
 """
 from __future__ import annotations
 
@@ -129,6 +130,19 @@ def _span(text: str, n: int, what: str, fam: Family, n_layers: int) -> range:
     return range(lo, hi + 1)
 
 
+def _normal(item: str) -> str:
+    """``*`` and ``all`` mean every component; ``all`` stands for ``*`` as layers or kind."""
+    item = item.strip()
+    if item.lower() in ("*", "all"):
+        return "*.*"
+    layers, dot, kind = item.partition(".")
+    if dot:
+        layers = "*" if layers.strip().lower() == "all" else layers.strip()
+        kind = "*" if kind.strip().lower() == "all" else kind.strip()
+        return f"{layers}.{kind}"
+    return item
+
+
 def _selected(selection: str, model) -> list[tuple[int, str, int | None]]:
     """(layer, kind, expert) of every component a selection names, in model order."""
     fam = family_of(model)
@@ -139,7 +153,7 @@ def _selected(selection: str, model) -> list[tuple[int, str, int | None]]:
     order = {k: j for j, k in enumerate(list(fam.kinds) + list(fam.slices))}
     wanted: dict[tuple, None] = {}
     for raw in selection.split(","):
-        item = raw.strip()
+        item = _normal(raw)
         m = _ITEM.match(item)
         if not m:
             raise DTMError(f"Component '{item}' is not of the form LAYERS.KIND: "

@@ -30,6 +30,11 @@ def test_selection_grammar():
     assert parse_selection("2.*", lm.model) == [f"2.{k}" for k in KINDS["llama"]]
     assert parse_selection(" 1.up , 1.up ", lm.model) == ["1.up"]
     assert len(parse_selection("*.*", lm.model)) == 21
+    # what people type: * and all for everything, all as layers or kind, spaces after commas
+    for every in ("*", "all", " ALL ", "all.all", "all.*"):
+        assert parse_selection(every, lm.model) == parse_selection("*.*", lm.model), every
+    assert parse_selection("all.q, 1.down", lm.model) == ["0.q", "1.q", "1.down", "2.q"]
+    assert parse_selection("1.all", lm.model) == parse_selection("1.*", lm.model)
 
 
 @pytest.mark.parametrize("bad,msg", [("5.q", "out of range"), ("0-7.q", "out of range"),
