@@ -34,7 +34,8 @@ def pair_row(default_model: str) -> tuple[common.PairForm, common.IntactKVForm]:
                              elem_id="preset")
         spec = gr.Textbox(label="Custom spec", placeholder="int4:g64:asym", elem_id="spec")
         components = gr.Textbox(value="*.*", label="Components",
-                                info="LAYERS.KIND, e.g. *.q,*.k,0-3.down", elem_id="components")
+                                info=common.plain_text("LAYERS.KIND, e.g. *.q,*.k,0-3.down"),
+                                elem_id="components")
         checkpoint = gr.Textbox(label="Second checkpoint", elem_id="checkpoint",
                                 placeholder="path, .gguf or hub id")
     with gr.Row(elem_classes="intactkv-row"):

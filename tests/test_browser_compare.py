@@ -355,3 +355,22 @@ def test_awq_with_chunked_calibration_text_in_compare(browser, app_url, tmp_path
     status = page.locator("#status").inner_text()
     assert "chunks of 32 tokens, the first 4" in status, status
     page.screenshot(path=str(tmp_path / "awq-calibration.png"))
+
+
+def test_status_is_text_and_selections_people_type(browser, app_url):
+    """A selection with spaces and '*' reaches the engine and the status shows it as typed (not
+    as Markdown emphasis)."""
+    page = browser.new_page(viewport={"width": 1500, "height": 1100})
+    page.goto(app_url)
+    page.locator("#components textarea, #components input").first.fill("*.q, *.k")
+    page.locator("#prompt textarea").fill("Water boils at")
+    set_tokens(page, 4)
+    page.locator("#generate").click()
+    page.wait_for_function("document.querySelector('#status').innerText.includes('Done')",
+                           timeout=120_000)
+    status = page.locator("#status").inner_text()
+    assert "int8@*.q, *.k" in status, status
+    assert page.locator("#status em, #status strong").count() == 0
+    # the Components help (kinds of the model's family, from its config) is text too
+    info = page.locator("#components").inner_text()
+    assert "llama kinds: q, k, v" in info and "\\" not in info, info

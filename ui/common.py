@@ -2,6 +2,8 @@
 per-session Stop signals, and prompt sets from the page."""
 from __future__ import annotations
 
+import re
+
 import os
 import threading
 from contextlib import contextmanager
@@ -19,6 +21,26 @@ from dtm_core.prompts import builtin_names, load_prompts, parse_prompt_bytes
 CACHE = PairCache()                 # process-wide: models are big and shared by every session
 CUSTOM, CHECKPOINT = "custom spec", "second checkpoint"
 EVALUATED = "prompts in use"        # the calibration policy's default, as the page names it
+
+
+_MARKDOWN = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~])")
+
+
+def plain_text(text: str) -> str:
+    """``text`` shown literally by a Markdown component: every Markdown character escaped
+    (a recipe like ``int8@*.*`` stays ``int8@*.*``)."""
+    return _MARKDOWN.sub(r"\\\1", text)
+
+
+class StatusText(gr.Markdown):
+    """A status line: text, never Markdown (user-provided specs, paths and prompts appear as
+    typed)."""
+
+    def postprocess(self, value):
+        return super().postprocess(plain_text(value) if isinstance(value, str) else value)
+
+    def get_block_name(self) -> str:
+        return "markdown"          # the frontend draws it with Markdown's Svelte component
 
 
 def preset_choices() -> list[str]:
@@ -71,6 +93,7 @@ def component_help(source):
     from dtm_core.families import family_for_type, kinds_help
     from dtm_core.models import model_type_of
 
+    # (an updated info is shown as text; only the constructor's is read as Markdown)
     return gr.update(info=kinds_help(family_for_type(model_type_of((source or "default")
                                                                     .strip()))))
 

@@ -49,7 +49,7 @@ def compare(model, preset, spec, components, checkpoint, prompt, chat, new_token
         yield empty + ("Starting…",)
         if not common.CACHE.cached(req.model):
             yield empty + (
-                f"Loading `{req.model}`… (the first load of the default model de-quantizes its "
+                f"Loading {req.model}… (the first load of the default model de-quantizes its "
                 "GGUF, about 15 s; later loads use the cache)",)
         pair = common.CACHE.open(req, [prompt])
         n = int(new_tokens)
@@ -104,7 +104,7 @@ def compare(model, preset, spec, components, checkpoint, prompt, chat, new_token
         yield (*columns(state, f), str(f), f"{row.sdt:.0%}", position_plot(state),
                render_sdt_map(tok, state.dense_tokens, tm.agree.tolist()),
                f"Done: {len(state.dense_tokens)} dense tokens, FDT {f}, SDT {row.sdt:.1%}, "
-               f"mean KL {row.kl_mean:.4f} nats, `{pair.dense.source}` vs `{pair.label}`"
+               f"mean KL {row.kl_mean:.4f} nats, {pair.dense.source} vs {pair.label}"
                f"{f' with IntactKV {ikv.label}' if ikv else ''}{note}.{pivots} "
                f"{calib + ' ' if calib else ''}"
                f"{DEFAULT_DESCRIPTION if pair.dense.source == 'default' else ''}")
@@ -151,7 +151,7 @@ def build(pair: PairForm, ikv: IntactKVForm) -> CompareTab:
             with gr.Row():
                 generate = gr.Button("Generate", variant="primary", elem_id="generate")
                 stop = gr.Button("Stop", variant="stop", elem_id="stop")
-    status = gr.Markdown("", elem_id="status")
+    status = common.StatusText("", elem_id="status")
     with gr.Row(elem_classes="badges"):
         gr.Markdown("**First divergent token (FDT)**")
         fdt = gr.HTML("–", elem_id="fdt")
@@ -182,7 +182,7 @@ def build(pair: PairForm, ikv: IntactKVForm) -> CompareTab:
             sink_k = gr.Number(value=0, precision=0, minimum=0, label="K (0: the IntactKV "
                                "setting, else 1)", elem_id="sinks-k")
             sink_btn = gr.Button("Show attention sinks", elem_id="sinks-run")
-        sink_status = gr.Markdown("", elem_id="sinks-status")
+        sink_status = common.StatusText("", elem_id="sinks-status")
         sink_heat = gr.Plot(elem_id="sink-heatmap")
         sink_act = gr.Plot(elem_id="massive-plot")
     sink_btn.click(run_sinks, pair.side + [ikv.pivots, prompt, chat, sink_k] + pair.calib,

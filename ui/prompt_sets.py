@@ -125,7 +125,7 @@ def build(pair: PairForm, ikv: IntactKVForm) -> SetsTab:
             with gr.Row():
                 run = gr.Button("Run set", variant="primary", elem_id="set-run")
                 stop = gr.Button("Stop", variant="stop", elem_id="set-stop")
-    status = gr.Markdown("", elem_id="set-status")
+    status = common.StatusText("", elem_id="set-status")
     cards = gr.HTML("", elem_id="set-summary")
     comparison = gr.Dataframe(label="With and without IntactKV (set IntactKV above)",
                               elem_id="intactkv-comparison", interactive=False)

@@ -195,7 +195,7 @@ def build(pair: PairForm, intactkv: gr.Dropdown) -> SensitivityTab:
     with gr.Row():
         run = gr.Button("Run sweep", variant="primary", elem_id="sens-run")
         stop = gr.Button("Stop", variant="stop", elem_id="sens-stop")
-    status = gr.Markdown("", elem_id="sens-status")
+    status = common.StatusText("", elem_id="sens-status")
     heat = gr.Plot(label="Click a cell to open that single-component pair in Compare",
                    elem_id="sens-heatmap")
     with gr.Row(elem_classes="dtm-hidden"):
@@ -219,7 +219,7 @@ def build(pair: PairForm, intactkv: gr.Dropdown) -> SensitivityTab:
         budget = gr.Slider(0.1, 1.0, value=0.9, step=0.01, label="Budget: mean FDT >= budget x N",
                            elem_id="plan-budget")
         plan_btn = gr.Button("Make plan", elem_id="plan-run")
-    plan_status = gr.Markdown("", elem_id="plan-status")
+    plan_status = common.StatusText("", elem_id="plan-status")
     with gr.Row():
         plan_file = gr.File(label="Plan JSON (recipe)", elem_id="plan-json")
         plan_plot = gr.Plot(elem_id="plan-curve")
@@ -233,7 +233,7 @@ def build(pair: PairForm, intactkv: gr.Dropdown) -> SensitivityTab:
                             elem_id="lvl-levels")
         lvl_kinds = gr.Textbox(value="q,down", label="Kinds", elem_id="lvl-kinds")
         lvl_btn = gr.Button("Draw level curves", elem_id="lvl-run")
-    lvl_status = gr.Markdown("", elem_id="lvl-status")
+    lvl_status = common.StatusText("", elem_id="lvl-status")
     lvl_plot = gr.Plot(elem_id="lvl-plot")
     lvl_btn.click(run_levels, [model, upload, builtin, chat, new_tokens, method, levels,
                                lvl_kinds], [lvl_plot, lvl_status], concurrency_id="model")
