@@ -50,6 +50,27 @@ def chosen_letter(output: str, n_choices: int) -> str | None:
     return m.group(1) if m else None
 
 
+def flips(before, after) -> tuple[int, int]:
+    """(correct -> wrong, wrong -> correct): prompts whose correctness changed between two paired
+    runs ("flips", Dutta et al. 2024, "Accuracy is not all you need")."""
+    before = np.asarray(before, dtype=bool)
+    after = np.asarray(after, dtype=bool)
+    return int((before & ~after).sum()), int((~before & after).sum())
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value of ``b`` vs ``c`` discordant pairs: twice the binomial
+    (n = b + c, 1/2) tail at min(b, c), capped at 1 (computed with exact integers)."""
+    from fractions import Fraction
+    from math import comb
+
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = Fraction(sum(comb(n, i) for i in range(min(b, c) + 1)), 2 ** n)
+    return float(min(Fraction(1), 2 * tail))
+
+
 def paired_bootstrap(a: np.ndarray, b: np.ndarray, n: int = 2000, seed: int = 0
                      ) -> tuple[float, float, float]:
     """Mean of b - a and the 95 % percentile interval of it over paired resamples of prompts."""
@@ -103,7 +124,10 @@ def intact_columns() -> list[str]:
 
 COMPARED = {"fdt_mean": "mean FDT", "fdt_median": "median FDT", "sdt_mean": "SDT",
             "kl_mean": "mean KL", "top1_agree_mean": "top-1 agreement",
-            "ppl_change": "perplexity change", "accuracy_compressed": "accuracy (compressed)"}
+            "ppl_change": "perplexity change", "accuracy_compressed": "accuracy (compressed)",
+            "flips_correct_to_wrong": "flips correct → wrong (vs dense)",
+            "flips_wrong_to_correct": "flips wrong → correct (vs dense)",
+            "accuracy_mcnemar_p": "McNemar p (vs dense)"}
 
 
 def intactkv_comparison(plain: dict, intact: dict) -> pd.DataFrame:
@@ -220,6 +244,9 @@ def evaluate(pair: Pair, pset: PromptSet, new_tokens: int = 32, *, chat: bool = 
         d, lo, hi = paired_bootstrap(scored.correct_dense.to_numpy(),
                                      scored.correct_compressed.to_numpy())
         summary.update(accuracy_delta=d, accuracy_delta_ci95_low=lo, accuracy_delta_ci95_high=hi)
+        lost, won = flips(scored.correct_dense, scored.correct_compressed)
+        summary.update(flips_correct_to_wrong=lost, flips_wrong_to_correct=won,
+                       accuracy_mcnemar_p=mcnemar_exact(lost, won))
     comparison = None
     if ikv is not None:
         alt = table.copy()
@@ -233,6 +260,12 @@ def evaluate(pair: Pair, pset: PromptSet, new_tokens: int = 32, *, chat: bool = 
                                          scored.correct_compressed_intactkv.to_numpy())
             summary.update(accuracy_gain_intactkv=d, accuracy_gain_intactkv_ci95_low=lo,
                            accuracy_gain_intactkv_ci95_high=hi)
+            lost, won = flips(scored.correct_dense, scored.correct_compressed_intactkv)
+            intact.update(flips_correct_to_wrong=lost, flips_wrong_to_correct=won,
+                          accuracy_mcnemar_p=mcnemar_exact(lost, won))
+            # IntactKV against the plain compressed model, prompt by prompt
+            summary["accuracy_gain_intactkv_mcnemar_p"] = mcnemar_exact(*flips(
+                scored.correct_compressed, scored.correct_compressed_intactkv))
         comparison = intactkv_comparison(summary, intact)
         summary.update({f"{k}_intactkv": v for k, v in intact.items() if k in COMPARED})
         summary["ppl_ratio_mean_intactkv"] = intact.get("ppl_ratio_mean")   # the older name

@@ -85,6 +85,10 @@ def test_accuracy_equals_slow_reference(default_model, set_name, n_prompts, tmp_
     s = res.summary
     assert s["accuracy_dense"] == res.table.correct_dense.mean()
     assert s["accuracy_compressed"] == res.table.correct_compressed.mean()
+    pairs = list(zip(res.table.correct_dense, res.table.correct_compressed))
+    assert s["flips_correct_to_wrong"] == sum(a and not b for a, b in pairs)
+    assert s["flips_wrong_to_correct"] == sum(b and not a for a, b in pairs)
+    assert 0 < s["accuracy_mcnemar_p"] <= 1
     # export: a plain CSV (header first) with the configuration in NAME.json beside it, JSON
     # with everything
     csv_text = res.to_csv()
@@ -129,3 +133,35 @@ def test_stop_keeps_finished_chunks():
     res = evaluate(pair, PromptSet("s.txt", recs, sha256="0"), 6, chunk=3, stop=stop,
                    progress=progress)
     assert res.stopped and len(res.table) == 3 and seen == [0.3]
+
+
+def _mcnemar_by_enumeration(b, c):
+    """Every way the b + c discordant prompts could have gone under H0 (each way with 1/2): the
+    share of outcomes at least as unbalanced as the one seen."""
+    import itertools
+
+    n, k = b + c, min(b, c)
+    if n == 0:
+        return 1.0
+    extreme = sum(1 for signs in itertools.product((0, 1), repeat=n)
+                  if min(sum(signs), n - sum(signs)) <= k)
+    return extreme / 2 ** n
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_flips_and_exact_mcnemar_against_slow_references(seed):
+    from dtm_core.evaluate import flips, mcnemar_exact
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(5, 40))
+    before = rng.random(n) < 0.6
+    after = np.where(rng.random(n) < 0.3, ~before, before)
+    lost, won = flips(before, after)
+    assert lost == sum(1 for a, b in zip(before, after) if a and not b)
+    assert won == sum(1 for a, b in zip(before, after) if b and not a)
+    if lost + won <= 16:
+        assert mcnemar_exact(lost, won) == pytest.approx(_mcnemar_by_enumeration(lost, won),
+                                                         rel=1e-12)
+    for b, c in [(0, 0), (3, 3), (0, 5), (7, 1), (10, 2), (1, 12)]:
+        assert mcnemar_exact(b, c) == pytest.approx(_mcnemar_by_enumeration(b, c), rel=1e-12)
+    assert mcnemar_exact(0, 5) == pytest.approx(0.0625)      # 2 x 1/32, the textbook value

@@ -122,6 +122,10 @@ def summary_cards(res: EvalResult) -> str:
         cards.append(("Δ accuracy (95 % CI)",
                       f"{s['accuracy_delta']:+.1%} [{s['accuracy_delta_ci95_low']:+.1%}, "
                       f"{s['accuracy_delta_ci95_high']:+.1%}]"))
+    if "flips_correct_to_wrong" in s:
+        cards.append(("Flips correct → wrong / wrong → correct",
+                      f"{s['flips_correct_to_wrong']} / {s['flips_wrong_to_correct']} "
+                      f"(McNemar p = {s['accuracy_mcnemar_p']:.3g})"))
     body = "".join(f'<div class="card"><div class="card-label">{html.escape(k)}</div>'
                    f'<div class="card-value">{html.escape(v)}</div></div>' for k, v in cards)
     return f'<div class="cards">{body}</div>'
