@@ -92,8 +92,9 @@ def build_app(default_model: str = "default") -> gr.Blocks:
         for event in (pair.model.submit, pair.model.blur, demo.load):
             event(common.component_help, [pair.model], [pair.components], queue=False)
         # wiring across tabs: a selected row or a clicked heatmap cell opens in Compare
-        sets.results.select(prompt_sets.open_in_compare, [sets.run_state],
-                            [tabs, cmp.prompt, cmp.chat, cmp.new_tokens])
+        for table in (sets.results, sets.worst):   # first column: the prompt's index
+            table.select(prompt_sets.open_in_compare, [sets.run_state],
+                         [tabs, cmp.prompt, cmp.chat, cmp.new_tokens])
         to_compare = [tabs, pair.preset, pair.spec, pair.components, cmp.prompt, cmp.chat,
                       cmp.new_tokens, pair.calibration]
         sens.cells.select(sensitivity.cell_to_compare, [sens.state], to_compare)

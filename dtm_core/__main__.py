@@ -101,7 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
     ev.add_argument("--out", help="one row per prompt: a plain CSV, or Parquet when the name ends "
                                   "in .parquet; the configuration goes to NAME.json beside it")
-    ev.add_argument("--json", help="JSON with configuration, summary and rows")
+    ev.add_argument("--json", help="JSON with configuration, summary, rows and the worst prompts")
+    ev.add_argument("--worst", type=int, default=5, metavar="K",
+                    help="print the K prompts with the lowest FDT and the K with the highest KL, "
+                         "with the text around each first divergent token (default 5; 0: none)")
     _intactkv_args(ev)
     kl = sub.add_parser("kld", help="llama.cpp-style KL-divergence statistics on a text")
     _model_args(kl)
@@ -298,10 +301,24 @@ def cmd_evaluate(args) -> int:
             fh.write(res.to_json())
     _print_summary(f"pair: {pair.dense.source} vs {pair.label}   set: {pset.name} "
                    f"({len(res.table)} prompts)   N: {args.new_tokens}", res.summary)
+    if args.worst > 0:
+        _print_worst(res, args.worst)
     if res.comparison is not None:
         print(f"\nplain vs IntactKV ({ikv.label}):")
         print(res.comparison.drop(columns="key").to_string(index=False))
     return 0
+
+
+def _print_worst(res, k: int) -> None:
+    for by, title in (("fdt", "lowest FDT"), ("kl", "highest mean KL")):
+        print(f"\nworst prompts by {title}:")
+        for _, w in res.worst(k, by).iterrows():
+            head = " ".join(str(w.prompt).split())
+            head = head if len(head) <= 60 else head[:57] + "..."
+            print(f"  #{w.prompt_index} (line {w.line}) FDT {w.fdt}, KL {w.kl_mean:.3g}: {head!r}")
+            if w.dense_token or w.compressed_token:
+                print(f"      ...{w.before!r} then dense {w.dense_token!r} / compressed "
+                      f"{w.compressed_token!r}, dense goes on {w.dense_after!r}")
 
 
 def stderr_progress(frac: float, message: str) -> None:

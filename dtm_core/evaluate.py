@@ -95,10 +95,22 @@ class EvalResult:
     comparison: pd.DataFrame | None = None   # plain vs IntactKV, when IntactKV was on
     prompt_ids: list = field(default_factory=list, repr=False)   # per table row: its tokens
     references: list = field(default_factory=list, repr=False)   # and the dense continuation
+    divergent: list = field(default_factory=list, repr=False)    # compressed token at FDT
+    tokenizer: object = field(default=None, repr=False)
+
+    def worst(self, k: int = 5, by: str = "fdt") -> pd.DataFrame:
+        """The k prompts that diverge first (``by="fdt"``: lowest FDT, then highest KL) or most
+        (``by="kl"``: highest mean KL), each with the text around its first divergent token:
+        the reference up to it, then the dense token and the compressed model's token there
+        (in ⟦ ⟧), then the dense continuation after it."""
+        return worst_prompts(self, k, by)
 
     def to_json(self) -> str:
         extra = {} if self.comparison is None else {
             "intactkv_comparison": json.loads(self.comparison.to_json(orient="records"))}
+        if self.tokenizer is not None and len(self.table):
+            extra.update({f"worst_{by}": json.loads(self.worst(WORST_K, by).to_json(
+                orient="records")) for by in ("fdt", "kl")})
         return json.dumps({"config": self.config, "summary": self.summary, **extra,
                            "rejected": [{"line": n, "reason": r} for n, r in self.rejected],
                            "rows": json.loads(self.table.to_json(orient="records"))}, indent=2)
@@ -112,6 +124,34 @@ class EvalResult:
         """The table as CSV or Parquet (by suffix) and the configuration in ``NAME.json``."""
         from .exports import write_table
         return write_table(self.table, path, self.config)
+
+
+WORST_K = 10     # worst prompts in the JSON export
+WORST_COLUMNS = ["prompt_index", "line", "fdt", "kl_mean", "prompt", "before", "dense_token",
+                 "compressed_token", "dense_after"]
+
+
+def worst_prompts(res: "EvalResult", k: int = 5, by: str = "fdt", context: int = 12
+                  ) -> pd.DataFrame:
+    """See :meth:`EvalResult.worst`; ``context``: tokens shown before and after."""
+    if by not in ("fdt", "kl"):
+        raise DTMError(f"Worst prompts are ranked by 'fdt' or 'kl', not '{by}'.")
+    t = res.table.reset_index(drop=True)
+    order = (t.sort_values(["fdt", "kl_mean"], ascending=[True, False], kind="stable")
+             if by == "fdt" else t.sort_values("kl_mean", ascending=False, kind="stable"))
+    dec = res.tokenizer.decode
+    rows = []
+    for i in order.index[:k]:
+        ref, f = res.references[i], int(t.fdt[i])
+        comp = res.divergent[i] if i < len(res.divergent) else None
+        rows.append({
+            "prompt_index": int(t.prompt_index[i]), "line": int(t.line[i]), "fdt": f,
+            "kl_mean": float(t.kl_mean[i]), "prompt": t.prompt[i],
+            "before": dec(ref[max(0, f - context):f], skip_special_tokens=True),
+            "dense_token": dec(ref[f:f + 1]) if f < len(ref) else "",
+            "compressed_token": dec([comp]) if comp is not None else "",
+            "dense_after": dec(ref[f + 1:f + 1 + context], skip_special_tokens=True)})
+    return pd.DataFrame(rows, columns=WORST_COLUMNS)
 
 
 def intact_columns() -> list[str]:
@@ -202,7 +242,7 @@ def evaluate(pair: Pair, pset: PromptSet, new_tokens: int = 32, *, chat: bool = 
         raise DTMError("Every prompt is too long for the model's context: "
                        + "; ".join(f"line {n}: {r}" for n, r in rejected[:5]))
     want_text = pset.has_answers
-    parts, stopped, done_ids, done_refs = [], False, [], []
+    parts, stopped, done_ids, done_refs, done_div = [], False, [], [], []
     for start in range(0, len(keep), chunk):
         if stop is not None and stop.is_set():
             stopped = True
@@ -219,6 +259,9 @@ def evaluate(pair: Pair, pset: PromptSet, new_tokens: int = 32, *, chat: bool = 
         parts.append(t)
         done_ids += res.prompt_ids
         done_refs += res.references
+        # the compressed model's token where it first leaves the reference (None: it never does)
+        done_div += [int(tm.comp_argmax[f]) if f < len(r) else None
+                     for tm, f, r in zip(res.tokens, res.table.fdt, res.references)]
         done = min(start + chunk, len(keep))
         note(done / len(keep), f"{done}/{len(keep)} prompts")
     if not parts:
@@ -274,4 +317,5 @@ def evaluate(pair: Pair, pset: PromptSet, new_tokens: int = 32, *, chat: bool = 
     return EvalResult(table=table, summary=summary,
                       survival=survival_curve(table.fdt, new_tokens),
                       config=config, rejected=rejected, stopped=stopped, comparison=comparison,
-                      prompt_ids=done_ids, references=done_refs)
+                      prompt_ids=done_ids, references=done_refs, divergent=done_div,
+                      tokenizer=tok)

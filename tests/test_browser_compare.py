@@ -146,8 +146,18 @@ def test_prompt_set_upload_table_plots_and_row_to_compare(browser, app_url, tmp_
     assert "capital of Italy" in table_text and "correct_dense" in table_text
     for plot in ("#set-hist", "#set-survival", "#set-scatter"):
         page.wait_for_selector(f"{plot} .js-plotly-plot", timeout=20_000)
-    assert "Mean FDT" in page.locator("#set-summary").inner_text()
+    summary = page.locator("#set-summary").inner_text()
+    assert "Mean FDT" in summary and "McNemar p" in summary and "Flips" in summary
     assert page.locator("#set-csv a, #set-csv [download]").count() >= 1
+    assert page.locator("#set-parquet a, #set-parquet [download]").count() >= 1
+    worst = page.locator("#set-worst").inner_text()
+    assert "dense token" in worst and "capital of" in worst
+    # a worst prompt opens in Compare
+    page.locator("#set-worst [role=gridcell]").filter(has_text="capital of").first.click()
+    page.wait_for_function(
+        "document.querySelector('#prompt textarea').value.includes('capital of')",
+        timeout=20_000)
+    page.get_by_role("tab", name="Prompt sets").click()
     # selecting a row opens its prompt in Compare
     page.locator("#set-table [role=gridcell]").filter(has_text="capital of Italy").first.click()
     page.wait_for_function(

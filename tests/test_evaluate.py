@@ -165,3 +165,36 @@ def test_flips_and_exact_mcnemar_against_slow_references(seed):
     for b, c in [(0, 0), (3, 3), (0, 5), (7, 1), (10, 2), (1, 12)]:
         assert mcnemar_exact(b, c) == pytest.approx(_mcnemar_by_enumeration(b, c), rel=1e-12)
     assert mcnemar_exact(0, 5) == pytest.approx(0.0625)      # 2 x 1/32, the textbook value
+
+
+def test_worst_prompts_rank_and_show_the_divergent_tokens():
+    """Lowest FDT (then highest KL) first, or highest KL; the tokens shown at the divergence are
+    the reference's and the compressed model's own greedy token there."""
+    from dtm_core.models import LoadedModel
+
+    lm = make_tiny("llama", scale=4.0)
+    lm = LoadedModel(model=lm.model, tokenizer=NumberTokenizer(), source=lm.source,
+                     description="", fingerprint=lm.fingerprint)
+    texts = [" ".join(str(3 + (5 * i + 7 * j) % 90) for j in range(4 + i % 6)) for i in range(9)]
+    pset = PromptSet("nums", [PromptRecord(t, line=i + 1) for i, t in enumerate(texts)])
+    pair = make_pair(lm, Recipe.single("int3"))
+    res = evaluate(pair, pset, 8)
+    w = res.worst(4, "fdt")
+    t = res.table
+    want = t.sort_values(["fdt", "kl_mean"], ascending=[True, False]).prompt_index[:4].tolist()
+    assert w.prompt_index.tolist() == want
+    assert res.worst(3, "kl").prompt_index.tolist() == \
+        t.sort_values("kl_mean", ascending=False).prompt_index[:3].tolist()
+    assert (w.fdt < 8).any()
+    for _, row in w.iterrows():
+        i = int(row.prompt_index)
+        ids = [int(x) for x in texts[i].split()]
+        dense = hf_greedy(lm.model, ids, 8, {2})
+        comp = hf_greedy(pair.compressed, ids, 8, {2})
+        f = int(row.fdt)
+        if f < len(dense):
+            assert row.dense_token == str(dense[f]) and row.compressed_token == str(comp[f])
+            assert row.before.split() == [str(x) for x in dense[max(0, f - 12):f]]
+    data = json.loads(res.to_json())
+    assert [r["prompt_index"] for r in data["worst_fdt"]] == t.sort_values(
+        ["fdt", "kl_mean"], ascending=[True, False]).prompt_index[:9].tolist()

@@ -76,7 +76,7 @@ def test_evaluate_tables_round_trip_through_pandas_defaults(tricky, tmp_path):
     assert first.startswith("prompt_index,") and not first.startswith("#")
 
 
-def test_cli_tables_round_trip(tricky, tmp_path, monkeypatch):
+def test_cli_tables_round_trip(tricky, tmp_path, monkeypatch, capsys):
     import dtm_core.__main__ as cli
 
     lm, path = tricky
@@ -89,6 +89,9 @@ def test_cli_tables_round_trip(tricky, tmp_path, monkeypatch):
                      "--new-tokens", "6", "--out", str(out), "--json", str(js)]) == 0
     rows = pd.DataFrame(json.loads(js.read_text(encoding="utf-8"))["rows"])
     same(pd.read_csv(out), rows)
+    printed = capsys.readouterr().out
+    assert "worst prompts by lowest FDT" in printed and "worst prompts by highest mean KL" in printed
+    assert "flips_correct_to_wrong" in printed and "accuracy_mcnemar_p" in printed
     assert json.loads(sidecar_path(out).read_text())["config"]["new_tokens"] == 6
     out = tmp_path / "div.csv"
     assert cli.main(["divergence", "--model", "tiny", "--compress", "int4", "--prompts", path,

@@ -27,6 +27,7 @@ TABLE_COLUMNS = ["prompt_index", "line", "fdt", "sdt", "kl_mean", "top1_agree", 
 class SetsTab:
     results: gr.Dataframe
     run_state: gr.State
+    worst: gr.Dataframe
 
 
 def run_set(model, preset, spec, components, checkpoint, upload, builtin, chat, new_tokens,
@@ -51,7 +52,7 @@ def run_set(model, preset, spec, components, checkpoint, upload, builtin, chat, 
             res = evaluate(pair, pset, n, chat=bool(chat), stop=stop, intactkv=ikv,
                            progress=lambda f, m: progress(f, desc=m))
     except Exception as exc:  # noqa: BLE001 - every failure becomes a message
-        return nothing + (friendly(exc), None, None, None)
+        return nothing + (friendly(exc), None, None, None, None)
     out_dir = Path(tempfile.mkdtemp(prefix="dtm-export-"))
     csv_path, json_path = out_dir / "dtm_results.csv", out_dir / "dtm_results.json"
     parquet_path = out_dir / "dtm_results.parquet"
@@ -91,8 +92,13 @@ def run_set(model, preset, spec, components, checkpoint, upload, builtin, chat, 
             columns={"plain": "without IntactKV", "intactkv": f"IntactKV {ikv.label}",
                      "uncalibrated": f"IntactKV {ikv.label.replace('+cal', '')} (uncalibrated)",
                      "delta": "Δ (IntactKV − plain)"})
+    worst = res.worst(10, "fdt")
+    worst["kl_mean"] = worst.kl_mean.map(lambda v: float(f"{v:.3g}"))
+    worst = worst.rename(columns={"before": "… text before", "dense_token": "dense token",
+                                  "compressed_token": "compressed token",
+                                  "dense_after": "dense goes on"})
     return (table, summary_cards(res), *set_plots(res, n), str(csv_path), str(json_path), msg,
-            state, comparison, str(parquet_path))
+            state, comparison, str(parquet_path), worst)
 
 
 def open_in_compare(run_state, evt: gr.SelectData):
@@ -133,6 +139,9 @@ def build(pair: PairForm, ikv: IntactKVForm) -> SetsTab:
         hist = gr.Plot(elem_id="set-hist")
         surv = gr.Plot(elem_id="set-survival")
         scat = gr.Plot(elem_id="set-scatter")
+    worst = gr.Dataframe(label="Worst prompts: lowest FDT first (select one to open it in "
+                               "Compare)", elem_id="set-worst", interactive=False, wrap=True,
+                         max_height=360)
     results = gr.Dataframe(label="Per prompt", elem_id="set-table", interactive=False,
                            wrap=True, max_height=500)
     with gr.Row():
@@ -142,7 +151,7 @@ def build(pair: PairForm, ikv: IntactKVForm) -> SetsTab:
     run_state = gr.State(None)
     run.click(run_set, pair.side + [upload, builtin, chat, new_tokens] + ikv.inputs + pair.calib,
               [results, cards, hist, surv, scat, csv_file, json_file, status, run_state,
-               comparison, parquet_file], concurrency_id="model")
+               comparison, parquet_file, worst], concurrency_id="model")
     stop.click(STOPS.stopper("set", "Stopping after the current chunk…"), None, [status],
                queue=False)
-    return SetsTab(results=results, run_state=run_state)
+    return SetsTab(results=results, run_state=run_state, worst=worst)
