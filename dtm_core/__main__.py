@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     kl.add_argument("--text", required=True, help="a UTF-8 text file")
     kl.add_argument("--ctx", type=int, default=512, help="chunk size in tokens (default 512)")
     kl.add_argument("--json", help="write the statistics as JSON here")
+    kl.add_argument("--out", help="the statistics as a CSV (statistic,value), or Parquet when the "
+                                  "name ends in .parquet; the configuration in NAME.json beside")
     for name, helptext in (("sweep", "compress one LAYER.KIND at a time (sensitivity map)"),
                            ("plan", "sweep, then the largest set of components within a budget")):
         sp = sub.add_parser(name, help=helptext)
@@ -322,11 +324,10 @@ def _print_worst(res, k: int) -> None:
 
 
 def stderr_progress(frac: float, message: str) -> None:
-    """A one-line progress bar on stderr (only when stderr is a terminal)."""
+    """The engine's progress line on stderr, rewritten in place (only when stderr is a terminal;
+    sweeps and prompt sets say done/total, time left and rate: :mod:`dtm_core.progress`)."""
     if sys.stderr.isatty():
-        bar = "#" * int(30 * frac)
-        print(f"\r[{bar:<30}] {100 * frac:5.1f}% {message[:60]:<60}", end="", file=sys.stderr,
-              flush=True)
+        print(f"\r{message[:110]:<110}", end="", file=sys.stderr, flush=True)
         if frac >= 1:
             print(file=sys.stderr)
 
@@ -339,6 +340,12 @@ def cmd_kld(args) -> int:
     text = read_text_file(args.text)
     pair = _load_pair(args, [line for line in text.splitlines() if line.strip()][:64])
     stats, _ = score_text(pair, text, args.ctx, progress=stderr_progress)
+    if args.out:
+        from .exports import write_table
+        from .kld import statistics_table
+        write_table(statistics_table(stats), args.out,
+                    {"command": "kld", "model": pair.dense.source, "pair": pair.label,
+                     "text": args.text, "ctx": args.ctx})
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(stats, fh, indent=2)

@@ -24,6 +24,7 @@ from .intactkv import IntactKV
 from .metrics import aggregate, metric_columns, survival_curve
 from .models import max_positions
 from .pair import Pair
+from .progress import Meter
 from .prompts import LETTERS, PromptSet
 from .variants import compare_variants
 
@@ -243,6 +244,7 @@ def evaluate(pair: Pair, pset: PromptSet, new_tokens: int = 32, *, chat: bool = 
                        + "; ".join(f"line {n}: {r}" for n, r in rejected[:5]))
     want_text = pset.has_answers
     parts, stopped, done_ids, done_refs, done_div = [], False, [], [], []
+    meter = Meter(len(keep), "prompt")
     for start in range(0, len(keep), chunk):
         if stop is not None and stop.is_set():
             stopped = True
@@ -263,7 +265,7 @@ def evaluate(pair: Pair, pset: PromptSet, new_tokens: int = 32, *, chat: bool = 
         done_div += [int(tm.comp_argmax[f]) if f < len(r) else None
                      for tm, f, r in zip(res.tokens, res.table.fdt, res.references)]
         done = min(start + chunk, len(keep))
-        note(done / len(keep), f"{done}/{len(keep)} prompts")
+        note(done / len(keep), meter.line(done))
     if not parts:
         raise DTMError("Stopped before any prompt was evaluated.")
     table = pd.concat(parts, ignore_index=True)

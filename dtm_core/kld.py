@@ -176,3 +176,10 @@ def format_report(s: dict) -> str:
               f"RMS Δp    : {100 * s['rms_dp']:6.3f} ± {100 * s['rms_dp_unc']:.3f} %",
               f"Same top p: {s['same_top_p']:6.3f} ± {s['same_top_p_unc']:.3f} %"]
     return "\n".join(lines)
+
+
+def statistics_table(stats: dict):
+    """The statistics as a two-column table (statistic, value), for CSV / Parquet exports."""
+    import pandas as pd
+
+    return pd.DataFrame({"statistic": list(stats), "value": [float(v) for v in stats.values()]})

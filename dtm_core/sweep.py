@@ -39,6 +39,7 @@ from .metrics import (METRICS, TokenMetrics, aggregate, aggregates, concat, need
                       primitives, run_metrics, slice_tokens)
 from .models import LoadedModel, cache_root
 from .pair import shared_copy
+from .progress import Meter
 
 CELL_COLUMNS = ["layer", "kind", "component", "params", "fdt_mean", "fdt_median", "fdt_p25",
                 "sdt_mean", "kl_mean", "ppl_change", "seconds"]
@@ -370,6 +371,7 @@ def sweep(dense: LoadedModel, spec: str, prompt_ids: Sequence[Sequence[int]], ne
         work = shared_copy(dense.model)   # compressed in place, one cell at a time
         if calib is not None:   # every cell's statistics in one pass over the calibration set
             gather_statistics(work, [(c, sp) for c in todo], calib)
+        meter = Meter(len(todo), "cell")
         for n, comp in enumerate(todo):
             if stop is not None and stop.is_set():
                 stopped = True
@@ -382,7 +384,8 @@ def sweep(dense: LoadedModel, spec: str, prompt_ids: Sequence[Sequence[int]], ne
                    "seconds": time.perf_counter() - t0}
             store.put(comp.name, row)
             computed += 1
-            note((n + 1) / len(todo), f"{comp.name}: mean FDT {summary['fdt_mean']:.1f}")
+            note((n + 1) / len(todo),
+                 meter.line(n + 1, f"{comp.name}: mean FDT {summary['fdt_mean']:.1f}"))
     if rank == 0 and world > 1 and not stopped:
         deadline = time.time() + wait_s
         while any(store.get(c.name) is None for c in comps):

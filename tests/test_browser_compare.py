@@ -68,7 +68,9 @@ def test_stream_highlight_matches_engine_and_stop(browser, app_url, default_mode
     assert len(intermediate) >= 3, counts
     assert len({c[1] for c in counts if c[1] > 0}) >= 4, counts
 
-    shown = int(page.locator("#fdt").inner_text().strip())
+    shown = int(page.locator("#fdt .metric-value").inner_text().strip())
+    assert "of N = 40" in page.locator("#fdt").inner_text()
+    assert "First divergent token" in page.locator("#fdt .metric-card").get_attribute("title")
     engine = divergence(make_pair(default_model, Recipe.single("int8")),
                         ["The capital of France is"], 40)
     assert shown == int(engine.table.fdt[0])
@@ -86,6 +88,8 @@ def test_stream_highlight_matches_engine_and_stop(browser, app_url, default_mode
     assert page.locator("#sdt-map [data-pos]").count() == page.locator(
         "#dense-output [data-pos]").count()
     assert page.locator("#position-plot .js-plotly-plot").count() == 1
+    # the first divergent token is marked in the per-position plot too
+    assert f"first divergent token (pos {shown})" in page.locator("#position-plot").inner_text()
 
     # Stop mid-stream: the page keeps what it has and stays usable
     set_tokens(page, 400)
@@ -143,7 +147,9 @@ def test_prompt_set_upload_table_plots_and_row_to_compare(browser, app_url, tmp_
     status = page.locator("#set-status").inner_text()
     assert "line 2" in status and "malformed JSON" in status   # told exactly what was rejected
     table_text = page.locator("#set-table").inner_text()
-    assert "capital of Italy" in table_text and "correct_dense" in table_text
+    assert "capital of Italy" in table_text and "correct (dense)" in table_text
+    import re
+    assert re.search(r"\d\.\d{5,}", table_text) is None, "numbers are shown readably"
     for plot in ("#set-hist", "#set-survival", "#set-scatter"):
         page.wait_for_selector(f"{plot} .js-plotly-plot", timeout=20_000)
     summary = page.locator("#set-summary").inner_text()
@@ -249,6 +255,25 @@ def test_kld_report_from_uploaded_text(browser, app_url):
     assert "Mean    KLD" in report and "ctx 128" in report
     page.wait_for_selector("#kld-hist .js-plotly-plot", timeout=20_000)
     page.wait_for_selector("#kld-dp .js-plotly-plot", timeout=20_000)
+    # the statistics as CSV and JSON downloads, read back as they are served
+    import json
+    import urllib.request
+
+    import pandas as pd
+
+    for box in ("#kld-csv", "#kld-json"):
+        link = page.locator(f"{box} a").first
+        link.wait_for(timeout=20_000)
+        href = link.get_attribute("href")
+        data = urllib.request.urlopen(href if href.startswith("http") else app_url.rstrip("/")
+                                      + href).read().decode("utf-8")
+        if box == "#kld-csv":
+            import io
+            stats = pd.read_csv(io.StringIO(data)).set_index("statistic").value
+        else:
+            doc = json.loads(data)
+    assert doc["config"]["ctx"] == 128
+    assert stats["kld_mean"] == doc["statistics"]["kld_mean"]
 
 
 def choose(page, elem_id, value):
@@ -278,7 +303,8 @@ def test_intactkv_compare_names_pivots_matches_engine_and_shows_sinks(browser, a
     assert "Without IntactKV: FDT" in status
     engine = divergence(make_pair(default_model, Recipe.single("int4:g128")),
                         ["Name a large city in Japan."], 16, chat=True, intactkv="prefix")
-    assert int(page.locator("#fdt").inner_text().strip()) == int(engine.table.fdt[0])
+    assert int(page.locator("#fdt .metric-value").inner_text().strip()) == int(
+        engine.table.fdt[0])
     # the attention-sink view of the same prompt
     page.locator("#sinks-panel").get_by_text("Attention sinks and massive activations").click()
     page.locator("#sinks-run").click()
@@ -318,7 +344,7 @@ def test_intactkv_prompt_set_comparison_and_sweep_views(browser, app_url, tmp_pa
     assert "with and without IntactKV 1" in page.locator("#set-status").inner_text()
     comp = page.locator("#intactkv-comparison").inner_text()
     assert "mean FDT" in comp and "IntactKV 1" in comp and "without IntactKV" in comp
-    assert "fdt_intactkv" in page.locator("#set-table").inner_text()
+    assert "FDT (tokens) · IntactKV" in page.locator("#set-table").inner_text()
     # calibrated pivot KV on the set in use (chat prefix), with a bounded number of steps
     choose(page, "intactkv", "prefix")
     page.locator("#set-chat input").check()
@@ -337,7 +363,7 @@ def test_intactkv_prompt_set_comparison_and_sweep_views(browser, app_url, tmp_pa
     assert "with IntactKV 1 and without" in page.locator("#sens-status").inner_text()
     page.wait_for_selector("#sens-heatmap .js-plotly-plot", timeout=20_000)
     assert "IntactKV 1" in page.locator("#sens-heatmap .gtitle").text_content()
-    assert "fdt_mean_plain" in page.locator("#sens-table").inner_text()
+    assert "mean FDT (tokens) · plain" in page.locator("#sens-table").inner_text()
     page.locator("#sens-view").get_by_text("IntactKV − plain").click()
     page.wait_for_function(
         "document.querySelector('#sens-heatmap .gtitle').textContent.includes('− plain')",

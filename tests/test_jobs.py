@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 
+import pandas as pd
 import pytest
 import torch
 
@@ -40,7 +41,9 @@ def test_wanda_sweep_cell_opened_in_compare_is_the_measured_pair(tmp_path, monke
         "default", "wanda:0.5", str(f), "general", False, N, "4", "q,down", "fdt_mean",
         progress=quiet)
     assert "Done" in msg, msg
-    cell = table.set_index("component").loc["4.down"]
+    # the page rounds what it shows; the exported cells keep full precision
+    assert table["mean FDT (tokens)"].tolist() == sorted(table["mean FDT (tokens)"].tolist())
+    cell = pd.read_csv(csv).set_index("component").loc["4.down"]
     opened = sensitivity._open_cell(state, "4.down")
     assert opened[3] == "4.down" and opened[4] == "The capital of France is"
     calibration = opened[7]["value"]

@@ -152,3 +152,27 @@ def test_llama_cpp_overrides_format():
         "--tensor-type blk\\.3\\.attn_q\\.weight=q4_0",
         "--tensor-type blk\\.10\\.ffn_down\\.weight=q4_0"]
     assert llama_cpp_overrides("int8", ["0.gate"]) == ["--tensor-type blk\\.0\\.ffn_gate\\.weight=q8_0"]
+
+
+def test_progress_says_done_of_total_time_left_and_rate(tmp_path):
+    """Sweeps and prompt sets report k/total, elapsed<left and a rate (tqdm's meter), in the
+    CLI and the page alike."""
+    import re
+
+    from dtm_core.evaluate import evaluate
+    from dtm_core.prompts import PromptRecord, PromptSet
+    from conftest import NumberTokenizer, make_tiny
+
+    lm = make_tiny("llama", scale=4.0)
+    seen = []
+    sweep(lm, "int4", random_prompts(3, seed=1), 4, cache_dir=tmp_path, layers="0-1",
+          progress=lambda f, m: seen.append((f, m)))
+    assert len(seen) == 14 and seen[-1][0] == 1.0
+    assert re.match(r"1/14 cells \[\d\d:\d\d<\d\d:\d\d, +[\d.]+(s/cell|cell/s)\]  0\.q: mean FDT",
+                    seen[0][1]), seen[0][1]
+    lm.tokenizer = NumberTokenizer()
+    recs = [PromptRecord(" ".join(str(5 + i + j) for j in range(4))) for i in range(5)]
+    seen.clear()
+    evaluate(make_pair(lm, Recipe.single("int4")), PromptSet("n", recs), 4, chunk=2,
+             progress=lambda f, m: seen.append(m))
+    assert [m.split(" [")[0] for m in seen] == ["2/5 prompts", "4/5 prompts", "5/5 prompts"]

@@ -17,8 +17,8 @@ from dtm_core.streaming import stream_pair
 
 from . import common
 from .common import STOPS, IntactKVForm, PairForm
-from .render import (TokenTexts, fdt_badge, friendly, position_plot, render_column,
-                     render_sdt_map, sink_figures)
+from .render import (TokenTexts, fdt_badge, fdt_card, friendly, position_plot, render_column,
+                     render_sdt_map, sdt_card, sink_figures)
 
 UPDATE_EVERY_S = 0.04  # throttle for streamed page updates (each carries both columns)
 
@@ -38,7 +38,7 @@ def compare(model, preset, spec, components, checkpoint, prompt, chat, new_token
 
     Inputs come positionally in the order API clients have always used; the calibration inputs
     came last."""
-    empty = ("", "", "–", "–", None, "")
+    empty = ("", "", fdt_card("–"), sdt_card("–"), None, "")
     try:
         if not (prompt or "").strip():
             raise DTMError("Type a prompt first.")
@@ -76,14 +76,16 @@ def compare(model, preset, spec, components, checkpoint, prompt, chat, new_token
                 if now - last < UPDATE_EVERY_S and not (state.dense_done and state.comp_done):
                     continue  # the page is updated at most every UPDATE_EVERY_S seconds
                 last = now
-                yield (*columns(state, state.fdt), fdt_badge(state), f"{state.sdt:.0%}", None,
+                yield (*columns(state, state.fdt), fdt_card(fdt_badge(state), n),
+                       sdt_card(f"{state.sdt:.0%}", n), None,
                        "", f"Streaming… {len(state.steps)} tokens, {now - t0:.1f} s.{pivots}")
         if state is None:
             return
         if state.stopped:
             f = state.fdt
             yield (*columns(state, f),
-                   fdt_badge(state), f"{state.sdt:.0%}", position_plot(state), "",
+                   fdt_card(fdt_badge(state), n), sdt_card(f"{state.sdt:.0%}", n),
+                   position_plot(state), "",
                    f"Stopped after {len(state.steps)} tokens.")
             return
         # The engine's batch computation on the same prompt: the numbers the CLI reports.
@@ -101,7 +103,8 @@ def compare(model, preset, spec, components, checkpoint, prompt, chat, new_token
         note = "" if f == state.fdt else (f" (the live stream saw {state.fdt}: a numerical "
                                           "near-tie between cached and full forward passes)")
         calib = calibration_note(pair)
-        yield (*columns(state, f), str(f), f"{row.sdt:.0%}", position_plot(state),
+        yield (*columns(state, f), fdt_card(str(f), n), sdt_card(f"{row.sdt:.0%}", n),
+               position_plot(state, f),
                render_sdt_map(tok, state.dense_tokens, tm.agree.tolist()),
                f"Done: {len(state.dense_tokens)} dense tokens, FDT {f}, SDT {row.sdt:.1%}, "
                f"mean KL {row.kl_mean:.4f} nats, {pair.dense.source} vs {pair.label}"
@@ -153,10 +156,8 @@ def build(pair: PairForm, ikv: IntactKVForm) -> CompareTab:
                 stop = gr.Button("Stop", variant="stop", elem_id="stop")
     status = common.StatusText("", elem_id="status")
     with gr.Row(elem_classes="badges"):
-        gr.Markdown("**First divergent token (FDT)**")
-        fdt = gr.HTML("–", elem_id="fdt")
-        gr.Markdown("**Share of divergent tokens (SDT)**")
-        sdt = gr.HTML("–", elem_id="sdt")
+        fdt = gr.HTML(fdt_card("–"), elem_id="fdt")
+        sdt = gr.HTML(sdt_card("–"), elem_id="sdt")
     with gr.Row():
         with gr.Column():
             gr.Markdown("### Dense")
@@ -183,8 +184,10 @@ def build(pair: PairForm, ikv: IntactKVForm) -> CompareTab:
                                "setting, else 1)", elem_id="sinks-k")
             sink_btn = gr.Button("Show attention sinks", elem_id="sinks-run")
         sink_status = common.StatusText("", elem_id="sinks-status")
-        sink_heat = gr.Plot(elem_id="sink-heatmap")
-        sink_act = gr.Plot(elem_id="massive-plot")
+        sink_heat = gr.Plot(label="Attention to each key position, per layer (after a run)",
+                            elem_id="sink-heatmap")
+        sink_act = gr.Plot(label="Largest hidden-state activations per layer (after a run)",
+                           elem_id="massive-plot")
     sink_btn.click(run_sinks, pair.side + [ikv.pivots, prompt, chat, sink_k] + pair.calib,
                    [sink_heat, sink_act, sink_status], concurrency_id="model")
     stop.click(STOPS.stopper("compare", "Stopping…"), None, [status], queue=False)

@@ -1,10 +1,15 @@
 """The KLD report tab: a text scored the way ``llama-perplexity --kl-divergence`` does."""
 from __future__ import annotations
 
+import json
+import tempfile
+from pathlib import Path
+
 import gradio as gr
 
 from dtm_core import DTMError
-from dtm_core.kld import format_report, score_text
+from dtm_core.exports import write_table
+from dtm_core.kld import format_report, score_text, statistics_table
 from dtm_core.prompts import read_text_file
 
 from . import common
@@ -28,9 +33,18 @@ def run_kld(model, preset, spec, components, checkpoint, text_file, ctx, calibra
         pair = common.CACHE.open(req, [ln for ln in text.splitlines() if ln.strip()][:64])
         stats, values = score_text(pair, text, int(ctx), progress=lambda f, m: progress(f, desc=m))
     except Exception as exc:  # noqa: BLE001 - every failure becomes a message
-        return friendly(exc), None, None
+        return friendly(exc), None, None, None, None
     kld, dp = kld_figures(values)
-    return f"{pair.dense.source} vs {pair.label}, ctx {int(ctx)}\n" + format_report(stats), kld, dp
+    folder = Path(tempfile.mkdtemp(prefix="dtm-kld-"))
+    config = {"model": pair.dense.source, "pair": pair.label, "text": Path(path).name,
+              "ctx": int(ctx)}
+    csv_path, json_path = folder / "kld_statistics.csv", folder / "kld_statistics.json"
+    write_table(statistics_table(stats), csv_path, config)
+    json_path.write_text(json.dumps({"config": config, "statistics": stats}, indent=2),
+                         encoding="utf-8")
+    report = (f"{pair.dense.source} vs {pair.label}, ctx {int(ctx)} (the second half of each "
+              f"chunk scored)\n" + format_report(stats))
+    return report, kld, dp, str(csv_path), str(json_path)
 
 
 def build(pair: PairForm) -> None:
@@ -43,7 +57,12 @@ def build(pair: PairForm) -> None:
         kld_btn = gr.Button("Score text", elem_id="kld-run")
     kld_report = gr.Textbox(label="Report", lines=12, elem_id="kld-report", interactive=False)
     with gr.Row():
-        kld_plot = gr.Plot(elem_id="kld-hist")
-        dp_plot = gr.Plot(elem_id="kld-dp")
+        kld_plot = gr.Plot(label="Histogram of KL per scored position (after scoring)",
+                           elem_id="kld-hist")
+        dp_plot = gr.Plot(label="Histogram of Δp of the next token (after scoring)",
+                          elem_id="kld-dp")
+    with gr.Row():
+        kld_csv = gr.File(label="Statistics CSV", elem_id="kld-csv")
+        kld_json = gr.File(label="Statistics JSON", elem_id="kld-json")
     kld_btn.click(run_kld, pair.side + [text_file, ctx] + pair.calib,
-                  [kld_report, kld_plot, dp_plot], concurrency_id="model")
+                  [kld_report, kld_plot, dp_plot, kld_csv, kld_json], concurrency_id="model")

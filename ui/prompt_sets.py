@@ -14,7 +14,7 @@ from dtm_core.prompts import builtin_names
 
 from . import common
 from .common import FIRST, STOPS, IntactKVForm, PairForm
-from .render import friendly, set_plots, summary_cards
+from .render import friendly, readable_table, set_plots, significant, summary_cards
 
 TABLE_COLUMNS = ["prompt_index", "line", "fdt", "sdt", "kl_mean", "top1_agree", "ppl_dense",
                  "ppl_compressed", "correct_dense", "correct_compressed", "choice_dense",
@@ -28,6 +28,12 @@ class SetsTab:
     results: gr.Dataframe
     run_state: gr.State
     worst: gr.Dataframe
+
+
+TABLE_HEADERS = ["#", "line", "FDT (tokens)", "SDT (%)", "mean KL (nats)", "top-1 agree (%)",
+                 "PPL dense", "PPL compressed", "prompt", "dense text", "compressed text"]
+WORST_HEADERS = ["#", "line", "FDT (tokens)", "mean KL (nats)", "prompt", "… text before",
+                 "dense token", "compressed token", "dense goes on"]
 
 
 def run_set(model, preset, spec, components, checkpoint, upload, builtin, chat, new_tokens,
@@ -59,7 +65,8 @@ def run_set(model, preset, spec, components, checkpoint, upload, builtin, chat, 
     res.write(csv_path)
     res.write(parquet_path)
     json_path.write_text(res.to_json(), encoding="utf-8")   # the sidecar, with summary and rows
-    table = res.table[[c for c in TABLE_COLUMNS if c in res.table.columns]]
+    table = readable_table(res.table[[c for c in TABLE_COLUMNS if c in res.table.columns]],
+                           sort=["fdt", "kl_mean"], ascending=[True, False])
     msg = (f"{'Stopped: ' if res.stopped else 'Done: '}{len(res.table)} prompts of "
            f"{pset.name} on {pair.dense.source} vs {pair.label}"
            f"{f', with and without IntactKV {ikv.label}' if ikv else ''}."
@@ -88,13 +95,18 @@ def run_set(model, preset, spec, components, checkpoint, upload, builtin, chat, 
                     f"{ikv.calibrated.loss_after:.4g}): mean FDT {gain:.2f} uncalibrated → "
                     f"{res.summary['fdt_mean_intactkv']:.2f} calibrated "
                     f"({res.summary['fdt_mean_intactkv'] - gain:+.2f}).")
+        for col in comparison.columns:
+            if comparison[col].dtype == float:
+                comparison[col] = comparison[col].map(significant)
         comparison = comparison.drop(columns="key").rename(
             columns={"plain": "without IntactKV", "intactkv": f"IntactKV {ikv.label}",
                      "uncalibrated": f"IntactKV {ikv.label.replace('+cal', '')} (uncalibrated)",
                      "delta": "Δ (IntactKV − plain)"})
     worst = res.worst(10, "fdt")
-    worst["kl_mean"] = worst.kl_mean.map(lambda v: float(f"{v:.3g}"))
-    worst = worst.rename(columns={"before": "… text before", "dense_token": "dense token",
+    worst["kl_mean"] = worst.kl_mean.map(significant)
+    worst = worst.rename(columns={"prompt_index": "#", "fdt": "FDT (tokens)",
+                                  "kl_mean": "mean KL (nats)",
+                                  "before": "… text before", "dense_token": "dense token",
                                   "compressed_token": "compressed token",
                                   "dense_after": "dense goes on"})
     return (table, summary_cards(res), *set_plots(res, n), str(csv_path), str(json_path), msg,
@@ -134,15 +146,19 @@ def build(pair: PairForm, ikv: IntactKVForm) -> SetsTab:
     status = common.StatusText("", elem_id="set-status")
     cards = gr.HTML("", elem_id="set-summary")
     comparison = gr.Dataframe(label="With and without IntactKV (set IntactKV above)",
+                              headers=["metric", "without IntactKV", "IntactKV",
+                                       "Δ (IntactKV − plain)"],
                               elem_id="intactkv-comparison", interactive=False)
     with gr.Row():
-        hist = gr.Plot(elem_id="set-hist")
-        surv = gr.Plot(elem_id="set-survival")
-        scat = gr.Plot(elem_id="set-scatter")
+        hist = gr.Plot(label="FDT histogram (after a run)", elem_id="set-hist")
+        surv = gr.Plot(label="Survival: prompts not yet diverged at each position (after a run)",
+                       elem_id="set-survival")
+        scat = gr.Plot(label="Perplexity change against FDT, one dot per prompt (after a run)",
+                       elem_id="set-scatter")
     worst = gr.Dataframe(label="Worst prompts: lowest FDT first (select one to open it in "
-                               "Compare)", elem_id="set-worst", interactive=False, wrap=True,
+                               "Compare)", elem_id="set-worst", headers=WORST_HEADERS, interactive=False, wrap=True,
                          max_height=360)
-    results = gr.Dataframe(label="Per prompt", elem_id="set-table", interactive=False,
+    results = gr.Dataframe(label="Per prompt (lowest FDT first)", headers=TABLE_HEADERS, elem_id="set-table", interactive=False,
                            wrap=True, max_height=500)
     with gr.Row():
         csv_file = gr.File(label="Export CSV", elem_id="set-csv")

@@ -52,6 +52,37 @@ def _top_text(tokenizer, top: list[tuple[int, float]]) -> str:
     return ", ".join(f"{tokenizer.decode([i])!r} {p:.2f}" for i, p in top)
 
 
+def visible(text: str) -> str:
+    """A token's text as HTML with its whitespace kept and newlines shown as ⏎ (then broken)."""
+    return html.escape(text).replace("\n", '<span class="nl">⏎</span>\n')
+
+
+def metric_card(label: str, value: str, sub: str, hint: str) -> str:
+    """A prominent number (FDT, SDT) with its label, a line under it and an explanation on
+    hover."""
+    return (f'<div class="metric-card" title="{html.escape(hint)}">'
+            f'<div class="metric-label">{html.escape(label)}</div>'
+            f'<div class="metric-value">{html.escape(value)}</div>'
+            f'<div class="metric-sub">{html.escape(sub)}</div></div>')
+
+
+FDT_HINT = ("First divergent token: how many tokens the compressed model reproduces exactly before "
+            "its greedy output first differs from the dense model's (N when it never does).")
+SDT_HINT = ("Share of divergent tokens: the share of positions where the compressed model's "
+            "argmax, given the dense prefix, differs from the dense token.")
+
+
+def fdt_card(value: str, n: int | None = None) -> str:
+    return metric_card("First divergent token (FDT)", value,
+                       f"of N = {n} new tokens" if n else "tokens the two agree on", FDT_HINT)
+
+
+def sdt_card(value: str, n: int | None = None) -> str:
+    return metric_card("Share of divergent tokens (SDT)", value,
+                       f"of the positions up to N = {n}" if n else "positions that differ",
+                       SDT_HINT)
+
+
 def render_column(tokenizer, state: StreamState, side: str, fdt: int | None,
                   texts: TokenTexts | None = None) -> str:
     """A column of token spans with data-pos, divergence classes and top-5 hover text."""
@@ -73,7 +104,7 @@ def render_column(tokenizer, state: StreamState, side: str, fdt: int | None,
             hover = (f"pos {s.pos} | compressed top-5: {_top_text(tokenizer, s.comp_top)} | "
                      f"dense top-5 (dense prefix): {_top_text(tokenizer, s.dense_top)}")
         spans.append(f'<span class="{" ".join(cls)}" data-pos="{s.pos}" '
-                     f'title="{html.escape(hover)}">{html.escape(text)}</span>')
+                     f'title="{html.escape(hover)}">{visible(text)}</span>')
     return f'<div class="tokens">{"".join(spans)}</div>'
 
 
@@ -83,11 +114,14 @@ def render_sdt_map(tokenizer, refs: list[int], agree: list[bool]) -> str:
     for pos, (text, ok) in enumerate(zip(token_texts(tokenizer, refs), agree)):
         spans.append(f'<span class="tok {"agree" if ok else "disagree"}" data-pos="{pos}" '
                      f'title="pos {pos}: compressed argmax {"agrees" if ok else "differs"}">'
-                     f"{html.escape(text)}</span>")
+                     f"{visible(text)}</span>")
     return f'<div class="tokens sdt-map">{"".join(spans)}</div>'
 
 
-def position_plot(state: StreamState) -> go.Figure:
+def position_plot(state: StreamState, fdt: int | None = None) -> go.Figure:
+    """KL per position (bars) and both models' probability of the dense token, with the first
+    divergent token marked (``fdt``: the engine's; default the stream's)."""
+    fdt = state.fdt if fdt is None else fdt
     steps = [s for s in state.steps if s.dense_token is not None]
     pos = [s.pos for s in steps]
     fig = make_subplots(specs=[[{"secondary_y": True}]])
@@ -101,6 +135,10 @@ def position_plot(state: StreamState) -> go.Figure:
                       legend=dict(orientation="h", y=1.15), xaxis_title="position")
     fig.update_yaxes(title_text="KL (nats)", secondary_y=False)
     fig.update_yaxes(title_text="probability", range=[0, 1], secondary_y=True)
+    if fdt is not None and any(s.pos == fdt for s in steps):
+        fig.add_vline(x=fdt, line_dash="dash", line_color="#e74c3c",
+                      annotation_text=f"first divergent token (pos {fdt})",
+                      annotation_position="top left")
     return fig
 
 
@@ -223,3 +261,64 @@ def kld_figures(values) -> tuple[go.Figure, go.Figure]:
     for fig in (kld, dp):
         fig.update_layout(height=300)
     return kld, dp
+
+
+# --------------------------------------------------------------------------------------------
+# Tables as people read them (exports keep the raw columns and full precision)
+
+HEADERS = {  # column -> (header with unit, scale: 100 shows a share as %)
+    "prompt_index": ("#", 1), "line": ("line", 1), "fdt": ("FDT (tokens)", 1),
+    "sdt": ("SDT (%)", 100), "kl_mean": ("mean KL (nats)", 1), "kl_max": ("max KL (nats)", 1),
+    "top1_agree": ("top-1 agree (%)", 100), "ppl_dense": ("PPL dense", 1),
+    "ppl_compressed": ("PPL compressed", 1), "ppl_change": ("PPL change (%)", 100),
+    "dp_ref_mean": ("Δp of reference", 1), "nll": ("NLL (nats)", 1),
+    "correct_dense": ("correct (dense)", 1), "correct_compressed": ("correct (compressed)", 1),
+    "choice_dense": ("choice (dense)", 1), "choice_compressed": ("choice (compressed)", 1),
+    "pivots": ("pivot tokens", 1), "prompt": ("prompt", 1), "dense_text": ("dense text", 1),
+    "compressed_text": ("compressed text", 1),
+    "layer": ("layer", 1), "kind": ("kind", 1), "component": ("component", 1),
+    "params": ("params", 1), "fdt_mean": ("mean FDT (tokens)", 1),
+    "fdt_median": ("median FDT (tokens)", 1), "fdt_p25": ("FDT p25 (tokens)", 1),
+    "sdt_mean": ("mean SDT (%)", 100), "top1_agree_mean": ("top-1 agree (%)", 100),
+    "ppl_ratio_mean": ("PPL ratio", 1), "seconds": ("time (s)", 1),
+    "metric": ("metric", 1), "plain": ("plain", 1), "intactkv": ("IntactKV", 1),
+    "delta": ("Δ", 1)}
+SUFFIXES = {"_intactkv": "IntactKV", "_plain": "plain"}
+
+
+def _header(col: str) -> tuple[str, float]:
+    for suffix, label in SUFFIXES.items():
+        base = col[:-len(suffix)]
+        if col.endswith(suffix) and base in HEADERS:
+            head, scale = HEADERS[base]
+            return f"{head} · {label}", scale
+    return HEADERS.get(col, (col, 1))
+
+
+def significant(v, digits: int = 3):
+    """A float to ``digits`` significant digits (still a number, so the table sorts)."""
+    if isinstance(v, bool) or not isinstance(v, float) or v != v or v in (float("inf"),
+                                                                           float("-inf")):
+        return v
+    return float(f"{v:.{digits}g}")
+
+
+def readable_table(table, sort: list[str] | None = None, ascending: list[bool] | None = None):
+    """The table as the page shows it: worst first (``sort``), floats to 3 significant digits,
+    shares in %, headers that say what they are with their units."""
+    import pandas as pd
+
+    t = table.copy()
+    if sort:
+        keys = [c for c in sort if c in t.columns]
+        if keys:
+            t = t.sort_values(keys, ascending=(ascending or [True] * len(sort))[:len(keys)],
+                              kind="stable")
+    out = {}
+    for col in t.columns:
+        head, scale = _header(str(col))
+        values = t[col]
+        if pd.api.types.is_float_dtype(values):
+            values = (values * scale).map(significant)
+        out[head] = values.to_list()
+    return pd.DataFrame(out)

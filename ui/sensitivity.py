@@ -20,7 +20,7 @@ from dtm_core.sweep import heatmap_metrics
 
 from . import common
 from .common import CUSTOM, EVALUATED, STOPS, PairForm
-from .render import friendly, level_figure, plan_figure, sensitivity_heatmap
+from .render import friendly, level_figure, plan_figure, readable_table, sensitivity_heatmap
 
 SWEEP_VIEWS = ["IntactKV", "plain", "IntactKV − plain"]
 
@@ -64,6 +64,8 @@ def run_sweep(model, spec, upload, builtin, chat, new_tokens, layers, kinds, met
               "intactkv": None if ikv is None else ikv.label, "cell_store": str(res.folder)}
     write_table(table, out, config)
     write_table(table, out.with_suffix(".parquet"), config)
+    # the page: most sensitive components first, readable numbers (the files keep everything)
+    table = readable_table(table, sort=["fdt_mean", "kl_mean"], ascending=[True, False])
     # what a cell opened in Compare must calibrate on to be the pair the cell measured
     source = setting.source or common.upload_path(upload) or builtin
     state = {"table": res.table.to_dict("records"), "spec": str(parse_spec(spec)),
@@ -201,7 +203,10 @@ def build(pair: PairForm, intactkv: gr.Dropdown) -> SensitivityTab:
     with gr.Row(elem_classes="dtm-hidden"):
         clicked = gr.Textbox(elem_id="sens-clicked", show_label=False, container=False)
         cell_open = gr.Button("open cell", elem_id="sens-open")
-    cells = gr.Dataframe(label="Cells (select a row to open it in Compare)", interactive=False,
+    cells = gr.Dataframe(label="Cells, most sensitive first (select a row to open it in Compare)",
+                         headers=["layer", "kind", "component", "params", "mean FDT (tokens)",
+                                  "median FDT (tokens)", "mean SDT (%)", "mean KL (nats)"],
+                         interactive=False,
                          elem_id="sens-table", max_height=400)
     with gr.Row():
         csv_file = gr.File(label="Sweep CSV", elem_id="sens-csv")
@@ -222,7 +227,8 @@ def build(pair: PairForm, intactkv: gr.Dropdown) -> SensitivityTab:
     plan_status = common.StatusText("", elem_id="plan-status")
     with gr.Row():
         plan_file = gr.File(label="Plan JSON (recipe)", elem_id="plan-json")
-        plan_plot = gr.Plot(elem_id="plan-curve")
+        plan_plot = gr.Plot(label="Mean FDT as components are added, least sensitive first "
+                                  "(after a plan)", elem_id="plan-curve")
     plan_btn.click(run_plan, [model, state, budget], [plan_status, plan_file, plan_plot],
                    concurrency_id="model")
     gr.Markdown("### Level curves: a metric against sparsity or bit width, one line per kind")
@@ -234,7 +240,8 @@ def build(pair: PairForm, intactkv: gr.Dropdown) -> SensitivityTab:
         lvl_kinds = gr.Textbox(value="q,down", label="Kinds", elem_id="lvl-kinds")
         lvl_btn = gr.Button("Draw level curves", elem_id="lvl-run")
     lvl_status = common.StatusText("", elem_id="lvl-status")
-    lvl_plot = gr.Plot(elem_id="lvl-plot")
+    lvl_plot = gr.Plot(label="The metric against sparsity or bit width, one line per kind (after "
+                             "a run)", elem_id="lvl-plot")
     lvl_btn.click(run_levels, [model, upload, builtin, chat, new_tokens, method, levels,
                                lvl_kinds], [lvl_plot, lvl_status], concurrency_id="model")
     return SensitivityTab(cells=cells, state=state, clicked=clicked, cell_open=cell_open)
