@@ -43,6 +43,15 @@ def app_url():
         yield url
 
 
+def shot(page, name: str) -> None:
+    """A full-page screenshot for reviewers, in tests/artifacts/ (ignored by git)."""
+    from conftest import ROOT
+
+    folder = ROOT / "tests" / "artifacts"
+    folder.mkdir(exist_ok=True)
+    page.screenshot(path=str(folder / f"{name}.png"), full_page=True)
+
+
 def set_tokens(page, n):
     box = page.locator("#new-tokens input[type=number]")
     box.fill(str(n))
@@ -90,6 +99,7 @@ def test_stream_highlight_matches_engine_and_stop(browser, app_url, default_mode
     assert page.locator("#position-plot .js-plotly-plot").count() == 1
     # the first divergent token is marked in the per-position plot too
     assert f"first divergent token (pos {shown})" in page.locator("#position-plot").inner_text()
+    shot(page, "compare")
 
     # Stop mid-stream: the page keeps what it has and stays usable
     set_tokens(page, 400)
@@ -156,6 +166,7 @@ def test_prompt_set_upload_table_plots_and_row_to_compare(browser, app_url, tmp_
     assert "Mean FDT" in summary and "McNemar p" in summary and "Flips" in summary
     assert page.locator("#set-csv a, #set-csv [download]").count() >= 1
     assert page.locator("#set-parquet a, #set-parquet [download]").count() >= 1
+    shot(page, "prompt-sets")
     worst = page.locator("#set-worst").inner_text()
     assert "dense token" in worst and "capital of" in worst
     # a worst prompt opens in Compare
@@ -225,6 +236,7 @@ def test_sensitivity_heatmap_and_cell_to_compare(browser, app_url, tmp_path):
     run_sensitivity(page, "0-1", "q,down")
     assert "4 components" in page.locator("#sens-status").inner_text()
     page.wait_for_selector("#sens-heatmap .js-plotly-plot", timeout=20_000)
+    shot(page, "sensitivity")
     # a real mouse click on the heatmap cell (layer 0, kind q) opens it in Compare
     page.wait_for_timeout(1200)   # the click handler is attached within 0.5 s of a render
     x, y = page.evaluate(CELL_CENTER, [0, "q"])
@@ -273,6 +285,7 @@ def test_kld_report_from_uploaded_text(browser, app_url):
         else:
             doc = json.loads(data)
     assert doc["config"]["ctx"] == 128
+    shot(page, "kld-report")
     assert stats["kld_mean"] == doc["statistics"]["kld_mean"]
 
 
@@ -370,7 +383,7 @@ def test_intactkv_prompt_set_comparison_and_sweep_views(browser, app_url, tmp_pa
         timeout=20_000)
 
 
-def test_awq_with_chunked_calibration_text_in_compare(browser, app_url, tmp_path):
+def test_awq_with_chunked_calibration_text_in_compare(browser, app_url):
     """The pair row's calibration controls reach the engine: a custom AWQ spec calibrated on a
     built-in set cut into 32-token chunks, the first 4, and the status says so."""
     page = browser.new_page(viewport={"width": 1500, "height": 1100})
@@ -390,7 +403,7 @@ def test_awq_with_chunked_calibration_text_in_compare(browser, app_url, tmp_path
                            timeout=180_000)
     status = page.locator("#status").inner_text()
     assert "chunks of 32 tokens, the first 4" in status, status
-    page.screenshot(path=str(tmp_path / "awq-calibration.png"))
+    shot(page, "compare-awq-calibration")
 
 
 def test_status_is_text_and_selections_people_type(browser, app_url):
