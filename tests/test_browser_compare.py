@@ -1,4 +1,5 @@
 """The Compare view in a real browser: Playwright driving Debian's Chromium."""
+import re
 import shutil
 
 import pytest
@@ -158,7 +159,6 @@ def test_prompt_set_upload_table_plots_and_row_to_compare(browser, app_url, tmp_
     assert "line 2" in status and "malformed JSON" in status   # told exactly what was rejected
     table_text = page.locator("#set-table").inner_text()
     assert "capital of Italy" in table_text and "correct (dense)" in table_text
-    import re
     assert re.search(r"\d\.\d{5,}", table_text) is None, "numbers are shown readably"
     for plot in ("#set-hist", "#set-survival", "#set-scatter"):
         page.wait_for_selector(f"{plot} .js-plotly-plot", timeout=20_000)
@@ -423,3 +423,37 @@ def test_status_is_text_and_selections_people_type(browser, app_url):
     # the Components help (kinds of the model's family, from its config) is text too
     info = page.locator("#components").inner_text()
     assert "llama kinds: q, k, v" in info and "\\" not in info, info
+
+
+def test_empty_states_and_newline_tokens(browser, app_url, default_model):
+    """Before a run, tables show their real headers (no 1 2 3 placeholder) and plots say what
+    will appear; a newline the model writes is visible as ⏎ in both token columns."""
+    from dtm_core.compress import Recipe
+    from dtm_core.divergence import divergence
+    from dtm_core.pair import make_pair
+
+    page = browser.new_page(viewport={"width": 1500, "height": 1100})
+    page.goto(app_url)
+    page.get_by_role("tab", name="Prompt sets").click()
+    table = page.locator("#set-table").inner_text()
+    assert "FDT (tokens)" in table and not re.search(r"(^|\n)1\s*\n2\s*\n3", table)
+    assert "after a run" in page.locator("#set-hist").inner_text()
+    assert "dense token" in page.locator("#set-worst").inner_text()
+    page.get_by_role("tab", name="Sensitivity").click()
+    assert "mean FDT (tokens)" in page.locator("#sens-table").inner_text()
+    shot(page, "empty-sensitivity")
+    page.get_by_role("tab", name="Compare").click()
+    prompt = NEWLINE_PROMPT
+    ref = divergence(make_pair(default_model, Recipe.single("int8")), [prompt], 24)
+    assert "\n" in ref.table.dense_text[0], "the prompt makes the model write a newline"
+    page.locator("#prompt textarea").fill(prompt)
+    set_tokens(page, 24)
+    page.locator("#generate").click()
+    page.wait_for_function("document.querySelector('#status').innerText.includes('Done')",
+                           timeout=120_000)
+    for col in ("#dense-output", "#compressed-output"):
+        assert page.locator(f"{col} .nl").count() >= 1
+        assert "⏎" in page.locator(col).inner_text()
+
+
+NEWLINE_PROMPT = "A list of three fruits, one per line:\n1."

@@ -178,3 +178,23 @@ def test_pairs_and_sweep_cells_with_hessian_methods(spec, tmp_path):
         assert row.fdt_mean == d.table.fdt.mean(), row.component
         assert row.kl_mean == pytest.approx(d.table.kl_mean.mean(), rel=1e-3, abs=1e-6)
     assert res.table.kl_mean.max() > 0
+
+
+def test_in_place_lapack_factor_equals_the_torch_factor(monkeypatch):
+    """On CPU the factor is computed by LAPACK inside the Hessian's own memory; it is the torch
+    computation's factor (upper triangle), also when the first tries fail and H is restored."""
+    import dtm_core.methods.obs as obs
+
+    _, _, h = problem(cols=300, n=400, seed=7)
+    bad = h.clone()
+    bad[0, 0] = -0.5 * float(torch.diag(h).mean())   # indefinite: fails until damped enough
+    for hess, dtype, damp in ((h, torch.float32, 0.01), (bad, torch.float64, 0.01)):
+        a = hess.to(dtype).clone()
+        u_lapack, d1 = obs.inverse_hessian_factor(a, damp)
+        assert u_lapack.data_ptr() == a.data_ptr()      # the same memory, nothing else
+        monkeypatch.setattr(obs, "_factor_in_place", lambda *x: None)
+        u_torch, d2 = obs.inverse_hessian_factor(hess.to(dtype).clone(), damp)
+        monkeypatch.undo()
+        assert d1 == d2 and (d1 > damp) == (hess is bad)
+        torch.testing.assert_close(torch.triu(u_lapack), torch.triu(u_torch), rtol=1e-4,
+                                   atol=1e-5)
