@@ -4,7 +4,7 @@ method runs in a fresh process; the peak resident memory above what the process 
 the activation statistics loaded is printed against the size of the Hessian and of W, measured in
 this run.
 
-    .venv/bin/python bench/bench_obs_memory.py [--rows 4096] [--cols 11008]
+    .venv/bin/python bench/bench_obs_memory.py [--rows 4096] [--cols 11008] [--specs a,b]
 """
 import argparse
 import json
@@ -52,18 +52,20 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=4096)
     ap.add_argument("--cols", type=int, default=11008)
+    ap.add_argument("--specs", default="int4:g128,gptq:int4:g128,sparsegpt:0.5,awq:int4:g128")
     args = ap.parse_args()
     h_mib = args.cols ** 2 * 4 / 2 ** 20
     w_mib = args.rows * args.cols * 4 / 2 ** 20
     print(f"W {args.rows} x {args.cols}: {w_mib:.0f} MiB; H {args.cols} x {args.cols}: "
           f"{h_mib:.0f} MiB (float32, CPU)")
-    for spec in ("int4:g128", "gptq:int4:g128", "sparsegpt:0.5", "awq:int4:g128"):
+    for spec in args.specs.split(","):
         out = subprocess.run([sys.executable, "-c", CHILD, str(args.rows), str(args.cols), spec],
                              capture_output=True, text=True, check=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])
         extra = (r["peak_kib"] - r["before_kib"]) / 1024
         print(f"{spec:<16} {r['seconds']:7.1f} s   peak above W+H loaded: {extra:7.0f} MiB = "
-              f"{extra / h_mib:.2f} x H = H + {(extra - h_mib) / w_mib:.2f} x W")
+              f"{extra / h_mib:.2f} x H = H + {(extra - h_mib) / w_mib:.2f} x W "
+              f"(the working Hessian is a copy: the statistic is shared and kept)")
         print(f"RATIO {spec} extra memory / Hessian = {extra / h_mib:.2f}")
 
 

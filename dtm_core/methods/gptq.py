@@ -34,7 +34,9 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group: int | None
         perm = torch.argsort(torch.diag(h), descending=True)
         if group:   # static groups: each group's grid from the original weights, original order
             static = [grid_params(w[:, g:g + group], bits, asym) for g in range(0, cols, group)]
-        w, h = w[:, perm], h[perm][:, perm]
+        w = w[:, perm]
+        h = h[perm]           # one permutation at a time: never three Hessians at once
+        h = h[:, perm]
     u, _ = inverse_hessian_factor(h, damp, name)
     params: list = [None]
 

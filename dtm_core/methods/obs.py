@@ -155,5 +155,6 @@ def lazy_batch(w: torch.Tensor, u: torch.Tensor, fix: Callable, block: int = BLO
             w1[:, i:] -= e[:, None] * u1[i, i:][None, :]
             err1[:, i] = e
         w[:, i1:i2] = q1       # the fixed block takes the place of its columns: no second W
-        w[:, i2:] -= err1 @ u[i1:i2, i2:]
+        for j in range(i2, cols, 4 * block):   # the lazy update in strips: no W-sized temporary
+            w[:, j:j + 4 * block] -= err1 @ u[i1:i2, j:j + 4 * block]
     return w
