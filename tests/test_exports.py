@@ -99,6 +99,15 @@ def test_cli_tables_round_trip(tricky, tmp_path, monkeypatch, capsys):
     back = pd.read_csv(out)
     assert len(back) == len(PROMPTS) and back.compressed_text.str.contains("#").any()
     assert json.loads(sidecar_path(out).read_text())["config"]["command"] == "divergence"
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(str(3 + i % 90) for i in range(120)), encoding="utf-8")
+    out = tmp_path / "kld.csv"
+    assert cli.main(["kld", "--model", "tiny", "--compress", "int4", "--text", str(text),
+                     "--ctx", "32", "--out", str(out), "--json", str(tmp_path / "k.json")]) == 0
+    back = pd.read_csv(out).set_index("statistic").value
+    assert back["kld_mean"] == pytest.approx(
+        json.loads((tmp_path / "k.json").read_text())["kld_mean"], rel=1e-12)
+    assert json.loads(sidecar_path(out).read_text())["config"]["ctx"] == 32
     for name in ("sw.csv", "sw.parquet"):
         out = tmp_path / name
         assert cli.main(["sweep", "--model", "tiny", "--compress", "int4", "--prompts", path,

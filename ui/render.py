@@ -279,6 +279,8 @@ HEADERS = {  # column -> (header with unit, scale: 100 shows a share as %)
     "layer": ("layer", 1), "kind": ("kind", 1), "component": ("component", 1),
     "params": ("params", 1), "fdt_mean": ("mean FDT (tokens)", 1),
     "fdt_median": ("median FDT (tokens)", 1), "fdt_p25": ("FDT p25 (tokens)", 1),
+    "fdt_p10": ("FDT p10 (tokens)", 1), "fdt_p75": ("FDT p75 (tokens)", 1),
+    "fdt_p90": ("FDT p90 (tokens)", 1), "n_tokens": ("new tokens", 1),
     "sdt_mean": ("mean SDT (%)", 100), "top1_agree_mean": ("top-1 agree (%)", 100),
     "ppl_ratio_mean": ("PPL ratio", 1), "seconds": ("time (s)", 1),
     "metric": ("metric", 1), "plain": ("plain", 1), "intactkv": ("IntactKV", 1),
