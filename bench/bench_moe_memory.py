@@ -1,9 +1,10 @@
 """Memory of a pair on a mixture-of-experts model (issue: every model family).
 
 A pair shares every untouched tensor with the dense model. Experts are stored as one 3-D parameter
-per kind and layer (experts x out x in), so compressing one expert copies that layer's 3-D parameter
-once, and compressing the whole kind (every expert) copies it once too. Prints the extra bytes of
-each pair against the dense model, measured in this run on a random-weight Mixtral-shaped model.
+per kind and layer (experts x out x in); a pair's experts parameter is an ExpertOverrides over the
+dense one, so compressing one expert copies that expert's matrix only, and the whole kind copies
+every expert's matrix once. Prints the extra bytes of each pair against the dense model, measured
+in this run on a random-weight Mixtral-shaped model.
 
     .venv/bin/python bench/bench_moe_memory.py [--experts 8] [--hidden 256] [--layers 4]
 """

@@ -254,6 +254,9 @@ def _compress(pairs, stats: dict, applied: Applied, fresh: dict) -> None:
         if not spec.changes_weights:
             continue
         key = (id(comp.module), comp.param)
+        if comp.experts is not None:
+            _compress_experts(comp, spec, stats, applied, fresh, key)
+            continue
         if key not in fresh:   # one copy per parameter, however many of its parts change
             orig = getattr(comp.module, comp.param)
             fresh[key] = orig.detach().clone(memory_format=torch.contiguous_format)
@@ -274,3 +277,30 @@ def _compress(pairs, stats: dict, applied: Applied, fresh: dict) -> None:
         hook = spec.runtime_hook()
         if hook is not None:
             applied._hooks.append(comp.module.register_forward_pre_hook(hook))
+
+
+def _compress_experts(comp: Component, spec: Method, stats: dict, applied: Applied, fresh: dict,
+                      key) -> None:
+    """Experts: the 3-D parameter is replaced by an :class:`ExpertOverrides` over the dense one,
+    and only the compressed experts' matrices are copied."""
+    from .expert_overrides import ExpertOverrides
+
+    if key not in fresh:
+        orig = getattr(comp.module, comp.param)
+        fresh[key] = ExpertOverrides(orig)
+        applied._saved.append((comp.module, comp.param, orig))
+        setattr(comp.module, comp.param, fresh[key])
+    over = fresh[key]
+    for sk, e in zip(_stat_keys(comp), comp.experts):
+        new_copy = int(e) not in over._over
+        m = over.override(e)
+        if new_copy:
+            applied.changed_bytes += m.numel() * m.element_size()
+            applied.changed_params += m.numel()
+        mat = m.t() if comp.transposed else m
+        w = (mat[comp.rows] if comp.rows is not None else mat).float()
+        new = spec.apply(w.contiguous(), stats.get((sk, spec), {}), comp.name)
+        if comp.rows is not None:
+            mat[comp.rows] = new.to(m.dtype)
+        else:
+            mat.copy_(new)

@@ -81,6 +81,8 @@ def tensor_bytes(*models: torch.nn.Module) -> int:
     seen: dict[int, int] = {}
     for m in models:
         for t in itertools.chain(m.parameters(), m.buffers()):
-            st = t.untyped_storage()
-            seen[st.data_ptr()] = st.nbytes()
+            # an experts parameter with overridden experts also holds their own matrices
+            for x in [t] + list(getattr(t, "extra_tensors", lambda: [])()):
+                st = x.untyped_storage()
+                seen[st.data_ptr()] = st.nbytes()
     return sum(seen.values())

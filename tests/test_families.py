@@ -15,7 +15,7 @@ from dtm_core.divergence import divergence
 from dtm_core.errors import DTMError
 from dtm_core.generation import greedy_generate
 from dtm_core.models import LoadedModel, eos_ids
-from dtm_core.pair import make_pair, tensor_bytes
+from dtm_core.pair import make_pair, shared_copy, tensor_bytes
 from dtm_core.streaming import stream_pair
 from dtm_core.sweep import sweep
 
@@ -254,7 +254,7 @@ def test_one_expert_compresses_only_its_own_matrix(family):
         after = comp.module.down_proj
         assert torch.equal(after[1:], before[1:])
         assert torch.equal(after[0], parse_spec("int2").apply(before[0].float(), {}))
-        assert applied.changed_bytes == before.numel() * 4    # the 3-D parameter, copied once
+        assert applied.changed_bytes == before[0].numel() * 4    # that expert's matrix only
     assert torch.equal(comp.module.down_proj, before)
     # "experts.down" compresses every expert's matrix on its own, group by group along its input
     with apply_recipe(lm.model, Recipe.single("int4:g8", f"{layer}.experts.down")):
@@ -288,10 +288,46 @@ def test_compressing_experts_hard_changes_the_routers_choices(family):
 def test_moe_pair_copies_only_the_compressed_parameters():
     lm = make("mixtral")
     dense = tensor_bytes(lm.model)
-    pair = make_pair(lm, Recipe.single("int4", "1.e2.down"))
-    extra = tensor_bytes(lm.model, pair.compressed) - dense
-    assert extra == pair.applied.changed_bytes == lm.model.model.layers[1].mlp.experts.down_proj \
-        .numel() * 4
+    down = lm.model.model.layers[1].mlp.experts.down_proj
+    for sel, matrices in (("1.e2.down", 1), ("1.e0.down,1.e3.down", 2), ("1.experts.down", 4)):
+        pair = make_pair(lm, Recipe.single("int4", sel))
+        extra = tensor_bytes(lm.model, pair.compressed) - dense
+        assert extra == pair.applied.changed_bytes == matrices * down[0].numel() * 4, sel
+    # gate and up of one expert are rows of one matrix: one copy
+    pair = make_pair(lm, Recipe.single("int4", "1.e1.gate,1.e1.up"))
+    gate_up = lm.model.model.layers[1].mlp.experts.gate_up_proj
+    assert tensor_bytes(lm.model, pair.compressed) - dense == gate_up[0].numel() * 4
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_one_experts_copy_computes_what_a_full_copy_computes(family):
+    """The overridden experts parameter gives the same logits, bit for bit, as a full copy of
+    the 3-D parameter with the same experts compressed, and restores to the dense model."""
+    from dtm_core.expert_overrides import ExpertOverrides
+
+    lm = make(family)
+    ps = prompts(4, seed=2)
+    recipe = Recipe.single("int3", "1.e1.down,1.e3.gate,2.e0.up")
+    pair = make_pair(lm, recipe)
+    assert isinstance(pair.compressed.model.layers[1].mlp.experts.down_proj, ExpertOverrides)
+    full = shared_copy(lm.model)
+    with torch.no_grad():
+        for layer, e, param, rows in ((1, 1, "down_proj", None), (1, 3, "gate_up_proj", 0),
+                                      (2, 0, "gate_up_proj", 1)):
+            experts = full.model.layers[layer].mlp.experts
+            w = getattr(experts, param).detach().clone()
+            m = w[e] if rows is None else w[e].view(2, -1, w.shape[-1])[rows]
+            m.copy_(parse_spec("int3").apply(m.float().contiguous(), {}))
+            setattr(experts, param, torch.nn.Parameter(w, requires_grad=False))
+    for p in ps:
+        x = torch.tensor([p])
+        assert torch.equal(pair.compressed(x).logits, full(x).logits)
+    d = divergence(pair, prompt_ids=ps, new_tokens=N)
+    assert d.table.kl_mean.max() > 0
+    pair.applied.restore()
+    for p in ps:
+        x = torch.tensor([p])
+        assert torch.equal(pair.compressed(x).logits, lm.model(x).logits)
 
 
 def test_parts_refuse_activation_quantization_with_a_sentence():
