@@ -268,12 +268,7 @@ def _compress(pairs, stats: dict, applied: Applied, fresh: dict) -> None:
         full = fresh[key]
         # each (out, in) matrix is compressed on its own (with its own statistics)
         for sk, m in zip(_stat_keys(comp), comp.matrices(full)):
-            w = (m[comp.rows] if comp.rows is not None else m).float()
-            new = spec.apply(w.contiguous(), stats.get((sk, spec), {}), comp.name)
-            if comp.rows is not None:
-                m[comp.rows] = new.to(full.dtype)
-            else:
-                m.copy_(new)
+            _compress_matrix(m, comp, spec, stats.get((sk, spec), {}))
         hook = spec.runtime_hook()
         if hook is not None:
             applied._hooks.append(comp.module.register_forward_pre_hook(hook))
@@ -297,10 +292,14 @@ def _compress_experts(comp: Component, spec: Method, stats: dict, applied: Appli
         if new_copy:
             applied.changed_bytes += m.numel() * m.element_size()
             applied.changed_params += m.numel()
-        mat = m.t() if comp.transposed else m
-        w = (mat[comp.rows] if comp.rows is not None else mat).float()
-        new = spec.apply(w.contiguous(), stats.get((sk, spec), {}), comp.name)
-        if comp.rows is not None:
-            mat[comp.rows] = new.to(m.dtype)
-        else:
-            mat.copy_(new)
+        _compress_matrix(m.t() if comp.transposed else m, comp, spec, stats.get((sk, spec), {}))
+
+
+def _compress_matrix(m: torch.Tensor, comp: Component, spec: Method, stats) -> None:
+    """Compress one (out, in) matrix view in place (only the component's rows of a fused one)."""
+    w = (m[comp.rows] if comp.rows is not None else m).float()
+    new = spec.apply(w.contiguous(), stats, comp.name)
+    if comp.rows is not None:
+        m[comp.rows] = new.to(m.dtype)
+    else:
+        m.copy_(new)
