@@ -12,6 +12,13 @@
     box.dispatchEvent(new Event('input', {bubbles: true}));
     setTimeout(() => btn.click(), 100);
   };
+  // The FDT / SDT cards say N: the Compare tab's "Max new tokens" setting.
+  setInterval(() => {
+    const n = document.querySelector('#new-tokens input[type=number]');
+    document.querySelectorAll('.n-tokens').forEach((s) => {
+      if (n && s.textContent !== n.value) s.textContent = n.value;
+    });
+  }, 300);
   setInterval(() => {
     document.querySelectorAll('#sens-heatmap .js-plotly-plot').forEach((gd) => {
       if (!gd.on) return;

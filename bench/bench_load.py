@@ -36,6 +36,8 @@ def expected_results(prompts, n, spec):
 
 
 def column_text(fragment: str) -> str:
+    """The text of a token column (the ⏎ marks shown before newlines are not part of it)."""
+    fragment = fragment.replace('<span class="nl">⏎</span>', "")
     return html.unescape(re.sub(r"<[^>]+>", "", fragment))
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from ui.render import fdt_card, readable_table, render_sdt_map, significant, visible
+from ui.render import FDT_HINT, card_head, readable_table, render_sdt_map, significant, visible
 
 
 class Words:
@@ -37,9 +37,8 @@ def test_tables_are_readable_worst_first_with_units():
 
 
 def test_fdt_card_says_what_it_is():
-    card = fdt_card("7", 32)
-    assert '<div class="metric-value">7</div>' in card and "of N = 32" in card
-    assert 'title="First divergent token' in card
+    head = card_head("First divergent token (FDT)", FDT_HINT)
+    assert 'title="First divergent token: how many tokens' in head and "(FDT)" in head
 
 
 def test_position_plot_marks_the_first_divergent_token(default_model):

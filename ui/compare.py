@@ -17,8 +17,8 @@ from dtm_core.streaming import stream_pair
 
 from . import common
 from .common import STOPS, IntactKVForm, PairForm
-from .render import (TokenTexts, fdt_badge, fdt_card, friendly, position_plot, render_column,
-                     render_sdt_map, sdt_card, sink_figures)
+from .render import (FDT_HINT, N_TOKENS, SDT_HINT, TokenTexts, card_head, card_sub, fdt_badge,
+                     friendly, position_plot, render_column, render_sdt_map, sink_figures)
 
 UPDATE_EVERY_S = 0.04  # throttle for streamed page updates (each carries both columns)
 
@@ -38,7 +38,7 @@ def compare(model, preset, spec, components, checkpoint, prompt, chat, new_token
 
     Inputs come positionally in the order API clients have always used; the calibration inputs
     came last."""
-    empty = ("", "", fdt_card("–"), sdt_card("–"), None, "")
+    empty = ("", "", "–", "–", None, "")
     try:
         if not (prompt or "").strip():
             raise DTMError("Type a prompt first.")
@@ -76,16 +76,14 @@ def compare(model, preset, spec, components, checkpoint, prompt, chat, new_token
                 if now - last < UPDATE_EVERY_S and not (state.dense_done and state.comp_done):
                     continue  # the page is updated at most every UPDATE_EVERY_S seconds
                 last = now
-                yield (*columns(state, state.fdt), fdt_card(fdt_badge(state), n),
-                       sdt_card(f"{state.sdt:.0%}", n), None,
+                yield (*columns(state, state.fdt), fdt_badge(state), f"{state.sdt:.0%}", None,
                        "", f"Streaming… {len(state.steps)} tokens, {now - t0:.1f} s.{pivots}")
         if state is None:
             return
         if state.stopped:
             f = state.fdt
             yield (*columns(state, f),
-                   fdt_card(fdt_badge(state), n), sdt_card(f"{state.sdt:.0%}", n),
-                   position_plot(state), "",
+                   fdt_badge(state), f"{state.sdt:.0%}", position_plot(state), "",
                    f"Stopped after {len(state.steps)} tokens.")
             return
         # The engine's batch computation on the same prompt: the numbers the CLI reports.
@@ -103,8 +101,7 @@ def compare(model, preset, spec, components, checkpoint, prompt, chat, new_token
         note = "" if f == state.fdt else (f" (the live stream saw {state.fdt}: a numerical "
                                           "near-tie between cached and full forward passes)")
         calib = calibration_note(pair)
-        yield (*columns(state, f), fdt_card(str(f), n), sdt_card(f"{row.sdt:.0%}", n),
-               position_plot(state, f),
+        yield (*columns(state, f), str(f), f"{row.sdt:.0%}", position_plot(state, f),
                render_sdt_map(tok, state.dense_tokens, tm.agree.tolist()),
                f"Done: {len(state.dense_tokens)} dense tokens, FDT {f}, SDT {row.sdt:.1%}, "
                f"mean KL {row.kl_mean:.4f} nats, {pair.dense.source} vs {pair.label}"
@@ -156,8 +153,16 @@ def build(pair: PairForm, ikv: IntactKVForm) -> CompareTab:
                 stop = gr.Button("Stop", variant="stop", elem_id="stop")
     status = common.StatusText("", elem_id="status")
     with gr.Row(elem_classes="badges"):
-        fdt = gr.HTML(fdt_card("–"), elem_id="fdt")
-        sdt = gr.HTML(sdt_card("–"), elem_id="sdt")
+        # a card each: label (definition on hover), the number, N (filled in from the N setting
+        # by assets/app.js); the outputs #fdt and #sdt stay the plain values API clients read
+        with gr.Column(elem_classes="metric-card"):
+            gr.HTML(card_head("First divergent token (FDT)", FDT_HINT))
+            fdt = gr.HTML("–", elem_id="fdt")
+            gr.HTML(card_sub(f"tokens, of N = {N_TOKENS} new tokens"))
+        with gr.Column(elem_classes="metric-card"):
+            gr.HTML(card_head("Share of divergent tokens (SDT)", SDT_HINT))
+            sdt = gr.HTML("–", elem_id="sdt")
+            gr.HTML(card_sub(f"of the positions up to N = {N_TOKENS}"))
     with gr.Row():
         with gr.Column():
             gr.Markdown("### Dense")

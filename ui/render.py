@@ -57,30 +57,21 @@ def visible(text: str) -> str:
     return html.escape(text).replace("\n", '<span class="nl">⏎</span>\n')
 
 
-def metric_card(label: str, value: str, sub: str, hint: str) -> str:
-    """A prominent number (FDT, SDT) with its label, a line under it and an explanation on
-    hover."""
-    return (f'<div class="metric-card" title="{html.escape(hint)}">'
-            f'<div class="metric-label">{html.escape(label)}</div>'
-            f'<div class="metric-value">{html.escape(value)}</div>'
-            f'<div class="metric-sub">{html.escape(sub)}</div></div>')
+def card_head(label: str, hint: str) -> str:
+    """The label of a metric card, with its definition on hover."""
+    return f'<div class="metric-head" title="{html.escape(hint)}">{html.escape(label)} ⓘ</div>'
+
+
+def card_sub(text_html: str) -> str:
+    """The line under a card's number (``<span class="n-tokens">`` shows the page's N)."""
+    return f'<div class="metric-sub">{text_html}</div>'
 
 
 FDT_HINT = ("First divergent token: how many tokens the compressed model reproduces exactly before "
             "its greedy output first differs from the dense model's (N when it never does).")
 SDT_HINT = ("Share of divergent tokens: the share of positions where the compressed model's "
             "argmax, given the dense prefix, differs from the dense token.")
-
-
-def fdt_card(value: str, n: int | None = None) -> str:
-    return metric_card("First divergent token (FDT)", value,
-                       f"of N = {n} new tokens" if n else "tokens the two agree on", FDT_HINT)
-
-
-def sdt_card(value: str, n: int | None = None) -> str:
-    return metric_card("Share of divergent tokens (SDT)", value,
-                       f"of the positions up to N = {n}" if n else "positions that differ",
-                       SDT_HINT)
+N_TOKENS = '<span class="n-tokens">N</span>'
 
 
 def render_column(tokenizer, state: StreamState, side: str, fdt: int | None,
