@@ -59,7 +59,7 @@ def visible(text: str) -> str:
 
 def card_head(label: str, hint: str) -> str:
     """The label of a metric card, with its definition on hover."""
-    return f'<div class="metric-head" title="{html.escape(hint)}">{html.escape(label)} ⓘ</div>'
+    return f'<div class="metric-head" title="{html.escape(hint)}">{html.escape(label)}</div>'
 
 
 def card_sub(text_html: str) -> str:
