@@ -111,9 +111,10 @@ class CalibrationSetting:
             texts, label = self.texts(evaluated)
             if self.ctx:
                 ids = tokenizer("\n".join(texts), add_special_tokens=False).input_ids
-                seqs = _chunks(list(ids), self.ctx - int(_bos(tokenizer) is not None))
-                if _bos(tokenizer) is not None:
-                    seqs = [[_bos(tokenizer)] + c for c in seqs]
+                bos = _bos(tokenizer)
+                seqs = _chunks(list(ids), self.ctx - int(bos is not None))
+                if bos is not None:
+                    seqs = [[bos] + c for c in seqs]
             else:
                 seqs = encode_prompts(tokenizer, texts, chat=chat)
         if self.ctx:

@@ -9,6 +9,7 @@ from pathlib import Path
 import gradio as gr
 
 from dtm_core.evaluate import evaluate
+from dtm_core.exports import write_table
 from dtm_core.jobs import calibration_note, compare_variants, resolve_intactkv
 from dtm_core.prompts import builtin_names
 
@@ -62,9 +63,9 @@ def run_set(model, preset, spec, components, checkpoint, upload, builtin, chat, 
     out_dir = Path(tempfile.mkdtemp(prefix="dtm-export-"))
     csv_path, json_path = out_dir / "dtm_results.csv", out_dir / "dtm_results.json"
     parquet_path = out_dir / "dtm_results.parquet"
-    res.write(csv_path)
-    res.write(parquet_path)
-    json_path.write_text(res.to_json(), encoding="utf-8")   # the sidecar, with summary and rows
+    write_table(res.table, csv_path)
+    write_table(res.table, parquet_path)
+    json_path.write_text(res.to_json(), encoding="utf-8")   # their sidecar: config, summary, rows
     table = readable_table(res.table[[c for c in TABLE_COLUMNS if c in res.table.columns]],
                            sort=["fdt", "kl_mean"], ascending=[True, False])
     msg = (f"{'Stopped: ' if res.stopped else 'Done: '}{len(res.table)} prompts of "
@@ -102,13 +103,7 @@ def run_set(model, preset, spec, components, checkpoint, upload, builtin, chat, 
             columns={"plain": "without IntactKV", "intactkv": f"IntactKV {ikv.label}",
                      "uncalibrated": f"IntactKV {ikv.label.replace('+cal', '')} (uncalibrated)",
                      "delta": "Δ (IntactKV − plain)"})
-    worst = res.worst(10, "fdt")
-    worst["kl_mean"] = worst.kl_mean.map(significant)
-    worst = worst.rename(columns={"prompt_index": "#", "fdt": "FDT (tokens)",
-                                  "kl_mean": "mean KL (nats)",
-                                  "before": "… text before", "dense_token": "dense token",
-                                  "compressed_token": "compressed token",
-                                  "dense_after": "dense goes on"})
+    worst = readable_table(res.worst(10, "fdt"))
     return (table, summary_cards(res), *set_plots(res, n), str(csv_path), str(json_path), msg,
             state, comparison, str(parquet_path), worst)
 

@@ -63,7 +63,7 @@ def run_sweep(model, spec, upload, builtin, chat, new_tokens, layers, kinds, met
               "prompt_count": len(ids), "new_tokens": int(new_tokens), "chat": bool(chat),
               "intactkv": None if ikv is None else ikv.label, "cell_store": str(res.folder)}
     write_table(table, out, config)
-    write_table(table, out.with_suffix(".parquet"), config)
+    write_table(table, out.with_suffix(".parquet"))     # the same sidecar serves both
     # the page: most sensitive components first, readable numbers (the files keep everything)
     table = readable_table(table, sort=["fdt_mean", "kl_mean"], ascending=[True, False])
     # what a cell opened in Compare must calibrate on to be the pair the cell measured

@@ -17,7 +17,6 @@ Weight clipping (AWQ's second search) is not done.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -25,8 +24,9 @@ import torch
 
 from ..errors import DTMError
 from .base import Method, need_stat
-from .registry import bad_spec, register
-from .rtn import LLAMA_CPP_TYPES, grid_options, grid_suffix, quantize_weight
+from .registry import register
+from .rtn import (LLAMA_CPP_TYPES, grid_method_at_level, grid_options, grid_suffix, leading_bits,
+                  quantize_weight)
 
 GRID = 20
 
@@ -90,11 +90,7 @@ class AWQ(Method):
 
     @classmethod
     def parse(cls, head, options, spec):
-        if not options or not re.fullmatch(r"int\d+", options[0]):
-            raise bad_spec(spec, "awq takes a grid first, e.g. awq:int4:g128")
-        bits = int(options[0][3:])
-        if not 2 <= bits <= 8:
-            raise bad_spec(spec, "bit width must be 2-8")
+        bits = leading_bits("awq", options, spec)
         group, asym = grid_options(options[1:], spec)
         return cls(bits=bits, group=group, asym=asym)
 
@@ -110,10 +106,7 @@ class AWQ(Method):
 
     @classmethod
     def at_level(cls, level: float, options: str = "") -> "AWQ":
-        rest = options.split(":")[1:] if options.startswith("int") else \
-            (options.split(":") if options else [])
-        spec = ":".join([f"awq:int{int(level)}"] + rest)
-        return cls.parse("awq", spec.split(":")[1:], spec)
+        return grid_method_at_level(cls, level, options)
 
     def llama_cpp_type(self) -> str:
         return LLAMA_CPP_TYPES[self.bits][int(self.asym)]

@@ -18,7 +18,8 @@ import torch
 from .base import Method, need_stat
 from .obs import BLOCK, inverse_hessian_factor, lazy_batch, prepare
 from .registry import bad_spec, register
-from .rtn import LLAMA_CPP_TYPES, grid_params, grid_suffix, on_grid
+from .rtn import (LLAMA_CPP_TYPES, grid_method_at_level, grid_params, grid_suffix, leading_bits,
+                  on_grid)
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group: int | None = None,
@@ -80,11 +81,7 @@ class GPTQ(Method):
 
     @classmethod
     def parse(cls, head, options, spec):
-        if not options or not re.fullmatch(r"int\d+", options[0]):
-            raise bad_spec(spec, "gptq takes a grid first, e.g. gptq:int4:g128")
-        bits = int(options[0][3:])
-        if not 2 <= bits <= 8:
-            raise bad_spec(spec, "bit width must be 2-8")
+        bits = leading_bits("gptq", options, spec)
         group, asym, act, damp = None, False, False, 0.01
         seen = set()
         for opt in options[1:]:
@@ -123,11 +120,7 @@ class GPTQ(Method):
 
     @classmethod
     def at_level(cls, level: float, options: str = "") -> "GPTQ":
-        # level-curve names are gptq:int or gptq:int:g128 (the grid's bits come from the level)
-        rest = options.split(":")[1:] if options.startswith("int") else \
-            (options.split(":") if options else [])
-        spec = ":".join([f"gptq:int{int(level)}"] + rest)
-        return cls.parse("gptq", spec.split(":")[1:], spec)
+        return grid_method_at_level(cls, level, options)
 
     def llama_cpp_type(self) -> str:
         return LLAMA_CPP_TYPES[self.bits][int(self.asym)]

@@ -78,6 +78,25 @@ def grid_suffix(group: int | None, asym: bool) -> str:
     return (f":g{group}" if group else "") + (":asym" if asym else "")
 
 
+def leading_bits(name: str, options: list[str], spec: str) -> int:
+    """The bit width of a method that takes a grid first (``gptq:int4:...``, ``awq:int4:...``)."""
+    if not options or not re.fullmatch(r"int\d+", options[0]):
+        raise bad_spec(spec, f"{name} takes a grid first, e.g. {name}:int4:g128")
+    bits = int(options[0][3:])
+    if not 2 <= bits <= 8:
+        raise bad_spec(spec, "bit width must be 2-8")
+    return bits
+
+
+def grid_method_at_level(cls, level: float, options: str = ""):
+    """A grid-first method at ``level`` bits: level-curve names are ``NAME:int`` or
+    ``NAME:int:g128`` (the grid's bits come from the level)."""
+    rest = options.split(":")[1:] if options.startswith("int") else \
+        (options.split(":") if options else [])
+    spec = ":".join([f"{cls.name}:int{int(level)}"] + rest)
+    return cls.parse(cls.name, spec.split(":")[1:], spec)
+
+
 LLAMA_CPP_TYPES = {8: ("q8_0", "q8_0"), 7: ("q8_0", "q8_0"), 6: ("q6_K", "q6_K"),
                    5: ("q5_0", "q5_1"), 4: ("q4_0", "q4_1"), 3: ("q3_K", "q3_K"),
                    2: ("q2_K", "q2_K")}   # bits -> (symmetric, asymmetric)
