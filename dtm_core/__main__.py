@@ -137,12 +137,25 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--intactkv", metavar="K|prefix",
                             help="run every cell with the dense model's KV for the first K "
                                  "tokens or the chat prefix (stored apart from plain sweeps)")
+            sp.add_argument("--whole", action="store_true",
+                            help="also measure every selected component compressed at once "
+                                 "and set the sum over cells against it (with from:PATH: the "
+                                 "whole checkpoint); holds a second copy of their weights")
         else:
             sp.add_argument("--budget", type=float, default=0.9,
                             help="keep mean FDT of the combined compression >= BUDGET x N")
             sp.add_argument("--out", help="plan JSON (a recipe the CLI and the app load)")
             sp.add_argument("--save", metavar="DIR", help="save the compressed model here "
                                                           "(save_pretrained, safetensors)")
+    ck = sub.add_parser("checkpoint", help="what a compressed checkpoint is: format, scheme per "
+                                           "group of layers, what is kept, size on disk")
+    ck.add_argument("path", help="a checkpoint folder (llm-compressor, GPTQ, AWQ, bitsandbytes, "
+                                 "torchao) or a .gguf file")
+    ck.add_argument("--base", metavar="MODEL",
+                    help="the base model: compare sizes, and check (by loading both) that the "
+                         "checkpoint is a compression of it")
+    ck.add_argument("--json", help="write the description as JSON here")
+    ck.add_argument("--device", default="cpu")
     cal = sub.add_parser("intactkv-calibrate",
                          help="train the pivot KV (IntactKV+Cal) and compare FDT with plain "
                               "and uncalibrated IntactKV")
@@ -197,6 +210,9 @@ def _load_pair(args, prompts: list[str]):
     pair = _cache(args).open(_pair_request(args), prompts)
     if pair.calibration is not None:
         print(calibration_note(pair), file=sys.stderr)
+    if "checkpoint" in pair.config:
+        from .checkpoints import CheckpointInfo
+        print(CheckpointInfo(**pair.config["checkpoint"]).text(), file=sys.stderr)
     return pair
 
 
@@ -386,7 +402,8 @@ def cmd_sweep(args) -> int:
     dense, ids, rank, world = _sweep_setup(args)
     ikv = IntactKV.parse(args.intactkv)
     both = sweep_variants(dense, args.compress, ids, args.new_tokens, **_sweep_kw(args, rank, world),
-                          progress=stderr_progress if rank == 0 else None, intactkv=ikv)
+                          progress=stderr_progress if rank == 0 else None, intactkv=ikv,
+                          whole=args.whole)
     res = both.main
     if rank != 0:
         return 0
@@ -396,13 +413,16 @@ def cmd_sweep(args) -> int:
             "command": "sweep", "model": dense.source, "spec": args.compress,
             "prompts": args.prompts, "prompt_count": len(ids), "new_tokens": args.new_tokens,
             "chat": args.chat, "intactkv": None if ikv is None else ikv.label,
-            "cell_store": str(res.folder)})
+            "cell_store": str(res.folder), "whole": res.additivity()})
     print(f"sweep {args.compress}{f' IntactKV {ikv.label}' if ikv else ''} on {dense.source}: "
           f"{len(res.table)} components "
           f"({res.computed} computed here, {res.reused} from the store {res.folder}"
           f"{f', {world} ranks' if world > 1 else ''})")
-    cols = ["component", "params", "fdt_mean", "sdt_mean", "kl_mean"]
-    print(res.table[cols].sort_values("fdt_mean").head(10).to_string(index=False))
+    cols = ["component", "params", "fdt_mean", "sdt_mean", "kl_mean", "weight_error"]
+    print(res.table[cols].sort_values(["fdt_mean", "kl_mean"], ascending=[True, False])
+          .head(10).to_string(index=False))
+    if res.additivity_line():
+        print(res.additivity_line())
     return 0
 
 
@@ -475,7 +495,28 @@ def cmd_intactkv_calibrate(args) -> int:
     return 0
 
 
-COMMANDS = {"divergence": cmd_divergence, "evaluate": cmd_evaluate, "sweep": cmd_sweep,
+def cmd_checkpoint(args) -> int:
+    from .checkpoints import inspect
+
+    info = inspect(args.path, base=args.base)
+    print(info.text())
+    out = info.to_json()
+    if args.base:
+        from .jobs import build_pair, PairRequest
+        from .models import load_model
+
+        dense = load_model(args.base, device=args.device)
+        build_pair(dense, PairRequest(model=args.base, compressed_model=args.path),
+                   load=lambda src: load_model(src, device=args.device))
+        print(f"- a compression of {args.base}: same tokenizer, architecture and tensor shapes")
+        out["base"] = args.base
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(out, fh, indent=2)
+    return 0
+
+
+COMMANDS = {"checkpoint": cmd_checkpoint, "divergence": cmd_divergence, "evaluate": cmd_evaluate, "sweep": cmd_sweep,
             "plan": cmd_plan, "kld": cmd_kld, "intactkv-calibrate": cmd_intactkv_calibrate}
 
 
@@ -484,6 +525,7 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")   # libraries' own bars (compressed-tensors)
     from .plugins import load_plugins
     try:
         load_plugins()   # before the parser: registered methods appear in --help

@@ -219,7 +219,7 @@ def apply_recipe(model, recipe: Recipe, calibration=None, sequential: bool = Fal
     pairs = recipe.components(model)  # validate before touching anything
     for comp, spec in pairs:
         part = comp.experts is not None or comp.rows is not None
-        if part and spec.runtime_hook() is not None:
+        if part and spec.runtime_hook_at(comp) is not None:
             raise DTMError(f"{spec} also changes the input of the whole module at {comp.path}, "
                            f"so it cannot apply to the part {comp.name} alone; give the whole "
                            "(fused or experts) kind instead.")
@@ -269,7 +269,7 @@ def _compress(pairs, stats: dict, applied: Applied, fresh: dict) -> None:
         # each (out, in) matrix is compressed on its own (with its own statistics)
         for sk, m in zip(_stat_keys(comp), comp.matrices(full)):
             _compress_matrix(m, comp, spec, stats.get((sk, spec), {}))
-        hook = spec.runtime_hook()
+        hook = spec.runtime_hook_at(comp)
         if hook is not None:
             applied._hooks.append(comp.module.register_forward_pre_hook(hook))
 
@@ -292,13 +292,15 @@ def _compress_experts(comp: Component, spec: Method, stats: dict, applied: Appli
         if new_copy:
             applied.changed_bytes += m.numel() * m.element_size()
             applied.changed_params += m.numel()
-        _compress_matrix(m.t() if comp.transposed else m, comp, spec, stats.get((sk, spec), {}))
+        _compress_matrix(m.t() if comp.transposed else m, comp, spec, stats.get((sk, spec), {}),
+                         int(e))
 
 
-def _compress_matrix(m: torch.Tensor, comp: Component, spec: Method, stats) -> None:
+def _compress_matrix(m: torch.Tensor, comp: Component, spec: Method, stats,
+                     expert: int | None = None) -> None:
     """Compress one (out, in) matrix view in place (only the component's rows of a fused one)."""
     w = (m[comp.rows] if comp.rows is not None else m).float()
-    new = spec.apply(w.contiguous(), stats, comp.name)
+    new = spec.apply_at(w.contiguous(), stats, comp, expert)
     if comp.rows is not None:
         m[comp.rows] = new.to(m.dtype)
     else:

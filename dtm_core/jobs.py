@@ -215,7 +215,12 @@ def build_pair(dense: LoadedModel, request: PairRequest, evaluated: Sequence[str
     """The pair a request describes on an already loaded dense model."""
     request.validate()
     if request.compressed_model:
-        return checkpoint_pair(dense, (load or load_model)(request.compressed_model))
+        from .checkpoints import inspect
+
+        info = inspect(request.compressed_model, base=dense.source)
+        other = (load or load_model)(request.compressed_model)
+        info.loader = other.extra.get("loader", info.loader)
+        return checkpoint_pair(dense, other, info)
     recipe = request.recipe_to_apply
     recipe.components(dense.model)     # selections fail before any calibration work
     calib = None

@@ -22,6 +22,12 @@ import torch
 
 from .errors import DTMError
 
+
+def checkpoint_fingerprint(path: str) -> str:
+    from .checkpoints import fingerprint
+
+    return fingerprint(path)
+
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_DESCRIPTION = (
     "SmolLM2-135M-Instruct (the embedded default). Its 'dense' weights are the de-quantized "
@@ -237,7 +243,12 @@ def _estimated_bytes(kind: str, path: Path | None, dtype: torch.dtype) -> int | 
     if kind == "folder" and path is not None:
         files = list(path.glob("*.safetensors")) or list(path.glob("*.bin"))
         stored = sum(f.stat().st_size for f in files)
-        return int(stored / 2 * elem) if stored else None  # checkpoints are mostly 16-bit
+        try:
+            quantized = "quantization_config" in json.loads((path / "config.json").read_text())
+        except (OSError, ValueError):
+            quantized = False
+        # checkpoints are mostly 16-bit; a compressed one is assumed 4-bit (de-quantized here)
+        return int(stored / (0.5 if quantized else 2) * elem) if stored else None
     return None
 
 
@@ -262,15 +273,15 @@ def load_model(source: str = "default", *, device: str | None = None, dtype: str
     dt = resolve_dtype(dtype, dev)
     check_fits(source, kind, path, dev, dt)
     from_cache = False
+    checkpoint = None
     try:
         if kind in ("default", "gguf"):
             tok, model, from_cache = _load_gguf(path, device=dev, dtype=dt, cache_dir=cache_dir,
                                                 trust_remote_code=trust_remote_code)
             key = _file_key(path)
         elif kind == "folder":
-            tok, model = _from_pretrained(str(path), device=dev, dtype=dt,
-                                          trust_remote_code=trust_remote_code, local_only=True)
-            key = _file_key(path / "config.json")
+            tok, model, checkpoint = _load_folder(path, source, dev, dt, trust_remote_code)
+            key = checkpoint_fingerprint(str(path))
         else:
             tok, model = _from_pretrained(source, device=dev, dtype=dt,
                                           trust_remote_code=trust_remote_code, local_only=True)
@@ -293,8 +304,58 @@ def load_model(source: str = "default", *, device: str | None = None, dtype: str
         tok.pad_token = tok.eos_token
     description = DEFAULT_DESCRIPTION if kind == "default" else f"{source} ({kind})"
     fingerprint = hashlib.sha256(f"{kind}|{key}|{dt}".encode()).hexdigest()[:16]
-    return LoadedModel(model=model, tokenizer=tok, source=source, description=description,
-                       fingerprint=fingerprint, from_cache=from_cache)
+    loaded = LoadedModel(model=model, tokenizer=tok, source=source, description=description,
+                         fingerprint=fingerprint, from_cache=from_cache)
+    if kind == "folder" and checkpoint:
+        loaded.extra["quant_method"] = checkpoint
+        if getattr(model, "dtm_loader", None):
+            loaded.extra["loader"] = model.dtm_loader
+    return loaded
+
+
+def _load_folder(path: Path, source: str, dev, dt, trust_remote_code):
+    """A transformers folder; a compressed checkpoint through the library of its format (or
+    de-quantized into its architecture where that library cannot run here, see
+    :mod:`dtm_core.checkpoints`). Returns (tokenizer, model, quant_method or None)."""
+    from . import checkpoints
+
+    config = checkpoints.read_config(path)
+    method = checkpoints.quant_method(config)
+    fmt = checkpoints.FORMATS.get(method) if method else None
+    if fmt is not None:
+        fmt.requirements()
+    loader = None
+    try:
+        if fmt is not None and not fmt.transformers_loads:
+            tok, model = checkpoints.load_dequantized(path, config, dt, dev, trust_remote_code)
+        else:
+            try:
+                tok, model = _from_pretrained(str(path), device=dev, dtype=dt,
+                                              trust_remote_code=trust_remote_code,
+                                              local_only=True)
+            except RuntimeError as exc:
+                if fmt is None or not fmt.can_dequantize or "mismatch" not in str(exc):
+                    raise
+                # e.g. asymmetric pack-quantized zero points, which compressed-tensors 0.20
+                # writes packed and transformers 5.23 expects unpacked: the library's own
+                # decompressor still reads them
+                tok, model = checkpoints.load_dequantized(path, config, dt, dev,
+                                                          trust_remote_code)
+                loader = (f"de-quantized into the base architecture by {fmt.name}'s own "
+                          f"decompressor (transformers could not load it: "
+                          f"{str(exc).splitlines()[0][:80]})")
+            if method:
+                checkpoints.finish_load(model)
+    except DTMError:
+        raise
+    except (ImportError, RuntimeError) as exc:
+        why = checkpoints.explain_load_error(source, config, exc) if method else None
+        if why is None:
+            raise
+        raise why from exc
+    if loader:
+        model.dtm_loader = loader
+    return tok, model, method
 
 
 def same_tokenizer(a, b) -> bool:

@@ -65,15 +65,25 @@ def make_pair(dense: LoadedModel, recipe: Recipe, calibration=None, chat: bool =
                 calibration=calib)
 
 
-def checkpoint_pair(dense: LoadedModel, compressed: LoadedModel) -> Pair:
-    """A pair of two checkpoints of the same base; refuses tokenizers that differ."""
+def checkpoint_pair(dense: LoadedModel, compressed: LoadedModel, info=None) -> Pair:
+    """A pair of two checkpoints of the same base; refuses tokenizers that differ, and an
+    architecture or tensor shapes that differ (naming what differs). ``info``: what the
+    compressed checkpoint is (:class:`~dtm_core.checkpoints.CheckpointInfo`), kept on the pair."""
+    from .checkpoints import config_differences, shape_differences
+
     if not same_tokenizer(dense.tokenizer, compressed.tokenizer):
         raise DTMError(f"The tokenizers of '{dense.source}' and '{compressed.source}' differ, so "
                        "their tokens cannot be compared; pick checkpoints of the same base model.")
+    diff = (config_differences(dense.model.config, compressed.model.config)
+            or shape_differences(dense.model, compressed.model))
+    if diff:
+        raise DTMError(f"'{compressed.source}' is not a compression of '{dense.source}': "
+                       f"{'; '.join(diff[:3])}.")
     if model_device(compressed.model) != model_device(dense.model):
         compressed.model.to(model_device(dense.model))
+    config = {"checkpoint": info.to_json()} if info is not None else {}
     return Pair(dense=dense, compressed=compressed.model, label=compressed.source,
-                compressed_source=compressed.source)
+                compressed_source=compressed.source, config=config)
 
 
 def tensor_bytes(*models: torch.nn.Module) -> int:

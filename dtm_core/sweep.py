@@ -42,13 +42,30 @@ from .pair import shared_copy
 from .progress import Meter
 
 CELL_COLUMNS = ["layer", "kind", "component", "params", "fdt_mean", "fdt_median", "fdt_p25",
-                "sdt_mean", "kl_mean", "ppl_change", "seconds"]
+                "sdt_mean", "kl_mean", "ppl_change", "weight_error", "seconds"]
+WHOLE = "__all__"     # the store's name for every selected component compressed at once
 
 
 def cell_columns() -> list[str]:
     """A cell's columns: the documented ones, then every other registered aggregate."""
     extra = [k for k in aggregates() if k not in CELL_COLUMNS]
     return CELL_COLUMNS[:-1] + extra + CELL_COLUMNS[-1:]
+
+
+def weight_error(dense_model, model, name: str) -> float:
+    """Relative weight error ||W - W'|| / ||W|| of component ``name`` (Frobenius norm over every
+    matrix it covers) between the dense model and ``model`` (a shared copy with it changed)."""
+    from .components import resolve
+
+    num = den = 0.0
+    for dc, wc in zip(resolve(dense_model, name), resolve(model, name)):
+        for a, b in zip(dc.matrices(dc.weight), wc.matrices(wc.weight)):
+            if dc.rows is not None:
+                a, b = a[dc.rows], b[dc.rows]
+            a = a.detach().double()
+            num += float((b.detach().double() - a).pow(2).sum())
+            den += float(a.pow(2).sum())
+    return (num / den) ** 0.5 if den > 0 else 0.0
 
 
 def heatmap_metrics() -> dict[str, str]:
@@ -269,7 +286,7 @@ def summarize_cell(t: pd.DataFrame) -> dict:
 
 def sweep_key(dense: LoadedModel, spec: str, prompt_ids, new_tokens: int, extra: str = "") -> str:
     h = hashlib.sha256()
-    h.update(json.dumps([dense.fingerprint, str(parse_spec(spec)), new_tokens, METRIC_VERSION,
+    h.update(json.dumps([dense.fingerprint, parse_spec(spec).key, new_tokens, METRIC_VERSION,
                          extra]).encode())
     h.update(json.dumps(prompt_ids).encode())
     return h.hexdigest()[:24]
@@ -314,6 +331,29 @@ class SweepResult:
     computed: int
     reused: int
     stopped: bool = False
+    whole: dict | None = None     # every selected component at once (``whole=True``)
+
+    def additivity(self) -> dict | None:
+        """The sum over cells set against every component at once: the FDT lost (N - mean FDT)
+        and the mean KL, summed over cells and measured whole (None without ``whole``)."""
+        if self.whole is None or self.table.empty:
+            return None
+        n = float(self.whole.get("new_tokens") or 0)
+        return {"cells": len(self.table),
+                "fdt_lost_sum": float((n - self.table.fdt_mean).sum()),
+                "fdt_lost_whole": n - float(self.whole["fdt_mean"]),
+                "kl_sum": float(self.table.kl_mean.sum()),
+                "kl_whole": float(self.whole["kl_mean"]),
+                "fdt_mean_whole": float(self.whole["fdt_mean"]),
+                "weight_error_whole": self.whole.get("weight_error")}
+
+    def additivity_line(self) -> str | None:
+        a = self.additivity()
+        if a is None:
+            return None
+        return (f"all {a['cells']} components at once: mean FDT {a['fdt_mean_whole']:.2f}, FDT "
+                f"lost {a['fdt_lost_whole']:.2f} (sum over cells {a['fdt_lost_sum']:.2f}), mean "
+                f"KL {a['kl_whole']:.4g} (sum over cells {a['kl_sum']:.4g})")
 
 
 def select_components(model, layers: str | None = None, kinds: str | None = None) -> list:
@@ -332,7 +372,7 @@ def sweep(dense: LoadedModel, spec: str, prompt_ids: Sequence[Sequence[int]], ne
           batch_size: int = 16, rank: int = 0, world: int = 1, wait_s: float = 7200.0,
           progress: Callable[[float, str], None] | None = None,
           stop: threading.Event | None = None, ctx: SweepContext | None = None,
-          intactkv=None, calibration=None) -> SweepResult:
+          intactkv=None, calibration=None, whole: bool = False) -> SweepResult:
     """Compress each selected component alone with ``spec`` and measure it; resumable.
 
     With ``world`` > 1 (torchrun), rank r computes cells r, r + world, ...; rank 0 then waits for
@@ -341,6 +381,9 @@ def sweep(dense: LoadedModel, spec: str, prompt_ids: Sequence[Sequence[int]], ne
     ``calibration`` (a :class:`~dtm_core.calibration.Calibration`, prompt texts or token
     sequences) feeds a method that needs statistics; default: the sweep's prompts. It is part of
     the cells' key, so a cell opened as a pair with the same calibration is the pair it measured.
+    Each cell also records its component's relative weight error. ``whole``: also measure every
+    selected component compressed at once (a second copy of their weights while it runs), for
+    :meth:`SweepResult.additivity`.
     """
     ikv = IntactKV.parse(intactkv)
     if ctx is not None and ikv != ctx.intactkv:
@@ -379,8 +422,9 @@ def sweep(dense: LoadedModel, spec: str, prompt_ids: Sequence[Sequence[int]], ne
             t0 = time.perf_counter()
             with apply_recipe(work, Recipe.single(sp, comp.name), calib):
                 summary = summarize_cell(cell_table(work, ctx, comp.layer))
+                werr = weight_error(dense.model, work, comp.name)
             row = {"layer": comp.layer, "kind": comp.kind, "component": comp.name,
-                   "params": comp.params, **summary,
+                   "params": comp.params, **summary, "weight_error": werr,
                    "seconds": time.perf_counter() - t0}
             store.put(comp.name, row)
             computed += 1
@@ -394,8 +438,25 @@ def sweep(dense: LoadedModel, spec: str, prompt_ids: Sequence[Sequence[int]], ne
             time.sleep(0.5)
     rows = [r for r in (store.get(c.name) for c in comps) if r is not None]
     table = pd.DataFrame(rows, columns=cell_columns())
+    all_at_once = None
+    if whole and rank == 0 and not stopped and comps:
+        # the store keys the whole cell by the selection too (cells are shared across selections)
+        wname = WHOLE + "-" + hashlib.sha256(",".join(c.name for c in comps).encode()).hexdigest()[:12]
+        all_at_once = store.get(wname)
+        if all_at_once is None:
+            ctx = ctx or prepare(dense, prompt_ids, new_tokens, batch_size, intactkv=ikv)
+            work = shared_copy(dense.model)
+            names = ",".join(c.name for c in comps)
+            t0 = time.perf_counter()
+            with apply_recipe(work, Recipe.single(sp, names), calib):
+                summary = summarize_cell(cell_table(work, ctx, min(c.layer for c in comps)))
+                werr = weight_error(dense.model, work, names)
+            all_at_once = {"components": len(comps), **summary, "weight_error": werr,
+                           "new_tokens": new_tokens, "seconds": time.perf_counter() - t0}
+            store.put(wname, all_at_once)
+            del work
     return SweepResult(table=table, key=key, folder=store.folder, computed=computed,
-                       reused=len(rows) - computed, stopped=stopped)
+                       reused=len(rows) - computed, stopped=stopped, whole=all_at_once)
 
 
 def heatmap_frame(table: pd.DataFrame, metric: str) -> pd.DataFrame:

@@ -115,3 +115,11 @@ def hf_greedy(model, ids, n, eos, pad_id=0):
         if t in eos:
             return out[:k + 1]
     return out
+
+
+def greedy_fdt(dense: list[int], comp: list[int], n: int) -> int:
+    """Where two greedy texts first differ (n when they agree): FDT by its definition."""
+    if dense == comp:
+        return n
+    return next((t for t, (a, b) in enumerate(zip(dense, comp)) if a != b),
+                min(len(dense), len(comp)))

@@ -19,7 +19,7 @@ from dtm_core.pair import make_pair, shared_copy, tensor_bytes
 from dtm_core.streaming import stream_pair
 from dtm_core.sweep import sweep
 
-from conftest import VOCAB, ChatNumberTokenizer, TinyTokenizer, hf_greedy
+from conftest import VOCAB, ChatNumberTokenizer, TinyTokenizer, greedy_fdt, hf_greedy
 from test_intactkv import _greedy_from_dense_cache
 
 N = 10
@@ -148,9 +148,7 @@ def test_fdt_equals_real_greedy_divergence_through_a_chat_template(fam):
         dense = hf_greedy(fam.model, p, N, eos)
         comp = hf_greedy(pair.compressed, p, N, eos)
         assert ref == dense
-        first = next((t for t, (a, b) in enumerate(zip(dense, comp)) if a != b),
-                     min(len(dense), len(comp)))
-        assert fdt == (N if dense == comp else first)
+        assert fdt == greedy_fdt(dense, comp, N)
     assert res.table.fdt.min() < N
 
 

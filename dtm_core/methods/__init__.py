@@ -34,6 +34,8 @@ def parse_spec(spec) -> Method:
     cls = method_class(head)
     if cls is None:
         raise bad_spec(spec)
+    if getattr(cls, "keeps_case", False):     # options that name files keep their case
+        options = spec.strip().split(":")[1:]
     return cls.parse(head, options, spec)
 
 
@@ -63,7 +65,7 @@ def level_spec(method: str, level: float) -> Method:
 
 # the built-in methods register themselves on import
 # (in this order, which is the order of the accepted forms and of the app's presets)
-from . import none, magnitude, nm, wanda, sparsegpt, rtn, gptq, awq, w8a8  # noqa: E402,F401,I001
+from . import none, magnitude, nm, wanda, sparsegpt, rtn, gptq, awq, w8a8, checkpoint  # noqa: E402,F401,I001
 
 __all__ = ["METHODS", "Method", "Spec", "accepted_forms", "bad_spec", "level_methods",
            "level_spec", "parse_spec", "presets", "register", "unregister"]

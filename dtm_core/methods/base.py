@@ -93,6 +93,23 @@ class Method:
         (``LAYER.KIND``) for messages."""
         raise NotImplementedError
 
+    def apply_at(self, w: torch.Tensor, stats: Mapping[str, torch.Tensor], component,
+                 expert: int | None = None) -> torch.Tensor:
+        """:meth:`apply` for one matrix of a :class:`~dtm_core.components.Component` (``expert``:
+        which expert's matrix of an experts parameter). A method that depends on where the
+        matrix sits (``from:PATH`` reads that component from a checkpoint) overrides this."""
+        return self.apply(w, stats, component.name)
+
+    def runtime_hook_at(self, component) -> Callable | None:
+        """:meth:`runtime_hook` for one component's module."""
+        return self.runtime_hook()
+
+    @property
+    def key(self) -> str:
+        """What identifies this spec's results in caches (the spec itself, plus whatever the
+        spec reads from outside, e.g. a checkpoint's file stamps)."""
+        return str(self)
+
     def prepare_group(self, weights: Mapping[str, torch.Tensor], stats: Mapping
                       ) -> object:
         """For :attr:`shares_input` methods: what the group of (out, in) float32 matrices that

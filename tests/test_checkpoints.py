@@ -1,0 +1,274 @@
+"""Compressed checkpoints of other tools as the compressed side (issue 15): each format written in
+the test by its own writer, loaded as a pair, de-quantized weights checked against the format's
+definition or the library's own de-quantization, ``from:PATH`` on every component equal to the
+whole checkpoint, exactness against real greedy generation, and other bases refused by name."""
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+import checkpoint_writers as W
+from conftest import greedy_fdt, hf_greedy
+from dtm_core import checkpoints as C
+from dtm_core.compress import Recipe
+from dtm_core.divergence import divergence
+from dtm_core.errors import DTMError
+from dtm_core.jobs import PairRequest, build_pair
+from dtm_core.models import eos_ids, load_model
+from dtm_core.pair import make_pair
+from dtm_core.sweep import sweep
+
+N = 8
+PROMPTS = [[1, 450, 3681, 29], [1, 12, 7, 9, 1000, 4000], [1, 300, 301, 302, 303, 304, 305],
+           [1, 42]]
+CT_SCHEMES = ["W4A16", "W4A16_ASYM", "W8A16", "W8A8", "FP8", "FP8_DYNAMIC"]
+
+
+@pytest.fixture(scope="module")
+def ck(tmp_path_factory):
+    root = tmp_path_factory.mktemp("checkpoints")
+    W.base_model(root / "base")
+    return root
+
+
+@pytest.fixture(scope="module")
+def base(ck):
+    return load_model(str(ck / "base"), device="cpu")
+
+
+def _ct(ck, scheme):
+    out = ck / f"ct-{scheme}"
+    if not out.exists():
+        W.write_ct(ck / "base", out, scheme)
+    return out
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0]
+
+
+def _linears(lm):
+    return {n: m for n, m in lm.model.named_modules() if n.endswith("_proj")}
+
+
+@pytest.mark.parametrize("scheme", CT_SCHEMES)
+def test_compressed_tensors_checkpoint_loads_and_from_every_component_is_the_checkpoint(
+        ck, base, scheme):
+    """pack-quantized (group sym/asym, channel), int-quantized W8A8 dynamic and float-quantized
+    FP8 static/dynamic: the weights from:PATH reads equal the library's own de-quantization in the
+    loaded checkpoint, and from:PATH on every component (with the format's activation
+    quantization) computes exactly what the library's forward computes."""
+    path = _ct(ck, scheme)
+    whole = load_model(str(path), device="cpu")
+    reader = C.checkpoint_weights(str(path))
+    mods = _linears(whole)
+    assert len(mods) == 14
+    for name, mod in mods.items():
+        assert torch.equal(reader.tensor(f"{name}.weight"), mod.weight.float()), name
+        changed = not torch.equal(mod.weight, dict(base.model.named_modules())[name].weight)
+        assert changed, f"{name} was not compressed"
+    pair = make_pair(base, Recipe.single(f"from:{path}", "*"))
+    for ids in PROMPTS:
+        a, b = _logits(whole.model, ids), _logits(pair.compressed, ids)
+        assert torch.allclose(a, b, rtol=0, atol=1e-5 * a.abs().max()), scheme
+    groups = json.loads((path / "config.json").read_text())["quantization_config"]["config_groups"]
+    acts = any(g.get("input_activations") for g in groups.values())
+    info = C.inspect(str(path), base=str(ck / "base"))
+    assert info.kind == "compressed-tensors" and info.quantized == 14
+    assert info.kept == ["lm_head"]
+    assert ("reproduced in the forward pass" in info.activations) == acts
+
+
+def test_activation_quantization_is_really_in_the_forward(ck, base):
+    """W8A8 with its input quantization differs from the same weights without it."""
+    path = _ct(ck, "W8A8")
+    with_acts = make_pair(base, Recipe.single(f"from:{path}", "*"))
+    reader = C.checkpoint_weights(str(path))
+    ids = PROMPTS[1]
+    plain = load_model(str(ck / "base"), device="cpu").model
+    for name, mod in plain.named_modules():
+        if name.endswith("_proj"):
+            mod.weight.data = reader.tensor(f"{name}.weight")
+    assert not torch.equal(_logits(with_acts.compressed, ids), _logits(plain, ids))
+
+
+def test_checkpoint_pair_fdt_equals_real_greedy_divergence(ck, base):
+    """Exactness on a real checkpoint pair: the references are transformers' own generate of the
+    base, and FDT is where the checkpoint's own greedy text first differs."""
+    pair = build_pair(base, PairRequest(model=str(ck / "base"),
+                                        compressed_model=str(_ct(ck, "W4A16"))))
+    assert pair.config["checkpoint"]["kind"] == "compressed-tensors"
+    res = divergence(pair, prompt_ids=PROMPTS, new_tokens=N, generate_compressed=True)
+    eos = eos_ids(base)
+    for p, ref, fdt in zip(PROMPTS, res.references, res.table.fdt):
+        dense = hf_greedy(base.model, p, N, eos)
+        comp = hf_greedy(pair.compressed, p, N, eos)
+        assert ref == dense
+        assert fdt == greedy_fdt(dense, comp, N)
+    assert res.table.fdt.tolist() == res.table.fdt_generated.tolist()
+
+
+@pytest.mark.parametrize("bits,sym,act_order,v1", [(4, False, True, True), (4, True, False, False),
+                                                   (3, False, False, True), (2, True, True, False),
+                                                   (8, False, False, True)])
+def test_gptq_weights_are_the_formats_definition(ck, bits, sym, act_order, v1):
+    """GPTQModel/AutoGPTQ layout (v1 stores zero - 1; 3-bit values cross words; act-order g_idx):
+    every de-quantized weight equals scales[g] * (q - zeros[g]) from the packed integers."""
+    out = ck / f"gptq-{bits}-{sym}-{act_order}-{v1}"
+    truth = W.write_gptq(ck / "base", out, bits=bits, sym=sym, act_order=act_order, v1=v1)
+    reader = C.checkpoint_weights(str(out))
+    for mod, (q, z, s, g) in truth.items():
+        assert torch.equal(reader.tensor(f"{mod}.weight"), W.expected_weight(q, z, s, g)), mod
+
+
+def test_gptq_and_awq_checkpoints_load_whole_and_from_every_component(ck, base):
+    """GPTQ and AWQ load de-quantized into the base architecture (gptqmodel cannot be installed
+    next to the pinned torch); AWQ through compressed-tensors' own AutoAWQ converter equals
+    (q - z) * s in float16, as AutoAWQ's kernels compute it; from:PATH on every component equals
+    the whole checkpoint exactly."""
+    W.write_gptq(ck / "base", ck / "gptq", act_order=True)
+    truth = W.write_awq(ck / "base", ck / "awq")
+    reader = C.checkpoint_weights(str(ck / "awq"))
+    for mod, (q, z, s, g) in truth.items():
+        want = ((q - z[g].t()).half() * s[g].t().half()).float()
+        assert torch.equal(reader.tensor(f"{mod}.weight"), want), mod
+    for name in ("gptq", "awq"):
+        whole = load_model(str(ck / name), device="cpu")
+        info = C.inspect(str(ck / name))
+        assert info.kind == name and info.quantized == 14 and info.kept == ["lm_head"]
+        pair = make_pair(base, Recipe.single(f"from:{ck / name}", "*"))
+        for ids in PROMPTS:
+            assert torch.equal(_logits(whole.model, ids), _logits(pair.compressed, ids)), name
+    assert "act-order" in C.inspect(str(ck / "gptq")).text()
+
+
+def test_sweep_from_a_checkpoint_cells_weight_errors_and_the_whole(ck, base, tmp_path):
+    """A from:PATH sweep: each cell equals the single-component pair, its weight error is
+    ||W - W'|| / ||W|| of that component, and all components at once equal the checkpoint pair."""
+    path = _ct(ck, "W4A16")
+    res = sweep(base, f"from:{path}", PROMPTS, N, cache_dir=tmp_path, whole=True)
+    assert len(res.table) == 14
+    reader = C.checkpoint_weights(str(path))
+    mods = dict(base.model.named_modules())
+    for _, row in res.table.iterrows():
+        d = divergence(make_pair(base, Recipe.single(f"from:{path}", row.component)),
+                       prompt_ids=PROMPTS, new_tokens=N)
+        assert row.fdt_mean == d.table.fdt.mean(), row.component
+        layer, kind = row.component.split(".")
+        name = next(n for n in mods if n.startswith(f"model.layers.{layer}.")
+                    and n.endswith(f".{kind}_proj"))
+        w = mods[name].weight.double()
+        want = float((reader.tensor(f"{name}.weight").double() - w).norm() / w.norm())
+        assert row.weight_error == pytest.approx(want, rel=1e-9)
+    pair = build_pair(base, PairRequest(model=str(ck / "base"), compressed_model=str(path)))
+    whole = divergence(pair, prompt_ids=PROMPTS, new_tokens=N)
+    assert res.whole["fdt_mean"] == whole.table.fdt.mean()
+    assert res.whole["kl_mean"] == pytest.approx(whole.table.kl_mean.mean(), rel=1e-3, abs=1e-7)
+    add = res.additivity()
+    assert add["fdt_lost_whole"] == pytest.approx(N - whole.table.fdt.mean())
+    assert add["fdt_lost_sum"] == pytest.approx(float((N - res.table.fdt_mean).sum()))
+    again = sweep(base, f"from:{path}", PROMPTS, N, cache_dir=tmp_path, whole=True)
+    assert again.computed == 0 and again.whole == res.whole
+
+
+def test_a_checkpoint_of_another_base_is_refused_with_the_difference_named(ck, base, tmp_path):
+    W.base_model(tmp_path / "other", seed=2, intermediate=96)
+    W.write_ct(tmp_path / "other", tmp_path / "ct-other", "W4A16")
+    with pytest.raises(DTMError, match="is not a compression of .*intermediate_size 96 against "
+                                       "the base's 128"):
+        build_pair(base, PairRequest(compressed_model=str(tmp_path / "ct-other")))
+    with pytest.raises(DTMError, match=r"is shaped \(96, 64\) but the base's is \(128, 64\)"):
+        make_pair(base, Recipe.single(f"from:{tmp_path / 'ct-other'}", "0.gate"))
+    W.base_model(tmp_path / "qwen", family="qwen2")
+    with pytest.raises(DTMError, match="architecture qwen2 against the base's llama"):
+        build_pair(base, PairRequest(compressed_model=str(tmp_path / "qwen")))
+
+
+def test_missing_packages_and_kernels_are_named_in_one_sentence(ck, monkeypatch):
+    real = importlib.util.find_spec
+    for fmt, pkg, pip in [("compressed-tensors", "compressed_tensors", "compressed-tensors=="),
+                          ("bitsandbytes", "bitsandbytes", "bitsandbytes=="),
+                          ("torchao", "torchao", "torchao==")]:
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, *a, pkg=pkg: None if name == pkg else real(name, *a))
+        with pytest.raises(DTMError, match=rf"needs the {pkg} package, which is not installed: "
+                                           rf"pip install {pip}"):
+            C.FORMATS[fmt].requirements()
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+    msg = str(C.explain_load_error("x", {"quantization_config": {"quant_method": "torchao"}},
+                                   ImportError("Requires mslk >= 1.0.0")))
+    assert msg.startswith("The torchao checkpoint 'x' needs mslk >=1.0.0")
+    msg = str(C.explain_load_error("x", {"quantization_config": {"quant_method": "gptq"}},
+                                   RuntimeError("GPU is required to quantize or run quantize model.")))
+    assert "needs a CUDA GPU" in msg
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
+                    reason="bitsandbytes is a runtime requirement; this only guards odd installs")
+def test_bitsandbytes_checkpoints(ck, base):
+    from transformers import BitsAndBytesConfig
+
+    nf4 = W.write_transformers_quantized(ck / "base", ck / "bnb4", BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32))
+    whole = load_model(str(nf4), device="cpu")
+    info = C.inspect(str(nf4))
+    assert info.kind == "bitsandbytes" and info.format == "nf4"
+    # from: takes bitsandbytes' own de-quantization of each weight; its CPU matmul kernel
+    # rounds differently (about 0.3 % of the largest logit here), so the whole checkpoint and
+    # from: on every component agree to that, not exactly
+    pair = make_pair(base, Recipe.single(f"from:{nf4}", "*"))
+    mod = whole.model.model.layers[0].mlp.down_proj
+    import bitsandbytes.functional as F
+    assert torch.equal(C.checkpoint_weights(str(nf4)).tensor("model.layers.0.mlp.down_proj.weight"),
+                       F.dequantize_4bit(mod.weight.data, mod.weight.quant_state).float())
+    for ids in PROMPTS:
+        a, b = _logits(whole.model, ids), _logits(pair.compressed, ids)
+        assert torch.allclose(a, b, rtol=0, atol=1e-2 * a.abs().max())
+    res = divergence(build_pair(base, PairRequest(compressed_model=str(nf4))), prompt_ids=PROMPTS,
+                     new_tokens=N)
+    assert res.table.kl_mean.mean() > 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchao") is None,
+                    reason="torchao is optional at run time (requirements-dev installs it)")
+def test_torchao_int8_checkpoint(ck, base):
+    from torchao.quantization import Int8WeightOnlyConfig
+    from transformers import TorchAoConfig
+
+    path = W.write_transformers_quantized(ck / "base", ck / "ao8",
+                                          TorchAoConfig(Int8WeightOnlyConfig()))
+    whole = load_model(str(path), device="cpu")
+    pair = make_pair(base, Recipe.single(f"from:{path}", "*"))
+    for ids in PROMPTS:
+        a, b = _logits(whole.model, ids), _logits(pair.compressed, ids)
+        assert torch.allclose(a, b, rtol=0, atol=1e-4 * a.abs().max())
+    assert C.inspect(str(path)).kind == "torchao"
+
+
+def test_kld_report_on_a_checkpoint_pair(ck, base):
+    from dtm_core.kld import score_text
+
+    pair = build_pair(base, PairRequest(compressed_model=str(_ct(ck, "W8A8"))))
+    stats, _ = score_text(pair, "the cat sat on the mat and then it ran away " * 8, ctx=32)
+    assert stats["kld_mean"] > 0 and stats["positions"] > 0 and stats["same_top_p"] < 100
+
+
+def test_cli_checkpoint_command(ck, capsys, tmp_path):
+    from dtm_core.__main__ import main
+
+    path = _ct(ck, "W8A8")
+    assert main(["checkpoint", str(path), "--base", str(ck / "base"),
+                 "--json", str(tmp_path / "c.json")]) == 0
+    out = capsys.readouterr().out
+    assert "compressed-tensors checkpoint (int-quantized)" in out
+    assert "W8A8 per channel symmetric, 14 linears" in out
+    assert "int8 dynamic per-token input activations" in out
+    assert "a compression of" in out
+    js = json.loads((tmp_path / "c.json").read_text())
+    assert js["quantized"] == 14 and js["size_bytes"] > 0 and js["base_size_bytes"] > 0
+    assert main(["checkpoint", str(tmp_path / "nope")]) == 2
+    assert "neither an existing path" in capsys.readouterr().err
