@@ -38,6 +38,10 @@ def pair_row(default_model: str) -> tuple[common.PairForm, common.IntactKVForm]:
                                 elem_id="components")
         checkpoint = gr.Textbox(label="Second checkpoint", elem_id="checkpoint",
                                 placeholder="path, .gguf or hub id")
+    # what the checkpoint of the compressed side is (format, schemes, kept, size against the base)
+    info = gr.Markdown("", elem_id="checkpoint-info")
+    for event in (checkpoint.submit, checkpoint.blur, preset.change, spec.submit, spec.blur):
+        event(common.checkpoint_info, [model, preset, spec, checkpoint], [info], queue=False)
     with gr.Row(elem_classes="intactkv-row"):
         intactkv = gr.Dropdown(["off", "1", "2", "4", "prefix"], value="off",
                                allow_custom_value=True, label="IntactKV",

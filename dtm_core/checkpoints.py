@@ -213,6 +213,10 @@ class Format:
     transformers_loads = True       # False: de-quantized into the base architecture here
     can_dequantize = False          # True: load_dequantized can read it (module by module)
 
+    def via_transformers(self, config: dict) -> bool:
+        """Whether transformers loads this checkpoint here (else :func:`load_dequantized`)."""
+        return self.transformers_loads
+
     def requirements(self) -> None:
         """Raise one sentence naming what is missing to load this format here."""
 
@@ -263,14 +267,18 @@ class CompressedTensors(Format):
         _require("compressed_tensors", "compressed-tensors==0.20.0",
                  "This llm-compressor (compressed-tensors) checkpoint")
 
-    def describe(self, path, config, info):
-        from compressed_tensors.quantization import QuantizationConfig
+    def via_transformers(self, config):
+        # compressed-tensors 0.20 dropped the bitmask sparse compressors: transformers would
+        # leave those weights uninitialized, so they are read here (bitmasks unpacked by the
+        # library's own helper)
+        return _ct_sparse_format(config) not in LEGACY_SPARSE
 
-        q = QuantizationConfig.model_validate(config["quantization_config"])
-        info.format = str(q.format)
+    def describe(self, path, config, info):
+        q = _ct_quant_config(config)
+        info.format = str(q.format) if q is not None else "dense"
         schemes = ct_schemes(path, config)
         acts = []
-        for gname, scheme in q.config_groups.items():
+        for gname, scheme in (q.config_groups.items() if q is not None else ()):
             w = scheme.weights
             a = scheme.input_activations
             n = sum(1 for s in schemes.values() if s is scheme or s == scheme)
@@ -293,11 +301,32 @@ class CompressedTensors(Format):
                 atype = "int" if str(getattr(a.type, "value", a.type)) == "int" else "fp"
                 acts.append(f"{atype}{a.num_bits} {how} per-{strat} input activations")
             info.groups.append(f"{gname}: {text}, {n} linears")
-        info.quantized = len(schemes)
-        info.kept = _kept_linears(path, set(schemes))
+        sp = (config.get("quantization_config") or {}).get("sparsity_config") or {}
+        sparse_mods = [k[:-len(".bitmask")] for k in Shards(path).keys() if k.endswith(".bitmask")]
+        if sp and not sparse_mods:      # stored dense: the config's targets say which are sparse
+            from compressed_tensors.utils.match import match_named_modules
+
+            sparse_mods = [n for n, _ in match_named_modules(
+                meta_model(str(path)), sp.get("targets") or ["Linear"], sp.get("ignore") or [])]
+        if sp:
+            fmt = sp.get("format", "dense")
+            share = sp.get("global_sparsity")
+            info.groups.append(
+                f"sparsity: {sp.get('sparsity_structure') or 'unstructured'}, stored {fmt}"
+                + (f", {len(sparse_mods)} linears" if sparse_mods else "")
+                + (f", global sparsity {float(share):.1%}" if share is not None else ""))
+            if q is None:
+                info.format = fmt
+        info.quantized = len(set(schemes) | set(sparse_mods))
+        info.kept = _kept_linears(path, set(schemes) | set(sparse_mods))
         if acts:
             info.activations = "; ".join(sorted(set(acts))) + " (reproduced in the forward pass)"
-        info.loader = "through transformers with compressed-tensors (the format's own forward)"
+        if self.via_transformers(config):
+            info.loader = "through transformers with compressed-tensors (the format's own forward)"
+        else:
+            info.loader = ("de-quantized into the base architecture by DTM Inspector (the "
+                           f"{_ct_sparse_format(config)} bitmasks through compressed-tensors' "
+                           "unpack_bitmasks)")
         recipe = path / "recipe.yaml"
         if recipe.is_file():
             mods = re.findall(r"\b([A-Z][A-Za-z]*Modifier)\b", recipe.read_text(errors="replace"))
@@ -308,13 +337,32 @@ class CompressedTensors(Format):
         return CTWeights(path, config)
 
 
+LEGACY_SPARSE = ("sparse-bitmask", "sparse-24-bitmask")
+
+
+def _ct_sparse_format(config: dict) -> str | None:
+    sp = (config.get("quantization_config") or {}).get("sparsity_config") or {}
+    return sp.get("format")
+
+
+def _ct_quant_config(config: dict):
+    """The QuantizationConfig of a compressed-tensors config, or None for a sparse-only one."""
+    from compressed_tensors.quantization import QuantizationConfig
+
+    q = config["quantization_config"]
+    if not q.get("config_groups"):
+        return None
+    return QuantizationConfig.model_validate(q)
+
+
 def ct_schemes(path: Path, config: dict) -> dict:
     """Module path -> its compressed-tensors QuantizationScheme, matched on the architecture the
     way the library matches it (targets and ignore over module names and types)."""
-    from compressed_tensors.quantization import QuantizationConfig
     from compressed_tensors.utils.match import match_named_modules
 
-    q = QuantizationConfig.model_validate(config["quantization_config"])
+    q = _ct_quant_config(config)
+    if q is None:
+        return {}
     model = meta_model(str(path))
     out = {}
     for scheme in q.config_groups.values():
@@ -468,12 +516,13 @@ class CheckpointWeights:
 class CTWeights(CheckpointWeights):
     """compressed-tensors: each module's weight through the library's own decompressor."""
 
+    _SPARSE = ("compressed", "bitmask", "shape", "row_offsets")
+
     def __init__(self, path: Path, config: dict):
         from compressed_tensors.compressors.base import BaseCompressor
-        from compressed_tensors.quantization import QuantizationConfig
 
         self.shards = Shards(path)
-        self.q = QuantizationConfig.model_validate(config["quantization_config"])
+        self.q = _ct_quant_config(config)
         self.schemes = ct_schemes(path, config)
         self._compressor = BaseCompressor.get_value_from_registry
 
@@ -481,7 +530,9 @@ class CTWeights(CheckpointWeights):
         out = []
         for k in self.shards.keys():
             mod, _, p = k.rpartition(".")
-            if mod in self.schemes:
+            if f"{mod}.bitmask" in self.shards and p in self._SPARSE:
+                out.append(f"{mod}.weight")
+            elif mod in self.schemes:
                 if p in ("weight", "weight_packed"):
                     out.append(f"{mod}.weight")
                 elif p == "bias":
@@ -490,8 +541,20 @@ class CTWeights(CheckpointWeights):
                 out.append(k)
         return list(dict.fromkeys(out))
 
+    def _sparse(self, mod: str) -> torch.Tensor:
+        """A legacy bitmask-compressed weight, dense again: the kept values at the bitmask's
+        positions in row-major order (sparse-bitmask and sparse-24-bitmask alike)."""
+        from compressed_tensors.utils.helpers import unpack_bitmasks
+
+        shape = self.shards.get(f"{mod}.shape").flatten().tolist()
+        values = self.shards.get(f"{mod}.compressed")
+        mask = unpack_bitmasks(self.shards.get(f"{mod}.bitmask"), shape)
+        dense = torch.zeros(shape, dtype=values.dtype)
+        dense[mask] = values.flatten()
+        return dense
+
     def _format(self, scheme) -> str:
-        fmt = scheme.format or self.q.format
+        fmt = scheme.format or (self.q.format if self.q is not None else None)
         if fmt in (None, "mixed-precision"):
             from compressed_tensors.compressors.format import infer_module_format
 
@@ -501,11 +564,16 @@ class CTWeights(CheckpointWeights):
     def tensor(self, name):
         mod, _, p = name.rpartition(".")
         scheme = self.schemes.get(mod)
+        sparse = p == "weight" and f"{mod}.bitmask" in self.shards
         if scheme is None or p != "weight" or scheme.weights is None:
+            if sparse:
+                return self._sparse(mod).float()
             return self.shards.get(name).float() if name in self.shards else None
         comp = self._compressor(self._format(scheme))
         local = {pn: self.shards.get(f"{mod}.{pn}")
                  for pn in comp.compression_param_names(scheme) if f"{mod}.{pn}" in self.shards}
+        if sparse:    # sparse and quantized: the bitmask holds the quantized values
+            local["weight"] = self._sparse(mod)
         if not local:
             return None
         return comp.decompress(local, scheme)["weight"].float()

@@ -326,7 +326,7 @@ def _load_folder(path: Path, source: str, dev, dt, trust_remote_code):
         fmt.requirements()
     loader = None
     try:
-        if fmt is not None and not fmt.transformers_loads:
+        if fmt is not None and not fmt.via_transformers(config):
             tok, model = checkpoints.load_dequantized(path, config, dt, dev, trust_remote_code)
         else:
             try:

@@ -111,6 +111,57 @@ def write_ct(base: Path, out: Path, scheme: str = "W4A16", group_size: int | Non
     return out
 
 
+def write_ct_sparse(base: Path, out: Path, fmt: str = "sparse-24-bitmask"):
+    """A sparse-only llm-compressor checkpoint as compressed-tensors < 0.15 wrote them (the
+    layout of its Sparse24BitMaskTensor / BitmaskTensor: ``shape``, ``compressed`` values in
+    row-major order, ``bitmask`` packed by the library's pack_bitmasks, ``row_offsets`` for the
+    unstructured form); ``fmt`` "dense" stores the pruned weights plainly with the same metadata.
+    2:4 keeps the two largest magnitudes of every four weights (the library's get_24_bytemasks);
+    sparse-bitmask prunes half of each matrix by magnitude. Returns {module: pruned weight}."""
+    from compressed_tensors.utils.helpers import pack_bitmasks
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(base / "model.safetensors"))
+    pruned, tensors = {}, {}
+    for name in list(state):
+        if ".layers." not in name or not name.endswith("_proj.weight"):
+            continue
+        mod = name[:-len(".weight")]
+        w = state.pop(name)
+        if fmt == "sparse-bitmask":
+            mask = w.abs() > w.abs().flatten().kthvalue(w.numel() // 2).values
+        else:
+            four = w.reshape(-1, 4)
+            mask = torch.zeros_like(four, dtype=torch.bool)
+            mask.scatter_(1, four.abs().topk(2, dim=1).indices, True)
+            mask = mask.view(w.shape)
+        pruned[mod] = torch.where(mask, w, torch.zeros_like(w))
+        if fmt == "dense":
+            tensors[name] = pruned[mod]
+            continue
+        tensors[f"{mod}.shape"] = torch.tensor(list(w.shape)).reshape(-1, 1)
+        values = w[mask]
+        tensors[f"{mod}.compressed"] = (values if fmt == "sparse-bitmask"
+                                        else values.reshape(w.shape[0], w.shape[1] // 2))
+        tensors[f"{mod}.bitmask"] = pack_bitmasks(mask)
+        if fmt == "sparse-bitmask":
+            tensors[f"{mod}.row_offsets"] = torch.cumsum(mask.sum(1), 0) - mask.sum(1)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({**state, **tensors}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((base / "config.json").read_text())
+    cfg["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": "dense", "quantization_status": "compressed",
+        "sparsity_config": {"format": fmt, "global_sparsity": 0.5, "ignore": ["lm_head"],
+                            "registry_requires_subclass": False, "targets": ["Linear"],
+                            "sparsity_structure": "unstructured" if fmt == "sparse-bitmask"
+                            else "2:4"}}
+    (out / "config.json").write_text(json.dumps(cfg))
+    (out / "recipe.yaml").write_text("sparsity_stage:\n  sparsity_modifiers:\n"
+                                     "    SparseGPTModifier:\n      sparsity: 0.5\n")
+    _copy_tokenizer(base, out)
+    return pruned
+
+
 # ---------------------------------------------------------------------------------------------
 # GPTQ (GPTQModel / AutoGPTQ)
 
@@ -279,3 +330,15 @@ def write_transformers_quantized(base: Path, out: Path, quantization_config):
 
 def copy_model(model):
     return copy.deepcopy(model)
+
+
+def default_model_folder(folder: Path) -> Path:
+    """The embedded default model (its de-quantized Q4_1 weights) as a transformers folder, the
+    base that checkpoints of the default model are written from."""
+    from dtm_core.models import load_model
+
+    if not (folder / "config.json").is_file():
+        lm = load_model("default", device="cpu")
+        lm.model.save_pretrained(folder)
+        lm.tokenizer.save_pretrained(folder)
+    return folder

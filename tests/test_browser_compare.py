@@ -461,3 +461,35 @@ def test_empty_states_and_newline_tokens(browser, app_url, default_model):
 
 
 NEWLINE_PROMPT = "A list of three fruits, one per line:\n1."
+
+
+def test_second_checkpoint_is_described_and_compared(browser, app_url, tmp_path_factory):
+    """A compressed-tensors W8A8 checkpoint of the default model, written with the library, as
+    the second checkpoint: the page says what it is (format, scheme, activations, size against
+    the base) before any run, and Compare runs on the pair."""
+    import checkpoint_writers as W
+
+    root = tmp_path_factory.mktemp("app-checkpoint")
+    ckpt = W.write_ct(W.default_model_folder(root / "base"), root / "smollm2-w8a8", "W8A8")
+    page = browser.new_page(viewport={"width": 1500, "height": 1200})
+    page.goto(app_url)
+    page.locator("#preset input").click()
+    page.get_by_role("option", name="second checkpoint").click()
+    box = page.locator("#checkpoint textarea, #checkpoint input").first
+    box.fill(str(ckpt))
+    box.press("Enter")
+    page.wait_for_function(
+        "document.querySelector('#checkpoint-info').innerText.includes('int-quantized')",
+        timeout=60_000)
+    info = page.locator("#checkpoint-info").inner_text()
+    assert "W8A8 per channel symmetric, 210 linears" in info, info
+    assert "int8 dynamic per-token input activations" in info and "for the base" in info, info
+    page.locator("#prompt textarea").fill("The capital of France is")
+    set_tokens(page, 12)
+    page.locator("#generate").click()
+    page.wait_for_function("document.querySelector('#status').innerText.includes('Done')",
+                           timeout=180_000)
+    assert page.locator("#dense-output [data-pos]").count() >= 1
+    assert page.locator("#compressed-output [data-pos]").count() >= 1
+    page.wait_for_selector("#position-plot .js-plotly-plot", timeout=20_000)
+    shot(page, "compare-checkpoint")

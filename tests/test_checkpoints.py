@@ -83,6 +83,31 @@ def test_compressed_tensors_checkpoint_loads_and_from_every_component_is_the_che
     assert ("reproduced in the forward pass" in info.activations) == acts
 
 
+@pytest.mark.parametrize("fmt", ["sparse-24-bitmask", "sparse-bitmask", "dense"])
+def test_sparse_llm_compressor_checkpoints(ck, base, fmt):
+    """2:4 and unstructured sparse checkpoints in the bitmask layouts that compressed-tensors
+    0.20 no longer reads (transformers would leave their weights uninitialized), and a sparse
+    model stored dense: every weight is the pruned matrix, the whole checkpoint equals from:PATH
+    on every component, and the description names the sparsity and the algorithm."""
+    path = ck / f"sparse-{fmt}"
+    pruned = W.write_ct_sparse(ck / "base", path, fmt)
+    reader = C.checkpoint_weights(str(path))
+    for mod, w in pruned.items():
+        assert torch.equal(reader.tensor(f"{mod}.weight"), w), mod
+    whole = load_model(str(path), device="cpu")
+    for mod, w in pruned.items():
+        assert torch.equal(dict(whole.model.named_modules())[mod].weight, w), mod
+    pair = make_pair(base, Recipe.single(f"from:{path}", "*"))
+    for ids in PROMPTS:
+        assert torch.equal(_logits(whole.model, ids), _logits(pair.compressed, ids))
+    info = C.inspect(str(path))
+    structure = "unstructured" if fmt == "sparse-bitmask" else "2:4"
+    assert f"sparsity: {structure}, stored {fmt}" in info.text()
+    assert info.algorithm == "SparseGPTModifier" and info.kept == ["lm_head"]
+    if fmt != "dense":
+        assert info.quantized == 14 and "unpack_bitmasks" in info.loader
+
+
 def test_activation_quantization_is_really_in_the_forward(ck, base):
     """W8A8 with its input quantization differs from the same weights without it."""
     path = _ct(ck, "W8A8")

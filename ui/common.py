@@ -88,6 +88,28 @@ class IntactKVForm:
         return [self.pivots, self.calibrated, self.steps]
 
 
+def checkpoint_info(source, preset, spec, checkpoint) -> str:
+    """What the checkpoint of the compressed side is (the second checkpoint, or the PATH of a
+    ``from:PATH`` custom spec), as Markdown lines; empty when the side names no checkpoint."""
+    from dtm_core.checkpoints import inspect
+
+    if preset == CHECKPOINT:
+        path = (checkpoint or "").strip()
+    elif preset == CUSTOM and (spec or "").strip().lower().startswith("from:"):
+        path = spec.strip()[len("from:"):].strip()
+    else:
+        return ""
+    if not path:
+        return ""
+    try:
+        info = inspect(path, base=(source or "default").strip())
+    except DTMError as exc:
+        return plain_text(str(exc))
+    lines = info.lines()
+    return "\n".join([f"**{plain_text(lines[0])}**"]
+                     + [f"- {plain_text(line[2:])}" for line in lines[1:]])
+
+
 def component_help(source):
     """The Components box's help line for the dense model's family (from its config only)."""
     from dtm_core.families import family_for_type, kinds_help
