@@ -69,8 +69,10 @@ def weight_error(dense_model, model, name: str) -> float:
 
 
 def heatmap_metrics() -> dict[str, str]:
-    """Aggregate key -> label, for every value a cell has (from the metric registry)."""
-    return {k: a.label for k, a in aggregates().items()}
+    """Aggregate key -> label, for every value a cell has (from the metric registry), and the
+    component's relative weight error."""
+    return {**{k: a.label for k, a in aggregates().items()},
+            "weight_error": "relative weight error ||W - W'|| / ||W||"}
 
 
 @dataclass

@@ -297,3 +297,28 @@ def test_cli_checkpoint_command(ck, capsys, tmp_path):
     assert js["quantized"] == 14 and js["size_bytes"] > 0 and js["base_size_bytes"] > 0
     assert main(["checkpoint", str(tmp_path / "nope")]) == 2
     assert "neither an existing path" in capsys.readouterr().err
+
+
+def test_sensitivity_tab_sweeps_a_checkpoint_with_weight_errors_and_the_whole(ck, tmp_path,
+                                                                             monkeypatch):
+    """The Sensitivity tab's handler with from:PATH and 'also all at once': the table shows each
+    component's weight error, the heatmap can show it, and the status sets the sum over cells
+    against the whole checkpoint; the checkpoint line above the tabs describes it."""
+    from ui import common, sensitivity
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = _ct(ck, "W4A16")
+    f = tmp_path / "few.txt"
+    f.write_text("1 2 3\nhello there\nthe cat sat on\n")
+    heat, table, msg, csv, state, parquet = sensitivity.run_sweep(
+        str(ck / "base"), f"from:{path}", str(f), "general", False, N, "", "", "weight_error",
+        whole=True, progress=lambda *a, **k: None)
+    assert "Done: 14 components" in msg and "All 14 components at once: mean FDT" in msg, msg
+    assert "weight error ‖W−Ŵ‖/‖W‖ (%)" in table.columns
+    assert table["weight error ‖W−Ŵ‖/‖W‖ (%)"].between(0.1, 50).all()
+    assert heat is not None
+    info = common.checkpoint_info(str(ck / "base"), common.CUSTOM, f"from:{path}", "")
+    assert info.startswith("**compressed\\-tensors checkpoint") and "14 linears" in info
+    assert common.checkpoint_info("default", "int8", "", "") == ""
+    assert "neither an existing path" in common.checkpoint_info("default", common.CHECKPOINT, "",
+                                                      str(tmp_path / "nope"))

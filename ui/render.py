@@ -276,6 +276,7 @@ HEADERS = {  # column -> (header with unit, scale: 100 shows a share as %)
     "fdt_p90": ("FDT p90 (tokens)", 1), "n_tokens": ("new tokens", 1),
     "sdt_mean": ("mean SDT (%)", 100), "top1_agree_mean": ("top-1 agree (%)", 100),
     "ppl_ratio_mean": ("PPL ratio", 1), "seconds": ("time (s)", 1),
+    "weight_error": ("weight error ‖W−Ŵ‖/‖W‖ (%)", 100),
     "metric": ("metric", 1), "plain": ("plain", 1), "intactkv": ("IntactKV", 1),
     "delta": ("Δ", 1)}
 SUFFIXES = {"_intactkv": "IntactKV", "_plain": "plain"}

@@ -35,7 +35,7 @@ class SensitivityTab:
 
 def run_sweep(model, spec, upload, builtin, chat, new_tokens, layers, kinds, metric,
               ikv_text="off", view="IntactKV", calibration=None, calibration_file=None,
-              calib_ctx=None, calib_samples=None, sequential=False,
+              calib_ctx=None, calib_samples=None, sequential=False, whole=False,
               request: gr.Request = None, progress=gr.Progress()):
     try:
         parse_spec(spec)
@@ -50,7 +50,7 @@ def run_sweep(model, spec, upload, builtin, chat, new_tokens, layers, kinds, met
             both = sweep_variants(dense, spec, ids, int(new_tokens), intactkv=ikv,
                                   layers=(layers or "").strip() or None,
                                   kinds=(kinds or "").strip() or None, stop=stop,
-                                  calibration=setting, chat=bool(chat),
+                                  calibration=setting, chat=bool(chat), whole=bool(whole),
                                   progress=lambda f, m: progress(f, desc=m))
     except Exception as exc:  # noqa: BLE001 - every failure becomes a message
         return None, None, friendly(exc), None, None, None
@@ -74,6 +74,8 @@ def run_sweep(model, spec, upload, builtin, chat, new_tokens, layers, kinds, met
     calib = ""
     if parse_spec(spec).needs_calibration:
         calib = f" Calibrated on {'the sweep set' if setting.source is None else source}."
+    if res.additivity_line():
+        calib += f" {res.additivity_line()[0].upper()}{res.additivity_line()[1:]}."
     if both.intactkv is not None:
         msg = (f"{'Stopped' if res.stopped else 'Done'}: {len(res.table)} components with "
                f"IntactKV {ikv.label} and without ({both.computed} computed, {both.reused} "
@@ -194,6 +196,10 @@ def build(pair: PairForm, intactkv: gr.Dropdown) -> SensitivityTab:
                              label="Heatmap metric", elem_id="sens-metric")
         view = gr.Radio(SWEEP_VIEWS, value="IntactKV", label="With IntactKV on, show",
                         elem_id="sens-view")
+        whole = gr.Checkbox(value=False, label="Also all at once",
+                            info="measure every selected component compressed together and set "
+                                 "the sum over cells against it (with from:PATH: the whole "
+                                 "checkpoint)", elem_id="sens-whole")
     with gr.Row():
         run = gr.Button("Run sweep", variant="primary", elem_id="sens-run")
         stop = gr.Button("Stop", variant="stop", elem_id="sens-stop")
@@ -213,7 +219,7 @@ def build(pair: PairForm, intactkv: gr.Dropdown) -> SensitivityTab:
         parquet_file = gr.File(label="Sweep Parquet", elem_id="sens-parquet")
     state = gr.State(None)
     run.click(run_sweep, [model, spec, upload, builtin, chat, new_tokens, layers, kinds, metric,
-                          intactkv, view] + pair.calib,
+                          intactkv, view] + pair.calib + [whole],
               [heat, cells, status, csv_file, state, parquet_file], concurrency_id="model")
     stop.click(STOPS.stopper("sweep", "Stopping after the current cell…"), None, [status],
                queue=False)
