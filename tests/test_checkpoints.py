@@ -322,3 +322,24 @@ def test_sensitivity_tab_sweeps_a_checkpoint_with_weight_errors_and_the_whole(ck
     assert common.checkpoint_info("default", "int8", "", "") == ""
     assert "neither an existing path" in common.checkpoint_info("default", common.CHECKPOINT, "",
                                                       str(tmp_path / "nope"))
+
+
+def test_plan_and_prompt_sets_with_a_checkpoint(ck, base, tmp_path):
+    """from:PATH plans like any spec (the plan's recipe reproduces its verified FDT), and a
+    checkpoint pair evaluates a prompt set with the same per-prompt FDT as divergence."""
+    from dtm_core.evaluate import evaluate
+    from dtm_core.plan import make_plan
+    from dtm_core.prompts import PromptRecord, PromptSet
+
+    path = _ct(ck, "W4A16")
+    res = sweep(base, f"from:{path}", PROMPTS, N, cache_dir=tmp_path)
+    plan = make_plan(base, res.table, f"from:{path}", PROMPTS, None, N, budget=0.5)
+    assert plan.spec == f"from:{path}" and plan.fdt_mean >= 0.5 * N
+    check = divergence(make_pair(base, plan.recipe), prompt_ids=PROMPTS, new_tokens=N)
+    assert check.table.fdt.mean() == plan.fdt_mean
+    pair = build_pair(base, PairRequest(compressed_model=str(path)))
+    texts = ["1 2 3", "hello there", "the cat sat on"]
+    pset = PromptSet("t", [PromptRecord(prompt=t) for t in texts])
+    ev = evaluate(pair, pset, N)
+    d = divergence(pair, texts, N)
+    assert ev.table.fdt.tolist() == d.table.fdt.tolist()
