@@ -468,6 +468,9 @@ class BitsAndBytes(Format):
         info.kept = list(skip)
         info.loader = "through transformers with bitsandbytes"
 
+    def reader(self, path, config):
+        return BnbWeights(path, config)
+
 
 @register_format
 class TorchAO(Format):
@@ -511,6 +514,39 @@ class CheckpointWeights:
         """The forward pre-hook reproducing the format's quantization of this module's input
         (None for weight-only formats)."""
         return None
+
+    path: Path | None = None            # set by checkpoint_weights
+
+    def as_model(self, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+        """The whole checkpoint de-quantized into its config's architecture (no activation
+        hooks), through transformers' loading of a state dict."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        cfg = AutoConfig.from_pretrained(str(self.path), trust_remote_code=trust_remote_code)
+        if hasattr(cfg, "quantization_config"):
+            del cfg.quantization_config
+        state = {n: t.to(dtype) for n in self.names() if (t := self.tensor(n)) is not None}
+        cls = AutoModelForCausalLM._model_mapping[type(cfg)]
+        try:
+            model, info = cls.from_pretrained(None, config=cfg, state_dict=state, dtype=dtype,
+                                              output_loading_info=True)
+        except (RuntimeError, ValueError) as exc:
+            raise DTMError(f"The checkpoint '{self.path}' does not fit its own config's "
+                           f"architecture: {str(exc).splitlines()[0][:160]}") from exc
+        missing = [n for n in info.get("missing_keys", []) if not n.endswith("lm_head.weight")]
+        if missing:
+            raise DTMError(f"The checkpoint '{self.path}' does not fit its own config's "
+                           f"architecture: {len(missing)} tensors missing (e.g. {missing[0]}).")
+        return model.eval()
+
+    def fused(self, name: str) -> torch.Tensor | None:
+        """A parameter as the architecture holds it when the checkpoint stores it otherwise
+        (experts one module each, fused into one 3-D parameter on load): from the whole
+        checkpoint de-quantized once (one more copy of the model, kept with this reader)."""
+        if getattr(self, "_whole", None) is None:
+            self._whole = dict(self.as_model().named_parameters())
+        t = self._whole.get(name)
+        return None if t is None else t.detach().float()
 
 
 class CTWeights(CheckpointWeights):
@@ -675,6 +711,65 @@ class AWQWeights(PackedWeights):
         return self.shards.get(name).float() if name in self.shards else None
 
 
+class PlainWeights(CheckpointWeights):
+    """Plain safetensors (an unquantized folder, or a GGUF's de-quantized cache), read lazily."""
+
+    def __init__(self, folder: Path):
+        self.shards = Shards(folder)
+
+    def names(self):
+        return list(self.shards.keys())
+
+    def tensor(self, name):
+        return self.shards.get(name).float() if name in self.shards else None
+
+
+def gguf_weights(path: str) -> PlainWeights:
+    """A GGUF's tensors from its de-quantized safetensors cache (built by one load on a miss),
+    read one at a time."""
+    from .models import _file_key, cache_root, default_gguf_path, load_model
+
+    gguf = default_gguf_path() if path == "default" else Path(path)
+    folder = cache_root() / "gguf" / _file_key(gguf)
+    if not (folder / "complete.json").is_file():
+        load_model(str(gguf), device="cpu", dtype="float32")
+    if not (folder / "complete.json").is_file():
+        return LoadedWeights(path)          # an unwritable cache: hold the model instead
+    return PlainWeights(folder)
+
+
+class BnbWeights(CheckpointWeights):
+    """bitsandbytes: each weight from its stored blocks and quant state by bitsandbytes' own
+    de-quantization (4-bit: QuantState.from_dict + dequantize_4bit; 8-bit: int8 x SCB / 127),
+    read one at a time."""
+
+    def __init__(self, path: Path, config: dict):
+        self.shards = Shards(path)
+
+    def _extra(self, k: str) -> bool:
+        mod, _, p = k.rpartition(".")
+        return (".weight." in k or p in ("SCB", "weight_format")) and not k.endswith(".weight")
+
+    def names(self):
+        return [k for k in self.shards.keys() if not self._extra(k)]
+
+    def tensor(self, name):
+        if name not in self.shards:
+            return None
+        w = self.shards.get(name)
+        state = {k[len(name) + 1:]: self.shards.get(k) for k in self.shards.keys()
+                 if k.startswith(name + ".")}
+        if any(k.startswith("quant_state.") for k in state):
+            import bitsandbytes.functional as F
+
+            qs = F.QuantState.from_dict(state, device=torch.device("cpu"))
+            return F.dequantize_4bit(w, qs).float()
+        scb = f"{name.rpartition('.')[0]}.SCB"
+        if w.dtype == torch.int8 and scb in self.shards:
+            return w.float() * self.shards.get(scb).float()[:, None] / 127.0
+        return w.float()
+
+
 class LoadedWeights(CheckpointWeights):
     """Formats that transformers loads (bitsandbytes, torchao, GGUF, plain folders): the whole
     checkpoint is loaded once and each weight de-quantized from its module."""
@@ -721,16 +816,16 @@ def dequantized(w: torch.Tensor, module=None) -> torch.Tensor:
 def _weights(path: str, stamp: tuple) -> CheckpointWeights:
     p = Path(path)
     if p.suffix.lower() == ".gguf" or path == "default":
-        return LoadedWeights(path)
+        return gguf_weights(path)
     config = read_config(p)
     method = quant_method(config)
     fmt = FORMATS.get(method) if method else None
-    if method and fmt is None:
-        return LoadedWeights(path)
+    if method is None and list(p.glob("*.safetensors")):
+        return _located(PlainWeights(p), path)
     if fmt is None:
         return LoadedWeights(path)
     fmt.requirements()
-    return fmt.reader(p, config)
+    return _located(fmt.reader(p, config), path)
 
 
 def checkpoint_weights(source: str) -> CheckpointWeights:
@@ -739,12 +834,26 @@ def checkpoint_weights(source: str) -> CheckpointWeights:
     return _weights(path, _stamp(path))
 
 
+def _located(reader: CheckpointWeights, path: str) -> CheckpointWeights:
+    reader.path = Path(path)
+    return reader
+
+
 def resolve_source(source: str) -> str:
+    """A checkpoint's local path: a folder, a .gguf file, or a hub id's folder in the local
+    Hugging Face cache."""
+    from .models import _classify, local_snapshot
+
     if source.strip() == "default":
         return "default"
     p = Path(os.path.expanduser(source.strip()))
     if not p.exists():
-        raise DTMError(f"Checkpoint '{source}' does not exist.")
+        kind, _ = _classify(source.strip())     # a bad path or hub id: its own sentence
+        snap = local_snapshot(source.strip()) if kind == "hub" else None
+        if snap is None:
+            raise DTMError(f"Checkpoint '{source}' is not in the local Hugging Face cache and "
+                           "cannot be downloaded here; give a local folder.")
+        p = snap
     if p.is_dir() and not (p / "config.json").is_file():
         raise DTMError(f"Folder '{source}' holds no config.json, so it is not a checkpoint.")
     return str(p.resolve())
@@ -776,6 +885,8 @@ def inspect(source: str, base: str | None = None) -> CheckpointInfo:
     from .models import _classify
 
     kind, path = _classify(source)
+    if kind == "hub":
+        kind, path = "folder", Path(resolve_source(source))
     info = CheckpointInfo(source=source, kind="dense", format="unquantized")
     if kind in ("default", "gguf"):
         _describe_gguf(path, info)
@@ -794,8 +905,6 @@ def inspect(source: str, base: str | None = None) -> CheckpointInfo:
         else:
             info.loader = "through transformers"
         info.size_bytes = disk_size(path)
-    else:
-        info.loader = "from the local Hugging Face cache"
     if base:
         try:
             bk, bpath = _classify(base)
@@ -823,33 +932,15 @@ def _describe_gguf(path: Path, info: CheckpointInfo) -> None:
 def load_dequantized(path: Path, config: dict, dtype: torch.dtype, device: torch.device,
                      trust_remote_code: bool = False):
     """(tokenizer, model) of a checkpoint that transformers cannot load here: the base
-    architecture from its config, every tensor from :class:`CheckpointWeights`."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.initialization import no_init_weights
+    architecture from its config, every tensor from :class:`CheckpointWeights`, handed to
+    transformers as a state dict (so its own conversions apply: experts stored one module each
+    are fused as the architecture wants them, tied weights are tied)."""
+    from transformers import AutoTokenizer
 
     fmt = FORMATS[quant_method(config)]
     fmt.requirements()
     weights = _weights(str(path.resolve()), _stamp(str(path.resolve())))
-    cfg = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    if hasattr(cfg, "quantization_config"):
-        del cfg.quantization_config
-    with no_init_weights():
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype,
-                                                 trust_remote_code=trust_remote_code)
-    state = {}
-    for name in weights.names():
-        t = weights.tensor(name)
-        if t is not None:
-            state[name] = t.to(dtype)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {n for n in missing if n.endswith("lm_head.weight")}
-    missing = [n for n in missing if n not in tied]
-    if missing or unexpected:
-        what = (f"{len(missing)} tensors missing (e.g. {missing[0]})" if missing
-                else f"{len(unexpected)} unexpected tensors (e.g. {unexpected[0]})")
-        raise DTMError(f"The {fmt.name} checkpoint '{path}' does not fit its own config's "
-                       f"architecture: {what}.")
-    model.tie_weights()
+    model = weights.as_model(dtype, trust_remote_code)
     for name, mod in model.named_modules():     # the format's activation quantization
         hook = weights.input_hook(name)
         if hook is not None:

@@ -158,6 +158,16 @@ def model_type_of(source: str) -> str | None:
         return None
 
 
+def local_snapshot(repo_id: str) -> Path | None:
+    """The folder of a hub id in the local Hugging Face cache, or None (nothing is downloaded)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached (or no hub library): the caller says so
+        return None
+
+
 def validate_source(source: str) -> str:
     """Check a model source string before any loading; returns its kind."""
     return _classify(source)[0]
@@ -283,8 +293,14 @@ def load_model(source: str = "default", *, device: str | None = None, dtype: str
             tok, model, checkpoint = _load_folder(path, source, dev, dt, trust_remote_code)
             key = checkpoint_fingerprint(str(path))
         else:
-            tok, model = _from_pretrained(source, device=dev, dtype=dt,
-                                          trust_remote_code=trust_remote_code, local_only=True)
+            snap = local_snapshot(source)
+            if snap is not None and (snap / "config.json").is_file():
+                # a cached hub model is a folder: compressed checkpoints load as folders do
+                tok, model, checkpoint = _load_folder(snap, source, dev, dt, trust_remote_code)
+            else:
+                tok, model = _from_pretrained(source, device=dev, dtype=dt,
+                                              trust_remote_code=trust_remote_code,
+                                              local_only=True)
             key = hashlib.sha256(source.encode()).hexdigest()[:24]
     except DTMError:
         raise
@@ -306,7 +322,7 @@ def load_model(source: str = "default", *, device: str | None = None, dtype: str
     fingerprint = hashlib.sha256(f"{kind}|{key}|{dt}".encode()).hexdigest()[:16]
     loaded = LoadedModel(model=model, tokenizer=tok, source=source, description=description,
                          fingerprint=fingerprint, from_cache=from_cache)
-    if kind == "folder" and checkpoint:
+    if checkpoint:
         loaded.extra["quant_method"] = checkpoint
         if getattr(model, "dtm_loader", None):
             loaded.extra["loader"] = model.dtm_loader
@@ -334,13 +350,19 @@ def _load_folder(path: Path, source: str, dev, dt, trust_remote_code):
                                               trust_remote_code=trust_remote_code,
                                               local_only=True)
             except RuntimeError as exc:
-                if fmt is None or not fmt.can_dequantize or "mismatch" not in str(exc):
+                if fmt is None or not fmt.can_dequantize:
                     raise
                 # e.g. asymmetric pack-quantized zero points, which compressed-tensors 0.20
                 # writes packed and transformers 5.23 expects unpacked: the library's own
                 # decompressor still reads them
-                tok, model = checkpoints.load_dequantized(path, config, dt, dev,
-                                                          trust_remote_code)
+                try:
+                    tok, model = checkpoints.load_dequantized(path, config, dt, dev,
+                                                              trust_remote_code)
+                except DTMError as again:
+                    first = str(exc).splitlines()[0][:160]
+                    raise DTMError(f"Could not load the {method} checkpoint '{source}': "
+                                   f"transformers failed ({first}) and so did reading it "
+                                   f"module by module ({again})") from exc
                 loader = (f"de-quantized into the base architecture by {fmt.name}'s own "
                           f"decompressor (transformers could not load it: "
                           f"{str(exc).splitlines()[0][:80]})")

@@ -256,6 +256,17 @@ def test_bitsandbytes_checkpoints(ck, base):
     res = divergence(build_pair(base, PairRequest(compressed_model=str(nf4))), prompt_ids=PROMPTS,
                      new_tokens=N)
     assert res.table.kl_mean.mean() > 0
+    # LLM.int8: the row scales of the loaded module de-quantize the same int8 weights
+    int8 = W.write_transformers_quantized(ck / "base", ck / "bnb8",
+                                          BitsAndBytesConfig(load_in_8bit=True))
+    loaded = load_model(str(int8), device="cpu")
+    reader = C.checkpoint_weights(str(int8))
+    for name, mod in _linears(loaded).items():
+        got = reader.tensor(f"{name}.weight")
+        assert torch.equal(got, C.dequantized(mod.weight, mod)), name
+        dense = dict(base.model.named_modules())[name].weight
+        assert (got - dense).abs().max() <= dense.abs().amax(1).max() / 127, name
+    assert "LLM.int8" in C.inspect(str(int8)).activations
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torchao") is None,
@@ -343,3 +354,71 @@ def test_plan_and_prompt_sets_with_a_checkpoint(ck, base, tmp_path):
     ev = evaluate(pair, pset, N)
     d = divergence(pair, texts, N)
     assert ev.table.fdt.tolist() == d.table.fdt.tolist()
+
+
+def test_from_a_gguf_file_on_every_component_is_that_gguf(default_model, tmp_path):
+    """A llama.cpp checkpoint as a per-component map: from:FILE.gguf on every component of the
+    default model equals the GGUF pair (the requantized file differs only in the decoder's
+    matrices), and one component alone changes only from that layer on."""
+    from dtm_core.models import default_gguf_path
+    from gguf_requant import requantize
+
+    q4 = tmp_path / "q4_0.gguf"
+    requantize(str(default_gguf_path()), str(q4), "Q4_0")
+    whole = load_model(str(q4), device="cpu")
+    pair = make_pair(default_model, Recipe.single(f"from:{q4}", "*"))
+    ids = default_model.tokenizer("The capital of France is").input_ids
+    assert torch.equal(_logits(whole.model, ids), _logits(pair.compressed, ids))
+    assert not torch.equal(_logits(whole.model, ids), _logits(default_model.model, ids))
+    info = C.inspect(str(q4), base="default")
+    assert info.kind == "gguf" and "Q4_0: 210 matrices" in info.groups
+
+
+def test_a_hub_id_in_the_local_cache_is_a_checkpoint_like_its_folder(ck, base, tmp_path,
+                                                                     monkeypatch):
+    """A GPTQ checkpoint cached as a hub id (the Hugging Face cache layout, nothing downloaded)
+    loads, describes and serves from: exactly as its folder does; an id that is not cached gets
+    one sentence."""
+    import shutil
+
+    import huggingface_hub.constants as hc
+
+    W.write_gptq(ck / "base", ck / "gptq-hub", act_order=True)
+    repo = tmp_path / "hub" / "models--acme--tiny-gptq"
+    snap = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(ck / "gptq-hub", snap)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    whole = load_model("acme/tiny-gptq", device="cpu")
+    assert whole.extra["quant_method"] == "gptq"
+    assert C.inspect("acme/tiny-gptq").kind == "gptq"
+    pair = make_pair(base, Recipe.single("from:acme/tiny-gptq", "*"))
+    assert torch.equal(_logits(whole.model, PROMPTS[0]), _logits(pair.compressed, PROMPTS[0]))
+    with pytest.raises(DTMError, match="not in the local Hugging Face cache"):
+        make_pair(base, Recipe.single("from:acme/other", "0.q"))
+
+
+def test_moe_checkpoints_with_experts_stored_one_module_each(tmp_path):
+    """A GPTQ checkpoint of a tiny Qwen3-MoE (every expert quantized, stored one module each as
+    the tools write them): the whole checkpoint loads with its experts fused as the architecture
+    holds them, from:PATH on every component (experts included) equals it exactly, and one
+    expert alone changes only that expert's matrix; compressed-tensors' MoE checkpoint, which
+    transformers cannot load here, loads through the same path."""
+    W.base_model(tmp_path / "base", family="qwen3_moe")
+    truth = W.write_gptq(tmp_path / "base", tmp_path / "gptq")
+    assert any(".experts.3.down_proj" in m for m in truth)
+    base = load_model(str(tmp_path / "base"), device="cpu")
+    whole = load_model(str(tmp_path / "gptq"), device="cpu")
+    pair = make_pair(base, Recipe.single(f"from:{tmp_path / 'gptq'}", "*"))
+    for ids in PROMPTS:
+        assert torch.equal(_logits(whole.model, ids), _logits(pair.compressed, ids))
+    one = make_pair(base, Recipe.single(f"from:{tmp_path / 'gptq'}", "1.e2.down"))
+    q, z, s, g = truth["model.layers.1.mlp.experts.2.down_proj"]
+    got = one.compressed.model.layers[1].mlp.experts.down_proj
+    assert torch.equal(got[2], W.expected_weight(q, z, s, g))
+    assert torch.equal(got[1], base.model.model.layers[1].mlp.experts.down_proj[1])
+    W.write_ct(tmp_path / "base", tmp_path / "ct", "W8A16")
+    ct = load_model(str(tmp_path / "ct"), device="cpu")
+    pair = make_pair(base, Recipe.single(f"from:{tmp_path / 'ct'}", "*"))
+    assert torch.equal(_logits(ct.model, PROMPTS[1]), _logits(pair.compressed, PROMPTS[1]))

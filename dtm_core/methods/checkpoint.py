@@ -53,7 +53,11 @@ class FromCheckpoint(Method):
 
     def apply_at(self, w, stats, component, expert=None):
         name = f"{component.path}.{component.param}"
-        full = self._weights().tensor(name)
+        weights = self._weights()
+        full = weights.tensor(name)
+        if full is None and weights.path is not None:
+            # e.g. experts stored one module each, fused into one parameter by the architecture
+            full = weights.fused(name)
         if full is None:
             raise DTMError(f"The checkpoint '{self.path}' has no tensor '{name}' for component "
                            f"{component.name}; is it a compression of this base model?")
