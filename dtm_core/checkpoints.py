@@ -224,8 +224,10 @@ class Format:
         q = config.get("quantization_config") or {}
         info.format = str(q.get("quant_method"))
 
-    def reader(self, path: Path, config: dict) -> "CheckpointWeights":
-        return LoadedWeights(str(path))
+    def reader(self, path: Path, config: dict) -> "CheckpointWeights | None":
+        """How to read one tensor at a time; None: from the whole model loaded by transformers
+        (:class:`dtm_core.models.LoadedWeights`)."""
+        return None
 
 
 FORMATS: dict[str, Format] = {}
@@ -242,7 +244,7 @@ def _bits_words(bits, abits, group, sym, kind="int", extra=""):
     gtxt = f"g{group}" if group and group > 0 else "per channel"
     a = f"A{abits}" if abits else "A16"
     return (f"W{bits}{a} {gtxt} {'symmetric' if sym else 'asymmetric'}"
-            + ("" if kind == "int" else f" {kind}") + extra)
+            + ("" if kind.startswith("int") else f" {kind}") + extra)
 
 
 @functools.lru_cache(maxsize=4)
@@ -287,7 +289,7 @@ class CompressedTensors(Format):
             else:
                 strat = str(getattr(w.strategy, "value", w.strategy))
                 group = w.group_size if strat == "group" else None
-                kind = "int" if str(getattr(w.type, "value", w.type)) == "int" else "float"
+                kind = "integer" if _is_int(w) else "float"
                 words = _bits_words(w.num_bits, a.num_bits if a else None, group, w.symmetric,
                                     kind)
                 if strat in ("tensor", "block"):
@@ -298,7 +300,7 @@ class CompressedTensors(Format):
             if a is not None:
                 how = "dynamic" if a.dynamic else "static"
                 strat = str(getattr(a.strategy, "value", a.strategy))
-                atype = "int" if str(getattr(a.type, "value", a.type)) == "int" else "fp"
+                atype = "int" if _is_int(a) else "fp"
                 acts.append(f"{atype}{a.num_bits} {how} per-{strat} input activations")
             info.groups.append(f"{gname}: {text}, {n} linears")
         sp = (config.get("quantization_config") or {}).get("sparsity_config") or {}
@@ -335,6 +337,13 @@ class CompressedTensors(Format):
 
     def reader(self, path, config):
         return CTWeights(path, config)
+
+
+def _is_int(args) -> bool:
+    """Whether compressed-tensors quantization arguments are of the integer type."""
+    from compressed_tensors.quantization import QuantizationType
+
+    return args.type == QuantizationType.INT
 
 
 LEGACY_SPARSE = ("sparse-bitmask", "sparse-24-bitmask")
@@ -724,20 +733,6 @@ class PlainWeights(CheckpointWeights):
         return self.shards.get(name).float() if name in self.shards else None
 
 
-def gguf_weights(path: str) -> PlainWeights:
-    """A GGUF's tensors from its de-quantized safetensors cache (built by one load on a miss),
-    read one at a time."""
-    from .models import _file_key, cache_root, default_gguf_path, load_model
-
-    gguf = default_gguf_path() if path == "default" else Path(path)
-    folder = cache_root() / "gguf" / _file_key(gguf)
-    if not (folder / "complete.json").is_file():
-        load_model(str(gguf), device="cpu", dtype="float32")
-    if not (folder / "complete.json").is_file():
-        return LoadedWeights(path)          # an unwritable cache: hold the model instead
-    return PlainWeights(folder)
-
-
 class BnbWeights(CheckpointWeights):
     """bitsandbytes: each weight from its stored blocks and quant state by bitsandbytes' own
     de-quantization (4-bit: QuantState.from_dict + dequantize_4bit; 8-bit: int8 x SCB / 127),
@@ -770,28 +765,6 @@ class BnbWeights(CheckpointWeights):
         return w.float()
 
 
-class LoadedWeights(CheckpointWeights):
-    """Formats that transformers loads (bitsandbytes, torchao, GGUF, plain folders): the whole
-    checkpoint is loaded once and each weight de-quantized from its module."""
-
-    def __init__(self, source: str):
-        from .models import load_model
-
-        self.loaded = load_model(source, device="cpu", dtype="float32")
-        self.params = dict(self.loaded.model.named_parameters(remove_duplicate=False))
-        self.modules = dict(self.loaded.model.named_modules())
-
-    def names(self):
-        return list(self.params)
-
-    def tensor(self, name):
-        w = self.params.get(name)
-        if w is None:
-            return None
-        mod = self.modules.get(name.rpartition(".")[0])
-        return dequantized(w, mod).float()
-
-
 def dequantized(w: torch.Tensor, module=None) -> torch.Tensor:
     """A (possibly quantized) parameter as a plain tensor: bitsandbytes 4-bit and int8
     parameters, torchao tensor subclasses, or the tensor itself."""
@@ -812,29 +785,7 @@ def dequantized(w: torch.Tensor, module=None) -> torch.Tensor:
     return w.detach()
 
 
-@functools.lru_cache(maxsize=4)
-def _weights(path: str, stamp: tuple) -> CheckpointWeights:
-    p = Path(path)
-    if p.suffix.lower() == ".gguf" or path == "default":
-        return gguf_weights(path)
-    config = read_config(p)
-    method = quant_method(config)
-    fmt = FORMATS.get(method) if method else None
-    if method is None and list(p.glob("*.safetensors")):
-        return _located(PlainWeights(p), path)
-    if fmt is None:
-        return LoadedWeights(path)
-    fmt.requirements()
-    return _located(fmt.reader(p, config), path)
-
-
-def checkpoint_weights(source: str) -> CheckpointWeights:
-    """The de-quantized tensors of a checkpoint (kept for the last few checkpoints read)."""
-    path = resolve_source(source)
-    return _weights(path, _stamp(path))
-
-
-def _located(reader: CheckpointWeights, path: str) -> CheckpointWeights:
+def located(reader: CheckpointWeights, path: str) -> CheckpointWeights:
     reader.path = Path(path)
     return reader
 
@@ -842,7 +793,7 @@ def _located(reader: CheckpointWeights, path: str) -> CheckpointWeights:
 def resolve_source(source: str) -> str:
     """A checkpoint's local path: a folder, a .gguf file, or a hub id's folder in the local
     Hugging Face cache."""
-    from .models import _classify, local_snapshot
+    from .sources import _classify, local_snapshot
 
     if source.strip() == "default":
         return "default"
@@ -859,7 +810,7 @@ def resolve_source(source: str) -> str:
     return str(p.resolve())
 
 
-def _stamp(path: str) -> tuple:
+def stamp(path: str) -> tuple:
     if path == "default":
         return ("default",)
     p = Path(path)
@@ -872,7 +823,7 @@ def fingerprint(source: str) -> str:
     import hashlib
 
     path = resolve_source(source)
-    return hashlib.sha256(json.dumps([path, _stamp(path)]).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps([path, stamp(path)]).encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -882,7 +833,7 @@ def fingerprint(source: str) -> str:
 def inspect(source: str, base: str | None = None) -> CheckpointInfo:
     """What a checkpoint is (without loading its weights): format, schemes, what is kept,
     activations, size on disk (against ``base``'s when given)."""
-    from .models import _classify
+    from .sources import _classify
 
     kind, path = _classify(source)
     if kind == "hub":
@@ -929,17 +880,15 @@ def _describe_gguf(path: Path, info: CheckpointInfo) -> None:
     info.loader = "de-quantized by transformers (gguf-py), cached as safetensors"
 
 
-def load_dequantized(path: Path, config: dict, dtype: torch.dtype, device: torch.device,
-                     trust_remote_code: bool = False):
+def load_dequantized(path: Path, config: dict, weights: CheckpointWeights, dtype: torch.dtype,
+                     device: torch.device, trust_remote_code: bool = False):
     """(tokenizer, model) of a checkpoint that transformers cannot load here: the base
     architecture from its config, every tensor from :class:`CheckpointWeights`, handed to
     transformers as a state dict (so its own conversions apply: experts stored one module each
     are fused as the architecture wants them, tied weights are tied)."""
     from transformers import AutoTokenizer
 
-    fmt = FORMATS[quant_method(config)]
-    fmt.requirements()
-    weights = _weights(str(path.resolve()), _stamp(str(path.resolve())))
+    FORMATS[quant_method(config)].requirements()
     model = weights.as_model(dtype, trust_remote_code)
     for name, mod in model.named_modules():     # the format's activation quantization
         hook = weights.input_hook(name)

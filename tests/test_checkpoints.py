@@ -17,7 +17,7 @@ from dtm_core.compress import Recipe
 from dtm_core.divergence import divergence
 from dtm_core.errors import DTMError
 from dtm_core.jobs import PairRequest, build_pair
-from dtm_core.models import eos_ids, load_model
+from dtm_core.models import checkpoint_weights, eos_ids, load_model
 from dtm_core.pair import make_pair
 from dtm_core.sweep import sweep
 
@@ -64,7 +64,7 @@ def test_compressed_tensors_checkpoint_loads_and_from_every_component_is_the_che
     quantization) computes exactly what the library's forward computes."""
     path = _ct(ck, scheme)
     whole = load_model(str(path), device="cpu")
-    reader = C.checkpoint_weights(str(path))
+    reader = checkpoint_weights(str(path))
     mods = _linears(whole)
     assert len(mods) == 14
     for name, mod in mods.items():
@@ -91,7 +91,7 @@ def test_sparse_llm_compressor_checkpoints(ck, base, fmt):
     on every component, and the description names the sparsity and the algorithm."""
     path = ck / f"sparse-{fmt}"
     pruned = W.write_ct_sparse(ck / "base", path, fmt)
-    reader = C.checkpoint_weights(str(path))
+    reader = checkpoint_weights(str(path))
     for mod, w in pruned.items():
         assert torch.equal(reader.tensor(f"{mod}.weight"), w), mod
     whole = load_model(str(path), device="cpu")
@@ -112,7 +112,7 @@ def test_activation_quantization_is_really_in_the_forward(ck, base):
     """W8A8 with its input quantization differs from the same weights without it."""
     path = _ct(ck, "W8A8")
     with_acts = make_pair(base, Recipe.single(f"from:{path}", "*"))
-    reader = C.checkpoint_weights(str(path))
+    reader = checkpoint_weights(str(path))
     ids = PROMPTS[1]
     plain = load_model(str(ck / "base"), device="cpu").model
     for name, mod in plain.named_modules():
@@ -145,7 +145,7 @@ def test_gptq_weights_are_the_formats_definition(ck, bits, sym, act_order, v1):
     every de-quantized weight equals scales[g] * (q - zeros[g]) from the packed integers."""
     out = ck / f"gptq-{bits}-{sym}-{act_order}-{v1}"
     truth = W.write_gptq(ck / "base", out, bits=bits, sym=sym, act_order=act_order, v1=v1)
-    reader = C.checkpoint_weights(str(out))
+    reader = checkpoint_weights(str(out))
     for mod, (q, z, s, g) in truth.items():
         assert torch.equal(reader.tensor(f"{mod}.weight"), W.expected_weight(q, z, s, g)), mod
 
@@ -157,7 +157,7 @@ def test_gptq_and_awq_checkpoints_load_whole_and_from_every_component(ck, base):
     the whole checkpoint exactly."""
     W.write_gptq(ck / "base", ck / "gptq", act_order=True)
     truth = W.write_awq(ck / "base", ck / "awq")
-    reader = C.checkpoint_weights(str(ck / "awq"))
+    reader = checkpoint_weights(str(ck / "awq"))
     for mod, (q, z, s, g) in truth.items():
         want = ((q - z[g].t()).half() * s[g].t().half()).float()
         assert torch.equal(reader.tensor(f"{mod}.weight"), want), mod
@@ -177,7 +177,7 @@ def test_sweep_from_a_checkpoint_cells_weight_errors_and_the_whole(ck, base, tmp
     path = _ct(ck, "W4A16")
     res = sweep(base, f"from:{path}", PROMPTS, N, cache_dir=tmp_path, whole=True)
     assert len(res.table) == 14
-    reader = C.checkpoint_weights(str(path))
+    reader = checkpoint_weights(str(path))
     mods = dict(base.model.named_modules())
     for _, row in res.table.iterrows():
         d = divergence(make_pair(base, Recipe.single(f"from:{path}", row.component)),
@@ -248,7 +248,7 @@ def test_bitsandbytes_checkpoints(ck, base):
     pair = make_pair(base, Recipe.single(f"from:{nf4}", "*"))
     mod = whole.model.model.layers[0].mlp.down_proj
     import bitsandbytes.functional as F
-    assert torch.equal(C.checkpoint_weights(str(nf4)).tensor("model.layers.0.mlp.down_proj.weight"),
+    assert torch.equal(checkpoint_weights(str(nf4)).tensor("model.layers.0.mlp.down_proj.weight"),
                        F.dequantize_4bit(mod.weight.data, mod.weight.quant_state).float())
     for ids in PROMPTS:
         a, b = _logits(whole.model, ids), _logits(pair.compressed, ids)
@@ -260,7 +260,7 @@ def test_bitsandbytes_checkpoints(ck, base):
     int8 = W.write_transformers_quantized(ck / "base", ck / "bnb8",
                                           BitsAndBytesConfig(load_in_8bit=True))
     loaded = load_model(str(int8), device="cpu")
-    reader = C.checkpoint_weights(str(int8))
+    reader = checkpoint_weights(str(int8))
     for name, mod in _linears(loaded).items():
         got = reader.tensor(f"{name}.weight")
         assert torch.equal(got, C.dequantized(mod.weight, mod)), name

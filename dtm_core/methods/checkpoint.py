@@ -43,7 +43,7 @@ class FromCheckpoint(Method):
         return f"from:{fingerprint(self.path)}"
 
     def _weights(self):
-        from ..checkpoints import checkpoint_weights
+        from ..models import checkpoint_weights
 
         return checkpoint_weights(self.path)
 
