@@ -19,6 +19,19 @@
       if (n && s.textContent !== n.value) s.textContent = n.value;
     });
   }, 300);
+  // Clicking a token of either Compare column explains that position (the dense
+  // continuation's index): its data-pos goes into a hidden box and a hidden button sends it.
+  document.addEventListener('click', (ev) => {
+    const tok = ev.target.closest && ev.target.closest(
+      '#compressed-output [data-pos], #dense-output [data-pos]');
+    if (!tok) return;
+    const box = document.querySelector('#explain-clicked textarea, #explain-clicked input');
+    const btn = document.querySelector('#explain-open');
+    if (!box || !btn) return;
+    box.value = tok.dataset.pos;
+    box.dispatchEvent(new Event('input', {bubbles: true}));
+    setTimeout(() => btn.click(), 100);
+  });
   setInterval(() => {
     document.querySelectorAll('#sens-heatmap .js-plotly-plot').forEach((gd) => {
       if (!gd.on) return;

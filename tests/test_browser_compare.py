@@ -493,3 +493,40 @@ def test_second_checkpoint_is_described_and_compared(browser, app_url, tmp_path_
     assert page.locator("#compressed-output [data-pos]").count() >= 1
     page.wait_for_selector("#position-plot .js-plotly-plot", timeout=20_000)
     shot(page, "compare-checkpoint")
+
+
+def test_explain_the_first_divergent_token_and_a_clicked_one(browser, app_url):
+    """Compare, then 'Explain the first divergent token': the ranking sentence, the logit lens
+    with the flip layer marked, the restoring-power heatmap and the table; clicking a token of
+    the compressed column explains that position instead."""
+    page = browser.new_page(viewport={"width": 1500, "height": 1300})
+    page.goto(app_url)
+    page.locator("#preset input").click()
+    page.get_by_role("option", name="custom spec").click()
+    page.locator("#spec textarea, #spec input").first.fill("int4:g64")
+    page.locator("#prompt textarea").fill("The capital of France is")
+    set_tokens(page, 16)
+    page.locator("#generate").click()
+    page.wait_for_function("document.querySelector('#status').innerText.includes('Done')",
+                           timeout=180_000)
+    fdt = int(page.locator("#fdt").inner_text())
+    page.locator("#explain-run").click()
+    page.wait_for_function(
+        "document.querySelector('#explain-status').innerText.includes('is carried by')",
+        timeout=300_000)
+    status = page.locator("#explain-status").inner_text()
+    assert f"The divergence at token {fdt} " in status, status
+    page.wait_for_selector("#explain-lens .js-plotly-plot", timeout=20_000)
+    page.wait_for_selector("#explain-heatmap .js-plotly-plot", timeout=20_000)
+    assert "Logit lens at position" in page.locator("#explain-lens").inner_text()
+    first = status.split("carried by: ")[1].split(" (")[0]
+    table = page.locator("#explain-table").inner_text()
+    assert "KL after the patch" in table and "restored (%)" in table, table[:300]
+    assert page.locator("#explain-table [role=gridcell]").filter(has_text=first).count() >= 1
+    shot(page, "compare-explain")
+    # a click on a token before the divergence explains that position
+    page.locator("#compressed-output [data-pos='0']").click()
+    page.wait_for_function(
+        "document.querySelector('#explain-status').innerText.includes('position 0 ')",
+        timeout=300_000)
+    assert page.locator("#explain-position input").input_value() == "0"

@@ -196,4 +196,6 @@ def build(pair: PairForm, ikv: IntactKVForm) -> CompareTab:
     sink_btn.click(run_sinks, pair.side + [ikv.pivots, prompt, chat, sink_k] + pair.calib,
                    [sink_heat, sink_act, sink_status], concurrency_id="model")
     stop.click(STOPS.stopper("compare", "Stopping…"), None, [status], queue=False)
+    from . import explain as explain_ui
+    explain_ui.build(pair, prompt, chat, new_tokens)
     return CompareTab(prompt=prompt, chat=chat, new_tokens=new_tokens)

@@ -226,6 +226,79 @@ def sensitivity_heatmap(table, metric: str, suffix: str = "", diverging: bool = 
     return fig
 
 
+def lens_figure(e) -> go.Figure:
+    """The logit lens of an explanation: per layer the log-probabilities of the dense and the
+    compressed token in both models (lines), KL(dense lens || compressed lens) (bars), and the
+    layer where the compressed lens first prefers its own token (marked)."""
+    lens = e.lens
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    fig.add_trace(go.Bar(x=lens.layer, y=lens.kl, name="KL(dense lens || compressed lens)",
+                         marker_color="#c0392b", opacity=0.45), secondary_y=True)
+    d, c = e.tokens.get("dense", ""), e.tokens.get("compressed", "")
+    for col, name, dash, color in (
+            ("dense_logp_dense_token", f"dense model: {visible_plain(d)!s}", "solid", "#1f77b4"),
+            ("compressed_logp_dense_token", f"compressed model: {visible_plain(d)!s}", "dash",
+             "#1f77b4"),
+            ("dense_logp_compressed_token", f"dense model: {visible_plain(c)!s}", "solid",
+             "#ff7f0e"),
+            ("compressed_logp_compressed_token", f"compressed model: {visible_plain(c)!s}",
+             "dash", "#ff7f0e")):
+        fig.add_trace(go.Scatter(x=lens.layer, y=lens[col], name=name, mode="lines+markers",
+                                 line=dict(dash=dash, color=color)), secondary_y=False)
+    flip = e.lens_flip_layer
+    if flip is not None:
+        fig.add_vline(x=flip, line_dash="dot", line_color="#c0392b")
+        fig.add_annotation(x=flip, y=1.0, yref="paper", showarrow=False, xanchor="right",
+                           text=f"compressed lens prefers its token from layer {flip}",
+                           font=dict(color="#c0392b", size=11))
+    fig.update_yaxes(title_text="log-probability", secondary_y=False)
+    fig.update_yaxes(title_text="KL (nats)", secondary_y=True)
+    fig.update_xaxes(range=[-0.5, len(lens) - 0.5], title_text="layer")
+    fig.update_layout(height=460, legend=dict(orientation="h", y=-0.2, x=0),
+                      title=f"Logit lens at position {e.position}",
+                      margin=dict(l=50, r=50, t=50, b=40))
+    return fig
+
+
+def visible_plain(text: str) -> str:
+    """A token's text for a plot label: newlines and tabs shown as escapes."""
+    return repr(text)[1:-1] if text.strip() != text or not text else text
+
+
+def restore_heatmap(table) -> go.Figure:
+    """Restoring power per component (layers x kinds): the share of the dense token's
+    log-probability that patching it restores (1 = all of it)."""
+    t = table[~table.component.str.contains(r"\*")]
+    kinds = list(dict.fromkeys(t.kind))
+    z = t.pivot_table(index="layer", columns="kind", values="restored_share",
+                      aggfunc="first")[kinds]
+    kl = t.pivot_table(index="layer", columns="kind", values="kl_after_patch",
+                       aggfunc="first")[kinds]
+    fig = go.Figure(go.Heatmap(
+        z=z.values, x=kinds, y=list(z.index), customdata=kl.values, colorscale="RdYlGn",
+        zmid=0, hovertemplate="layer %{y}, %{x}<br>restores %{z:.0%} of the dense token's "
+                              "log-probability<br>KL after the patch %{customdata:.4g}"
+                              "<extra></extra>"))
+    fig.update_layout(height=max(300, 18 * len(z.index) + 120), yaxis_title="layer",
+                      xaxis_title="kind", title="Restoring power (share of the dense token's "
+                      "log p restored)",
+                      margin=dict(l=50, r=20, t=50, b=40), yaxis=dict(autorange="reversed"))
+    return fig
+
+
+def first_ranked_bars(table, top: int = 20) -> go.Figure:
+    """How often each component ranks first at a prompt's first divergent token."""
+    t = table[table["first"] > 0].head(top)
+    fig = go.Figure(go.Bar(x=t.component, y=t["first"], marker_color="#1f77b4",
+                           customdata=t.mean_restored_share,
+                           hovertemplate="%{x}: first at %{y} prompts<br>mean restored share "
+                                         "%{customdata:.0%}<extra></extra>"))
+    fig.update_layout(height=320, xaxis_title="component", yaxis_title="prompts",
+                      title="Components that most often carry a prompt's first divergence "
+                            "(ranked first by patching)", margin=dict(l=50, r=20, t=50, b=40))
+    return fig
+
+
 def level_figure(table, method: str) -> go.Figure:
     fig = px.line(table, x="level", y="fdt_mean", color="kind", markers=True,
                   title=f"Mean FDT against {method} level, one line per kind (all layers)")
@@ -277,6 +350,12 @@ HEADERS = {  # column -> (header with unit, scale: 100 shows a share as %)
     "sdt_mean": ("mean SDT (%)", 100), "top1_agree_mean": ("top-1 agree (%)", 100),
     "ppl_ratio_mean": ("PPL ratio", 1), "seconds": ("time (s)", 1),
     "weight_error": ("weight error ‖W−Ŵ‖/‖W‖ (%)", 100),
+    "restored_logp": ("log p(dense token) after the patch", 1),
+    "restores_argmax": ("argmax back", 1), "kl_after_patch": ("KL after the patch", 1),
+    "restored_share": ("restored (%)", 100), "patched_by": ("patched by", 1),
+    "reverse_logp_compressed_token": ("reverse: log p(compressed token)", 1),
+    "reverse_flips_argmax": ("reverse: argmax flips", 1), "reverse_kl": ("reverse: KL", 1),
+    "first": ("ranked first (prompts)", 1), "mean_restored_share": ("mean restored (%)", 100),
     "metric": ("metric", 1), "plain": ("plain", 1), "intactkv": ("IntactKV", 1),
     "delta": ("Δ", 1)}
 SUFFIXES = {"_intactkv": "IntactKV", "_plain": "plain"}

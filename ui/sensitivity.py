@@ -225,6 +225,8 @@ def build(pair: PairForm, intactkv: gr.Dropdown) -> SensitivityTab:
                queue=False)
     metric.change(rerender_heatmap, [state, metric, view], [heat])
     view.change(rerender_heatmap, [state, metric, view], [heat])
+    from . import explain as explain_ui
+    explain_ui.build_set(model, spec, upload, builtin, chat, new_tokens, layers, kinds)
     gr.Markdown("### Plan: the largest least-sensitive set within a budget")
     with gr.Row():
         budget = gr.Slider(0.1, 1.0, value=0.9, step=0.01, label="Budget: mean FDT >= budget x N",
