@@ -65,10 +65,11 @@ ONE = {"llama": "1.down", "gpt2": "1.qkv", "phi3": "1.q", "gemma2": "0.gate",
        "qwen3_moe": "1.e2.down"}
 
 
-@pytest.mark.parametrize("name", list(ONE))
-def test_patching_the_one_compressed_component_restores_the_dense_model_exactly(name):
+@pytest.mark.parametrize("name,spec", [(n, "int2") for n in ONE]
+                         + [("llama", "magnitude:0.9"), ("phi3", "nm:2:4")])
+def test_patching_the_one_compressed_component_restores_the_dense_model_exactly(name, spec):
     lm = model(name)
-    pair = make_pair(lm, Recipe.single("int2", ONE[name]))
+    pair = make_pair(lm, Recipe.single(spec, ONE[name]))
     ids, fdt = _diverging(pair)
     e = explain(pair, ids, N)
     assert e.position == fdt and e.dense_token != e.compressed_token
@@ -173,3 +174,34 @@ def test_cli_explain_writes_the_patching_map_and_the_json(tmp_path, capsys, defa
     assert main(["explain", "--model", "default", "--compress", "none", "--prompt", "Hi",
                  "--new-tokens", "4"]) == 2
     assert "nothing diverges" in capsys.readouterr().err
+
+
+def test_prompt_set_view_and_explain_handlers(tmp_path, monkeypatch, default_model):
+    """The Sensitivity tab's prompt-set view and the Compare panel's handler on the default
+    model: bars and a table of how often each component ranks first, and the lens, heatmap,
+    table, sentence and CSV of one explanation."""
+    import pandas as pd
+
+    from ui import common, explain as explain_ui
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    common.CACHE._dense = ("default", default_model)
+    common.CACHE._pairs.clear()
+    f = tmp_path / "few.txt"
+    f.write_text("The capital of France is\nWater boils at\nOnce upon a time\n")
+    bars, table, msg = explain_ui.run_explain_set("default", "int3:g64", str(f), "general", False,
+                                                  12, "20-29", "down",
+                                                  progress=lambda *a, **k: None)
+    assert "prompts diverge with int3:g64 on 20-29.down" in msg, msg
+    assert bars is not None and "ranked first (prompts)" in table.columns
+    assert table["ranked first (prompts)"].sum() == int(msg.split(" of ")[0])
+    lens, heat, ranked, sentence, csv = explain_ui.run_explain(
+        "default", common.CUSTOM, "int3:g64", "20-29.down", "", "The capital of France is",
+        False, 12, -1, "every position up to it", "component", progress=lambda *a, **k: None)
+    assert "is carried by" in sentence and lens is not None and heat is not None
+    saved = pd.read_csv(csv)
+    assert len(saved) == 210 and saved.component.iloc[0] in sentence
+    *_, bad, _ = explain_ui.run_explain("default", common.CUSTOM, "int3:g64", "*", "", "Hi",
+                                        False, 12, 99, "this position only", "component",
+                                        progress=lambda *a, **k: None)
+    assert "outside the dense continuation" in bad
