@@ -37,6 +37,14 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="allow a model's own Python code to run (off unless asked)")
     p.add_argument("--cache-dir", help="cache folder (default $XDG_CACHE_HOME/dtm-inspector)")
     p.add_argument("--batch-size", type=int, default=16)
+    _gpus_arg(p)
+
+
+def _gpus_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gpus-per-rank", type=int, default=0, metavar="K",
+                   help="under torchrun with CUDA: place each rank's models over K of its "
+                        "node's GPUs (rank r of the node gets GPUs rK .. rK+K-1), e.g. 2 ranks "
+                        "x 4 GPUs on an 8-GPU node")
 
 
 def _spec_help() -> str:
@@ -130,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--cache-dir", help="where cells are stored (default "
                                             "$XDG_CACHE_HOME/dtm-inspector)")
         sp.add_argument("--batch-size", type=int, default=16)
+        _gpus_arg(sp)
+        sp.add_argument("--lost-after", type=float, default=30.0, metavar="S",
+                        help="under torchrun: a rank silent this many seconds is taken as lost "
+                             "and its unfinished cells go to the others (default 30)")
         if name == "sweep":
             sp.add_argument("--out", help="one row per component: a plain CSV, or Parquet when "
                                           "the name ends in .parquet (configuration in "
@@ -222,9 +234,13 @@ def _pair_request(args):
 
 
 def _cache(args):
+    from .distributed import rank_gpus
     from .jobs import PairCache
+
+    gpus = rank_gpus(getattr(args, "gpus_per_rank", 0))
     return PairCache(max_pairs=1, device=args.device, dtype=args.dtype,
-                     trust_remote_code=args.trust_remote_code, cache_dir=args.cache_dir)
+                     trust_remote_code=args.trust_remote_code, cache_dir=args.cache_dir,
+                     **({"gpus": gpus} if gpus else {}))
 
 
 def _load_pair(args, prompts: list[str]):
@@ -330,8 +346,11 @@ def cmd_evaluate(args) -> int:
     pset = load_prompts(args.prompts)
     pair = _load_pair(args, pset.prompts)
     ikv = _intactkv(args, pair, pset.prompts)
+    store, rank = _join(pair)
     res = evaluate(pair, pset, args.new_tokens, chat=args.chat, batch_size=args.batch_size,
-                   progress=stderr_progress, intactkv=ikv)
+                   progress=stderr_progress, intactkv=ikv, store=store)
+    if rank != 0:       # torchrun: rank 0 reports the merged result
+        return 0
     if res.rejected:
         print("warning: " + pset.rejection_message() if pset.rejected == res.rejected else
               "warning: rejected " + "; ".join(f"line {n}: {r}" for n, r in res.rejected),
@@ -379,7 +398,10 @@ def cmd_kld(args) -> int:
     _check_common(args)
     text = read_text_file(args.text)
     pair = _load_pair(args, [line for line in text.splitlines() if line.strip()][:64])
-    stats, _ = score_text(pair, text, args.ctx, progress=stderr_progress)
+    store, rank = _join(pair)
+    stats, _ = score_text(pair, text, args.ctx, progress=stderr_progress, store=store)
+    if rank != 0:       # torchrun: rank 0 reports the merged result
+        return 0
     if args.out:
         from .exports import write_table
         from .kld import statistics_table
@@ -394,6 +416,21 @@ def cmd_kld(args) -> int:
     return 0
 
 
+def _join(pair) -> tuple:
+    """Under torchrun: (the process group's c10d store, this rank); alone: (None, 0)."""
+    import os
+
+    from .distributed import init, world
+
+    rank, size = world()
+    if size <= 1:
+        return None, 0
+    import torch
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // size))
+    return init(str(next(pair.dense.model.parameters()).device.type)), rank
+
+
 def _sweep_setup(args):
     import os
 
@@ -406,17 +443,23 @@ def _sweep_setup(args):
     pset = load_prompts(args.prompts)
     dense = _cache(args).dense(args.model)
     ids = encode_prompts(dense.tokenizer, pset.prompts, chat=args.chat)
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1:  # torchrun: share the cores between the ranks
+    from .distributed import init, world as world_of
+
+    rank, world = world_of()
+    args.store = None
+    if world > 1:  # torchrun: share the cores between the ranks, join the process group
         import torch
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+        if "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+        args.store = init(str(next(dense.model.parameters()).device.type))
     return dense, ids, rank, world
 
 
 def _sweep_kw(args, rank, world) -> dict:
     return dict(layers=args.layers, kinds=args.kinds, cache_dir=args.cache_dir,
                 batch_size=args.batch_size, rank=rank, world=world, chat=args.chat,
-                calibration=_calibration(args))
+                calibration=_calibration(args), store=getattr(args, "store", None),
+                lost_after_s=getattr(args, "lost_after", 30.0))
 
 
 def cmd_sweep(args) -> int:

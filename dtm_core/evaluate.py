@@ -7,6 +7,7 @@ answers also generate it.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import string
@@ -216,13 +217,15 @@ def run_config(pair: Pair, pset: PromptSet, new_tokens: int, chat: bool) -> dict
 def evaluate(pair: Pair, pset: PromptSet, new_tokens: int = 32, *, chat: bool = False,
              batch_size: int = 16, chunk: int = 16,
              progress: Callable[[float, str], None] | None = None,
-             stop: threading.Event | None = None, intactkv=None) -> EvalResult:
+             stop: threading.Event | None = None, intactkv=None, store=None) -> EvalResult:
     """Divergence metrics and (for sets with answers) accuracy of both models, chunk by chunk.
 
     Prompts too long for the model's context are rejected (listed with their line numbers), not
     dropped silently. ``stop`` ends the run after the current chunk with the rows done so far.
     With ``intactkv`` every prompt is also run with the dense pivot KV (same dense references):
     columns ``*_intactkv``, summary keys ``*_intactkv`` and a plain-vs-IntactKV ``comparison``.
+    With ``store`` (torchrun's c10d store, :mod:`dtm_core.distributed`) the chunks are shared
+    out over the ranks; rank 0 returns the result, exactly the one-process one, the others None.
     """
     ikv = IntactKV.parse(intactkv)
     note = progress or (lambda f, m: None)
@@ -245,11 +248,11 @@ def evaluate(pair: Pair, pset: PromptSet, new_tokens: int = 32, *, chat: bool = 
     want_text = pset.has_answers
     parts, stopped, done_ids, done_refs, done_div = [], False, [], [], []
     meter = Meter(len(keep), "prompt")
-    for start in range(0, len(keep), chunk):
-        if stop is not None and stop.is_set():
-            stopped = True
-            break
-        sel = keep[start:start + chunk]
+    starts = list(range(0, len(keep), chunk))
+
+    def one(k):
+        """Chunk k: its table, prompt ids, references and first divergent tokens."""
+        sel = keep[starts[k]:starts[k] + chunk]
         variants = {"plain": None} if ikv is None else {"plain": None, "intactkv": ikv}
         cmp = compare_variants(pair, [ids[i] for i in sel], new_tokens, variants,
                                batch_size=batch_size, generate_compressed=want_text)
@@ -258,14 +261,35 @@ def evaluate(pair: Pair, pset: PromptSet, new_tokens: int = 32, *, chat: bool = 
         if ikv is not None:
             t["pivots"] = cmp.runs["intactkv"].table["pivots"].to_numpy()
         t["prompt_index"] = sel
-        parts.append(t)
-        done_ids += res.prompt_ids
-        done_refs += res.references
         # the compressed model's token where it first leaves the reference (None: it never does)
-        done_div += [int(tm.comp_argmax[f]) if f < len(r) else None
-                     for tm, f, r in zip(res.tokens, res.table.fdt, res.references)]
-        done = min(start + chunk, len(keep))
-        note(done / len(keep), meter.line(done))
+        div = [int(tm.comp_argmax[f]) if f < len(r) else None
+               for tm, f, r in zip(res.tokens, res.table.fdt, res.references)]
+        return t, res.prompt_ids, res.references, div
+
+    if store is not None:     # torchrun: chunks over the ranks, merged on rank 0 in order
+        from .distributed import shared_map
+
+        key = hashlib.sha256(json.dumps([pair.label, pset.sha256 or pset.prompts, new_tokens,
+                                         chat, None if ikv is None else ikv.label]
+                                        ).encode()).hexdigest()[:16]
+        got = shared_map(len(starts), one, f"evaluate-{key}", store,
+                         each=lambda k, n: note(n / len(starts), f"{n} chunks done here"))
+        if got is None:
+            return None
+    else:
+        got = []
+        for k in range(len(starts)):
+            if stop is not None and stop.is_set():
+                stopped = True
+                break
+            got.append(one(k))
+            done = min(starts[k] + chunk, len(keep))
+            note(done / len(keep), meter.line(done))
+    for t, p_ids, refs, div in got:
+        parts.append(t)
+        done_ids += p_ids
+        done_refs += refs
+        done_div += div
     if not parts:
         raise DTMError("Stopped before any prompt was evaluated.")
     table = pd.concat(parts, ignore_index=True)

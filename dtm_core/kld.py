@@ -14,6 +14,8 @@ small samples can differ in the last digits.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -113,8 +115,11 @@ def statistics(v: KLDValues, chunks: int) -> dict:
 
 @torch.no_grad()
 def score_text(pair: Pair, text: str, ctx: int = 512,
-               progress: Callable[[float, str], None] | None = None) -> tuple[dict, KLDValues]:
-    """Statistics of llama.cpp's KL-divergence mode for ``pair`` on ``text``."""
+               progress: Callable[[float, str], None] | None = None, store=None
+               ) -> tuple[dict, KLDValues]:
+    """Statistics of llama.cpp's KL-divergence mode for ``pair`` on ``text``. With ``store``
+    (torchrun's c10d store) the chunks are shared out over the ranks and rank 0 gets exactly the
+    one-process statistics; the other ranks get (None, None)."""
     tok = pair.tokenizer
     if not text or not text.strip():
         raise DTMError("The text is empty.")
@@ -132,7 +137,9 @@ def score_text(pair: Pair, text: str, ctx: int = 512,
         tok(probe, add_special_tokens=False).input_ids[:1]
     values = KLDValues()
     dev = model_device(pair.dense.model)
-    for k, (start, positions) in enumerate(chunks):
+
+    def one(k):
+        start, positions = chunks[k]
         chunk = list(ids[start:start + ctx])
         if add_bos:  # llama.cpp puts BOS in place of each chunk's first token
             chunk[0] = bos
@@ -142,12 +149,20 @@ def score_text(pair: Pair, text: str, ctx: int = 512,
         # float64 log-softmax, as llama.cpp sums its softmax in double
         lb = torch.log_softmax(pair.dense.model(input_ids=x).logits[0, pos].double(), -1)
         lc = torch.log_softmax(pair.compressed(input_ids=x).logits[0, pos].double(), -1)
-        values.extend(kl_per_position(lb, lc).cpu(), lb.gather(-1, tgt[:, None])[:, 0].cpu(),
-                      lc.gather(-1, tgt[:, None])[:, 0].cpu(),
-                      (lb.argmax(-1) == lc.argmax(-1)).cpu())
-        del lb, lc
-        if progress:
-            progress((k + 1) / len(chunks), f"chunk {k + 1}/{len(chunks)}")
+        return (kl_per_position(lb, lc).cpu(), lb.gather(-1, tgt[:, None])[:, 0].cpu(),
+                lc.gather(-1, tgt[:, None])[:, 0].cpu(), (lb.argmax(-1) == lc.argmax(-1)).cpu())
+
+    from .distributed import shared_map
+
+    key = hashlib.sha256(json.dumps([pair.label, len(ids), ctx]).encode() + text[:4096].encode()
+                         ).hexdigest()[:16]
+    got = shared_map(len(chunks), one, f"kld-{key}", store,
+                     each=None if progress is None else
+                     (lambda k, n: progress(n / len(chunks), f"chunk {n}/{len(chunks)}")))
+    if got is None:       # another rank of a torchrun job: rank 0 reports
+        return None, None
+    for part in got:
+        values.extend(*part)
     return statistics(values, len(chunks)), values
 
 

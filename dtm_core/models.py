@@ -101,22 +101,27 @@ def validate_source(source: str) -> str:
     return _classify(source)[0]
 
 
-def _from_pretrained(where, *, device, dtype, trust_remote_code, local_only, **kw):
+def _from_pretrained(where, *, device, dtype, trust_remote_code, local_only, gpus=None, **kw):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code,
                                         local_files_only=local_only, **kw)
     load_kw = dict(dtype=dtype, trust_remote_code=trust_remote_code, local_files_only=local_only)
     if device.type == "cuda":
-        # accelerate spreads a model that does not fit one GPU over the others (and the CPU).
-        load_kw["device_map"] = "auto" if device.index is None else {"": device.index}
+        # accelerate spreads a model that does not fit one GPU over the others (and the CPU);
+        # ``gpus``: only over these (a torchrun rank's share of its node, --gpus-per-rank)
+        load_kw["device_map"] = "auto" if device.index is None or gpus else {"": device.index}
+        if gpus:
+            from .distributed import max_memory
+            load_kw["max_memory"] = max_memory(
+                gpus, {g: torch.cuda.mem_get_info(g)[0] for g in gpus})
     model = AutoModelForCausalLM.from_pretrained(where, **load_kw, **kw)
     if device.type != "cuda":
         model.to(device)
     return tok, model
 
 
-def _load_gguf(path: Path, *, device, dtype, cache_dir, trust_remote_code):
+def _load_gguf(path: Path, *, device, dtype, cache_dir, trust_remote_code, gpus=None):
     """Load a GGUF through its de-quantized safetensors cache; build the cache on a miss."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -124,7 +129,8 @@ def _load_gguf(path: Path, *, device, dtype, cache_dir, trust_remote_code):
     if (folder / "complete.json").is_file():
         try:
             tok, model = _from_pretrained(str(folder), device=device, dtype=dtype,
-                                          trust_remote_code=trust_remote_code, local_only=True)
+                                          trust_remote_code=trust_remote_code, local_only=True,
+                                          gpus=gpus)
             return tok, model, True
         except Exception:  # a cache from another transformers version: rebuild it
             shutil.rmtree(folder, ignore_errors=True)
@@ -201,10 +207,13 @@ def check_fits(source: str, kind: str, path: Path | None, device: torch.device,
 
 
 def load_model(source: str = "default", *, device: str | None = None, dtype: str | None = None,
-               trust_remote_code: bool = False, cache_dir: str | None = None) -> LoadedModel:
+               trust_remote_code: bool = False, cache_dir: str | None = None,
+               gpus: list[int] | None = None) -> LoadedModel:
     """Load a causal LM and its tokenizer from ``default``, a folder, a ``.gguf`` file or a hub id.
 
     Hub ids are looked up in the local Hugging Face cache only: nothing is downloaded.
+    ``gpus``: with CUDA, place the model over these GPUs only (a torchrun rank's share of its
+    node, :func:`dtm_core.distributed.rank_gpus`).
     """
     kind, path = _classify(source)
     dev = resolve_device(device)
@@ -215,20 +224,21 @@ def load_model(source: str = "default", *, device: str | None = None, dtype: str
     try:
         if kind in ("default", "gguf"):
             tok, model, from_cache = _load_gguf(path, device=dev, dtype=dt, cache_dir=cache_dir,
-                                                trust_remote_code=trust_remote_code)
+                                                trust_remote_code=trust_remote_code, gpus=gpus)
             key = _file_key(path)
         elif kind == "folder":
-            tok, model, checkpoint = _load_folder(path, source, dev, dt, trust_remote_code)
+            tok, model, checkpoint = _load_folder(path, source, dev, dt, trust_remote_code, gpus)
             key = checkpoints.fingerprint(str(path))
         else:
             snap = local_snapshot(source)
             if snap is not None and (snap / "config.json").is_file():
                 # a cached hub model is a folder: compressed checkpoints load as folders do
-                tok, model, checkpoint = _load_folder(snap, source, dev, dt, trust_remote_code)
+                tok, model, checkpoint = _load_folder(snap, source, dev, dt, trust_remote_code,
+                                                      gpus)
             else:
                 tok, model = _from_pretrained(source, device=dev, dtype=dt,
                                               trust_remote_code=trust_remote_code,
-                                              local_only=True)
+                                              local_only=True, gpus=gpus)
             key = hashlib.sha256(source.encode()).hexdigest()[:24]
     except DTMError:
         raise
@@ -257,7 +267,7 @@ def load_model(source: str = "default", *, device: str | None = None, dtype: str
     return loaded
 
 
-def _load_folder(path: Path, source: str, dev, dt, trust_remote_code):
+def _load_folder(path: Path, source: str, dev, dt, trust_remote_code, gpus=None):
     """A transformers folder; a compressed checkpoint through the library of its format (or
     de-quantized into its architecture where that library cannot run here, see
     :mod:`dtm_core.checkpoints`). Returns (tokenizer, model, quant_method or None)."""
@@ -275,7 +285,7 @@ def _load_folder(path: Path, source: str, dev, dt, trust_remote_code):
             try:
                 tok, model = _from_pretrained(str(path), device=dev, dtype=dt,
                                               trust_remote_code=trust_remote_code,
-                                              local_only=True)
+                                              local_only=True, gpus=gpus)
             except RuntimeError as exc:
                 if fmt is None or not fmt.can_dequantize:
                     raise

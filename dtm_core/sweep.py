@@ -374,11 +374,15 @@ def sweep(dense: LoadedModel, spec: str, prompt_ids: Sequence[Sequence[int]], ne
           batch_size: int = 16, rank: int = 0, world: int = 1, wait_s: float = 7200.0,
           progress: Callable[[float, str], None] | None = None,
           stop: threading.Event | None = None, ctx: SweepContext | None = None,
-          intactkv=None, calibration=None, whole: bool = False) -> SweepResult:
+          intactkv=None, calibration=None, whole: bool = False, store=None,
+          lost_after_s: float = 30.0) -> SweepResult:
     """Compress each selected component alone with ``spec`` and measure it; resumable.
 
-    With ``world`` > 1 (torchrun), rank r computes cells r, r + world, ...; rank 0 then waits for
-    the other ranks' cells in the shared store and returns the merged table.
+    With ``world`` > 1 and ``store`` (torchrun: the process group's c10d store, see
+    :mod:`dtm_core.distributed`) the ranks take cells from a queue in the store, send finished
+    cells through it, and take over the unfinished cells of a rank that stops beating for
+    ``lost_after_s``; rank 0 returns the merged table. Without a store, rank r computes cells r,
+    r + world, ... and rank 0 waits for the others' cells in a shared cell store.
     ``intactkv`` runs every cell with the dense pivot KV (stored under its own key).
     ``calibration`` (a :class:`~dtm_core.calibration.Calibration`, prompt texts or token
     sequences) feeds a method that needs statistics; default: the sweep's prompts. It is part of
@@ -402,14 +406,22 @@ def sweep(dense: LoadedModel, spec: str, prompt_ids: Sequence[Sequence[int]], ne
     if calib is not None:
         extra += f"|calibration={calib.key}"
     key = sweep_key(dense, spec, prompt_ids, new_tokens, extra)
-    store = CellStore(cache_root(cache_dir) / "sweeps" / key)
-    store.write_meta({"model": dense.source, "fingerprint": dense.fingerprint, "spec": str(sp),
+    cells = CellStore(cache_root(cache_dir) / "sweeps" / key)
+    cells.write_meta({"model": dense.source, "fingerprint": dense.fingerprint, "spec": str(sp),
                       "new_tokens": new_tokens, "prompts": len(prompt_ids),
                       "intactkv": None if ikv is None else ikv.label,
                       "calibration": None if calib is None else calib.label,
                       "metric_version": METRIC_VERSION})
     note = progress or (lambda f, m: None)
-    todo = [c for k, c in enumerate(comps) if k % world == rank and store.get(c.name) is None]
+    if world > 1 and store is not None:
+        res = _queued_sweep(dense, sp, comps, prompt_ids, new_tokens, key, cells, store,
+                            rank, world, lost_after_s, note, stop, ctx, ikv, calib, batch_size,
+                            wait_s)
+        if whole and rank == 0 and len(res.table) == len(comps) and comps:
+            res.whole = _whole_cell(dense, sp, comps, prompt_ids, new_tokens, cells, ctx, ikv,
+                                    calib, batch_size)
+        return res
+    todo = [c for k, c in enumerate(comps) if k % world == rank and cells.get(c.name) is None]
     computed, stopped = 0, False
     if todo:
         ctx = ctx or prepare(dense, prompt_ids, new_tokens, batch_size, intactkv=ikv)
@@ -421,44 +433,95 @@ def sweep(dense: LoadedModel, spec: str, prompt_ids: Sequence[Sequence[int]], ne
             if stop is not None and stop.is_set():
                 stopped = True
                 break
-            t0 = time.perf_counter()
-            with apply_recipe(work, Recipe.single(sp, comp.name), calib):
-                summary = summarize_cell(cell_table(work, ctx, comp.layer))
-                werr = weight_error(dense.model, work, comp.name)
-            row = {"layer": comp.layer, "kind": comp.kind, "component": comp.name,
-                   "params": comp.params, **summary, "weight_error": werr,
-                   "seconds": time.perf_counter() - t0}
-            store.put(comp.name, row)
+            row = _cell_row(dense, work, ctx, sp, comp, calib)
+            cells.put(comp.name, row)
             computed += 1
             note((n + 1) / len(todo),
-                 meter.line(n + 1, f"{comp.name}: mean FDT {summary['fdt_mean']:.1f}"))
+                 meter.line(n + 1, f"{comp.name}: mean FDT {row['fdt_mean']:.1f}"))
     if rank == 0 and world > 1 and not stopped:
         deadline = time.time() + wait_s
-        while any(store.get(c.name) is None for c in comps):
+        while any(cells.get(c.name) is None for c in comps):
             if time.time() > deadline:
                 raise DTMError("Timed out waiting for the other ranks' sweep cells.")
             time.sleep(0.5)
-    rows = [r for r in (store.get(c.name) for c in comps) if r is not None]
+    rows = [r for r in (cells.get(c.name) for c in comps) if r is not None]
     table = pd.DataFrame(rows, columns=cell_columns())
     all_at_once = None
     if whole and rank == 0 and not stopped and comps:
-        # the store keys the whole cell by the selection too (cells are shared across selections)
-        wname = WHOLE + "-" + hashlib.sha256(",".join(c.name for c in comps).encode()).hexdigest()[:12]
-        all_at_once = store.get(wname)
-        if all_at_once is None:
-            ctx = ctx or prepare(dense, prompt_ids, new_tokens, batch_size, intactkv=ikv)
-            work = shared_copy(dense.model)
-            names = ",".join(c.name for c in comps)
-            t0 = time.perf_counter()
-            with apply_recipe(work, Recipe.single(sp, names), calib):
-                summary = summarize_cell(cell_table(work, ctx, min(c.layer for c in comps)))
-                werr = weight_error(dense.model, work, names)
-            all_at_once = {"components": len(comps), **summary, "weight_error": werr,
-                           "new_tokens": new_tokens, "seconds": time.perf_counter() - t0}
-            store.put(wname, all_at_once)
-            del work
-    return SweepResult(table=table, key=key, folder=store.folder, computed=computed,
+        all_at_once = _whole_cell(dense, sp, comps, prompt_ids, new_tokens, cells, ctx, ikv,
+                                  calib, batch_size)
+    return SweepResult(table=table, key=key, folder=cells.folder, computed=computed,
                        reused=len(rows) - computed, stopped=stopped, whole=all_at_once)
+
+
+def _whole_cell(dense, sp, comps, prompt_ids, new_tokens, cells, ctx, ikv, calib,
+                batch_size) -> dict:
+    """Every selected component compressed at once (stored under the selection's hash too:
+    cells are shared across selections)."""
+    names = ",".join(c.name for c in comps)
+    wname = WHOLE + "-" + hashlib.sha256(names.encode()).hexdigest()[:12]
+    row = cells.get(wname)
+    if row is None:
+        ctx = ctx or prepare(dense, prompt_ids, new_tokens, batch_size, intactkv=ikv)
+        work = shared_copy(dense.model)
+        t0 = time.perf_counter()
+        with apply_recipe(work, Recipe.single(sp, names), calib):
+            summary = summarize_cell(cell_table(work, ctx, min(c.layer for c in comps)))
+            werr = weight_error(dense.model, work, names)
+        row = {"components": len(comps), **summary, "weight_error": werr,
+               "new_tokens": new_tokens, "seconds": time.perf_counter() - t0}
+        cells.put(wname, row)
+    return row
+
+
+def _cell_row(dense, work, ctx, sp, comp, calib) -> dict:
+    """One cell: ``comp`` alone compressed with ``sp`` in ``work`` (restored after)."""
+    t0 = time.perf_counter()
+    with apply_recipe(work, Recipe.single(sp, comp.name), calib):
+        summary = summarize_cell(cell_table(work, ctx, comp.layer))
+        werr = weight_error(dense.model, work, comp.name)
+    return {"layer": comp.layer, "kind": comp.kind, "component": comp.name,
+            "params": comp.params, **summary, "weight_error": werr,
+            "seconds": time.perf_counter() - t0}
+
+
+def _queued_sweep(dense, sp, comps, prompt_ids, new_tokens, key, cells, store, rank, world,
+                  lost_after_s, note, stop, ctx, ikv, calib, batch_size, wait_s) -> SweepResult:
+    """A sweep's cells from the queue in the c10d store (:mod:`dtm_core.distributed`)."""
+    from .distributed import CellQueue
+
+    queue = CellQueue(store, f"dtm-sweep/{key}", len(comps), rank, world,
+                      dead_after_s=lost_after_s)
+    computed = 0
+    work = None
+    meter = Meter(len(comps), "cell")
+    try:
+        for i in queue.claims():
+            if stop is not None and stop.is_set():
+                break
+            comp = comps[i]
+            row = cells.get(comp.name)      # a shared file system: a finished cell is reused
+            if row is None:
+                if work is None:
+                    ctx = ctx or prepare(dense, prompt_ids, new_tokens, batch_size, intactkv=ikv)
+                    work = shared_copy(dense.model)
+                    if calib is not None:
+                        gather_statistics(work, [(c, sp) for c in comps], calib)
+                row = _cell_row(dense, work, ctx, sp, comp, calib)
+                cells.put(comp.name, row)
+                computed += 1
+            queue.done(i, row)
+            note(sum(queue.finished(k) for k in range(len(comps))) / len(comps),
+                 meter.line(computed, f"rank {rank}: {comp.name}: mean FDT {row['fdt_mean']:.1f}"))
+        rows = queue.wait_all(wait_s) if rank == 0 else []
+    finally:
+        queue.close()
+    for comp, row in zip(comps, rows):        # rank 0 keeps every cell in its own store
+        if cells.get(comp.name) is None:
+            cells.put(comp.name, row)
+    table = pd.DataFrame(rows, columns=cell_columns())
+    return SweepResult(table=table, key=key, folder=cells.folder, computed=computed,
+                       reused=len(rows) - computed if rank == 0 else 0)
 
 
 def heatmap_frame(table: pd.DataFrame, metric: str) -> pd.DataFrame:

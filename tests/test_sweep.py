@@ -122,7 +122,10 @@ def test_torchrun_shards_cells_across_two_ranks(tmp_path):
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "7 computed here, 7 from the store" in r.stdout and "2 ranks" in r.stdout
+    # cells are handed out dynamically from the queue in the c10d store: the split varies
+    import re
+    m = re.search(r"\((\d+) computed here, (\d+) from the store", r.stdout)
+    assert m and int(m.group(1)) + int(m.group(2)) == 14 and "2 ranks" in r.stdout, r.stdout
     rows = list(csv.DictReader(out.open()))
     assert sorted(x["component"] for x in rows) == sorted(
         f"{l}.{k}" for l in range(2) for k in ["q", "k", "v", "o", "gate", "up", "down"])
