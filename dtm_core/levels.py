@@ -26,9 +26,12 @@ def level_specs(method: str, levels: str) -> list[tuple[float, str]]:
 
 
 def level_curves(dense: LoadedModel, method: str, levels: str, kinds: str, prompts, new_tokens: int,
-                 *, chat: bool = False, progress=None, calibration=None) -> pd.DataFrame:
+                 *, chat: bool = False, progress=None, calibration=None,
+                 store=None) -> pd.DataFrame | None:
     """One row per (kind, level): the aggregates of compressing every layer's ``kind`` at
-    ``level``. ``calibration`` as for a pair (default: the prompts)."""
+    ``level``. ``calibration`` as for a pair (default: the prompts). With ``store`` (torchrun's
+    c10d store) the points are shared out over the ranks; rank 0 gets the table, the others
+    None."""
     specs = level_specs(method, levels)
     kinds_l = [k.strip() for k in str(kinds).split(",") if k.strip()]
     if not kinds_l:
@@ -38,13 +41,19 @@ def level_curves(dense: LoadedModel, method: str, levels: str, kinds: str, promp
     calib = None
     if level_spec(method, specs[0][0]).needs_calibration:
         calib = calibration_from(dense, calibration if calibration is not None else ids)
-    rows, total = [], len(specs) * len(kinds_l)
-    for kind in kinds_l:
-        for level, spec in specs:
-            pair = make_pair(dense, Recipe.single(spec, f"*.{kind}"), calibration=calib)
-            res = divergence(pair, prompt_ids=ids, references=refs, new_tokens=new_tokens)
-            rows.append({"kind": kind, "level": level, "spec": spec,
-                         **{k: v for k, v in res.summary.items() if k != "prompts"}})
-            if progress:
-                progress(len(rows) / total, f"{spec} on *.{kind}")
-    return pd.DataFrame(rows)
+    points = [(kind, level, spec) for kind in kinds_l for level, spec in specs]
+
+    def one(i):
+        kind, level, spec = points[i]
+        pair = make_pair(dense, Recipe.single(spec, f"*.{kind}"), calibration=calib)
+        res = divergence(pair, prompt_ids=ids, references=refs, new_tokens=new_tokens)
+        return {"kind": kind, "level": level, "spec": spec,
+                **{k: v for k, v in res.summary.items() if k != "prompts"}}
+
+    from .distributed import shared_map
+
+    rows = shared_map(len(points), one, f"levels-{method}-{levels}-{kinds}", store,
+                      each=None if progress is None else
+                      (lambda i, n: progress(n / len(points),
+                                             f"{points[i][2]} on *.{points[i][0]}")))
+    return None if rows is None else pd.DataFrame(rows)

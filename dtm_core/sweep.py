@@ -524,6 +524,25 @@ def _queued_sweep(dense, sp, comps, prompt_ids, new_tokens, key, cells, store, r
                        reused=len(rows) - computed if rank == 0 else 0)
 
 
+CELL_OF_FORWARD = 0.64   # a cell's cost as a share of a full forward (bench/bench_sweep.py)
+
+
+@torch.no_grad()
+def estimate_seconds(dense: LoadedModel, prompt_ids: Sequence[Sequence[int]], new_tokens: int,
+                     cells: int, batch_size: int = 16) -> float:
+    """Rough wall time of a sweep on this machine: one timed teacher-forced forward of the prompt
+    set (each prompt with N placeholder tokens) times (0.64 per cell, as measured, plus about
+    three for the references and the dense pass)."""
+    pad = pad_id_of(dense.tokenizer)
+    seqs = [list(p) + [pad] * new_tokens for p in prompt_ids]
+    batches = plan_batches([len(s) for s in seqs], vocab_size(dense.model), batch_size)
+    t0 = time.perf_counter()
+    for idx in batches:
+        teacher_forced(dense.model, [seqs[i] for i in idx], pad)
+    forward = time.perf_counter() - t0
+    return forward * (CELL_OF_FORWARD * cells + 3)
+
+
 def heatmap_frame(table: pd.DataFrame, metric: str) -> pd.DataFrame:
     """layers x kinds matrix of one metric (kinds in model order)."""
     kinds = list(dict.fromkeys(table.kind))

@@ -137,3 +137,42 @@ def test_gpus_per_rank_placement_plan():
         placement(0, 1, 0, eight)
     mm = max_memory([4, 5], {4: 80 << 30, 5: 40 << 30})
     assert mm == {4: int(0.9 * (80 << 30)), 5: int(0.9 * (40 << 30)), "cpu": 0}
+
+
+def test_sensitivity_note_gives_the_torchrun_command_and_opens_its_result(tmp_path, monkeypatch,
+                                                                         default_model):
+    """When a sweep is estimated to take longer than the machine's limit, the Sensitivity tab
+    shows the exact torchrun command; the same sweep run by the CLI into the app's store then
+    opens in the app without computing a cell."""
+    import shlex
+
+    from ui import common, sensitivity
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    common.CACHE._dense = ("default", default_model)
+    common.CACHE._pairs.clear()
+    f = tmp_path / "few.txt"
+    f.write_text("The capital of France is\nWater boils at\n")
+    monkeypatch.setattr(sensitivity, "NOTE_AFTER_S", 1e9)
+    box, msg = sensitivity.sweep_note("default", "int4:g64", str(f), "general", False, 6, "0",
+                                      "q,down")
+    assert box["visible"] is False and msg == ""
+    monkeypatch.setattr(sensitivity, "NOTE_AFTER_S", 0.0)
+    box, msg = sensitivity.sweep_note("default", "int4:g64", str(f), "general", False, 6, "0",
+                                      "q,down")
+    assert box["visible"] and "This sweep has 2 cells" in msg
+    cmd = shlex.split(box["value"])
+    assert cmd[:5] == ["torchrun", "--standalone", "--nproc-per-node", cmd[3], "-m"]
+    assert cmd[6:] == ["sweep", "--model", "default", "--compress", "int4:g64", "--prompts",
+                       str(f), "--new-tokens", "6", "--layers", "0", "--kinds", "q,down",
+                       "--cache-dir", str(tmp_path / "xdg" / "dtm-inspector"), "--out",
+                       "sweep.csv"]
+    # the command's sweep (one process here), then the app opens its cells from the store
+    r = subprocess.run([sys.executable, "-m", "dtm_core", *cmd[6:-2], "--out",
+                        str(tmp_path / "s.csv")], cwd=ROOT, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    heat, table, status, csv_path, state, parquet = sensitivity.run_sweep(
+        "default", "int4:g64", str(f), "general", False, 6, "0", "q,down", "fdt_mean",
+        progress=lambda *a, **k: None)
+    assert "(0 computed, 2 reused from the store)" in status, status

@@ -128,6 +128,7 @@ def build_set(model, spec, upload, builtin, chat, new_tokens, layers, kinds) -> 
     with gr.Row():
         bars = gr.Plot(label="Ranked first, by prompt (after a run)", elem_id="explain-set-bars")
         table = gr.Dataframe(label="Components", interactive=False, elem_id="explain-set-table",
-                             max_height=320)
+                             headers=["component", "ranked first (prompts)",
+                                      "mean restored (%)"], max_height=320)
     run.click(run_explain_set, [model, spec, upload, builtin, chat, new_tokens, layers, kinds],
               [bars, table, status], concurrency_id="model")

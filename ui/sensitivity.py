@@ -2,6 +2,7 @@
 opening in Compare as the very pair they measured, plans and level curves."""
 from __future__ import annotations
 
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +93,64 @@ def run_sweep(model, spec, upload, builtin, chat, new_tokens, layers, kinds, met
            f"{pset.name}. Select a row to open that single-component pair in Compare.{calib}")
     return (sensitivity_heatmap(res.table, metric), table, msg, str(out), state,
             str(out.with_suffix(".parquet")))
+
+
+NOTE_AFTER_S = float(os.environ.get("DTM_SWEEP_NOTE_S", 900))   # longer: offer torchrun
+
+
+def torchrun_command(model, spec, prompts, chat, new_tokens, layers, kinds, calibration,
+                     cache_dir) -> str:
+    """The command that runs the same sweep across processes (one per GPU, else per core) into
+    the app's cell store, so that the app then opens the merged result."""
+    import shlex
+
+    import torch
+
+    procs = torch.cuda.device_count() or os.cpu_count() or 2
+    args = ["torchrun", "--standalone", "--nproc-per-node", str(procs), "-m", "dtm_core", "sweep",
+            "--model", model, "--compress", spec, "--prompts", prompts, "--new-tokens",
+            str(int(new_tokens))]
+    args += ["--chat"] if chat else []
+    args += ["--layers", layers] if layers else []
+    args += ["--kinds", kinds] if kinds else []
+    args += ["--calibration", calibration] if calibration else []
+    args += ["--cache-dir", str(cache_dir), "--out", "sweep.csv"]
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def sweep_note(model, spec, upload, builtin, chat, new_tokens, layers, kinds,
+               calibration=None, calibration_file=None, calib_ctx=None, calib_samples=None,
+               sequential=False):
+    """A note when the sweep is larger than this machine does in reasonable time: the estimate
+    and the exact torchrun command (after which Run sweep opens the merged cells from the
+    store)."""
+    from dtm_core.models import cache_root
+    from dtm_core.sweep import estimate_seconds, select_components
+
+    hidden = (gr.update(value="", visible=False), "")
+    try:
+        parse_spec(spec)
+        pset = common.load_set(upload, builtin)
+        dense = common.CACHE.dense(model)
+        ids = encode_prompts(dense.tokenizer, pset.prompts, chat=bool(chat))
+        cells = len(select_components(dense.model, (layers or "").strip() or None,
+                                      (kinds or "").strip() or None))
+        est = estimate_seconds(dense, ids, int(new_tokens), cells)
+    except Exception:  # noqa: BLE001 - the sweep itself reports what is wrong
+        return hidden
+    if est <= NOTE_AFTER_S:
+        return hidden
+    setting = common.calibration_setting(calibration, calibration_file, calib_ctx,
+                                         calib_samples)
+    prompts = common.upload_path(upload) or builtin
+    cmd = torchrun_command((model or "default").strip(), str(parse_spec(spec)), prompts, chat,
+                           new_tokens, (layers or "").strip(), (kinds or "").strip(),
+                           setting.source, cache_root())
+    msg = (f"This sweep has {cells} cells: about {est / 60:.0f} min on this machine. To run it "
+           "across processes (GPUs, or nodes with torchrun's rendezvous options), use the command "
+           "below; then press Run sweep again with the same settings: the merged cells open "
+           "from the store.")
+    return gr.update(value=cmd, visible=True), msg
 
 
 def sweep_view_figure(state, metric, view):
@@ -204,6 +263,9 @@ def build(pair: PairForm, intactkv: gr.Dropdown) -> SensitivityTab:
         run = gr.Button("Run sweep", variant="primary", elem_id="sens-run")
         stop = gr.Button("Stop", variant="stop", elem_id="sens-stop")
     status = common.StatusText("", elem_id="sens-status")
+    note = common.StatusText("", elem_id="sens-note")
+    torchrun = gr.Code("", language="shell", label="Run it across processes (copy)",
+                       visible=False, elem_id="sens-torchrun", interactive=False)
     heat = gr.Plot(label="Click a cell to open that single-component pair in Compare",
                    elem_id="sens-heatmap")
     with gr.Row(elem_classes="dtm-hidden"):
@@ -223,6 +285,8 @@ def build(pair: PairForm, intactkv: gr.Dropdown) -> SensitivityTab:
               [heat, cells, status, csv_file, state, parquet_file], concurrency_id="model")
     stop.click(STOPS.stopper("sweep", "Stopping after the current cell…"), None, [status],
                queue=False)
+    run.click(sweep_note, [model, spec, upload, builtin, chat, new_tokens, layers, kinds]
+              + pair.calib, [torchrun, note], concurrency_id="estimate")
     metric.change(rerender_heatmap, [state, metric, view], [heat])
     view.change(rerender_heatmap, [state, metric, view], [heat])
     from . import explain as explain_ui
