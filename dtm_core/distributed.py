@@ -58,6 +58,7 @@ class CellQueue:
         self.rank, self.size = rank, size
         self.dead_after_s, self.poll_s = dead_after_s, poll_s
         self._seen: dict[str, tuple[bytes, float]] = {}   # key -> (value, when it last changed)
+        self._finished: set[int] = set()
         self._stop = threading.Event()
         self._beat = threading.Thread(target=self._beating, daemon=True)
         self._beat.start()
@@ -92,7 +93,12 @@ class CellQueue:
 
     # -- cells -------------------------------------------------------------------------------------
     def finished(self, i: int) -> bool:
-        return self.store.check([f"{self.p}/cell/{i}"])
+        if i in self._finished:                  # a finished cell stays finished
+            return True
+        if self.store.check([f"{self.p}/cell/{i}"]):
+            self._finished.add(i)
+            return True
+        return False
 
     def put(self, i: int, data: bytes) -> None:
         self.store.set(f"{self.p}/cell/{i}", data)
