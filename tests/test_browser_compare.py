@@ -244,6 +244,7 @@ def test_sensitivity_heatmap_and_cell_to_compare(browser, app_url, tmp_path):
     shot(page, "sensitivity")
     # a real mouse click on the heatmap cell (layer 0, kind q) opens it in Compare
     page.wait_for_timeout(1200)   # the click handler is attached within 0.5 s of a render
+    page.locator("#sens-heatmap").scroll_into_view_if_needed()   # viewport coordinates below
     x, y = page.evaluate(CELL_CENTER, [0, "q"])
     page.mouse.click(x, y)
     components = "document.querySelector('#components textarea, #components input').value"

@@ -156,11 +156,11 @@ def test_sensitivity_note_gives_the_torchrun_command_and_opens_its_result(tmp_pa
     monkeypatch.setattr(sensitivity, "NOTE_AFTER_S", 1e9)
     box, msg = sensitivity.sweep_note("default", "int4:g64", str(f), "general", False, 6, "0",
                                       "q,down")
-    assert box["visible"] is False and msg == ""
+    assert box["visible"] is False and msg["visible"] is False
     monkeypatch.setattr(sensitivity, "NOTE_AFTER_S", 0.0)
     box, msg = sensitivity.sweep_note("default", "int4:g64", str(f), "general", False, 6, "0",
                                       "q,down")
-    assert box["visible"] and "This sweep has 2 cells" in msg
+    assert box["visible"] and msg["visible"] and "This sweep has 2 cells" in msg["value"]
     cmd = shlex.split(box["value"])
     assert cmd[:5] == ["torchrun", "--standalone", "--nproc-per-node", cmd[3], "-m"]
     assert cmd[6:] == ["sweep", "--model", "default", "--compress", "int4:g64", "--prompts",

@@ -127,7 +127,7 @@ def sweep_note(model, spec, upload, builtin, chat, new_tokens, layers, kinds,
     from dtm_core.models import cache_root
     from dtm_core.sweep import estimate_seconds, select_components
 
-    hidden = (gr.update(value="", visible=False), "")
+    hidden = (gr.update(value="", visible=False), gr.update(value="", visible=False))
     try:
         parse_spec(spec)
         pset = common.load_set(upload, builtin)
@@ -150,7 +150,7 @@ def sweep_note(model, spec, upload, builtin, chat, new_tokens, layers, kinds,
            "across processes (GPUs, or nodes with torchrun's rendezvous options), use the command "
            "below; then press Run sweep again with the same settings: the merged cells open "
            "from the store.")
-    return gr.update(value=cmd, visible=True), msg
+    return gr.update(value=cmd, visible=True), gr.update(value=msg, visible=True)
 
 
 def sweep_view_figure(state, metric, view):
@@ -263,7 +263,7 @@ def build(pair: PairForm, intactkv: gr.Dropdown) -> SensitivityTab:
         run = gr.Button("Run sweep", variant="primary", elem_id="sens-run")
         stop = gr.Button("Stop", variant="stop", elem_id="sens-stop")
     status = common.StatusText("", elem_id="sens-status")
-    note = common.StatusText("", elem_id="sens-note")
+    note = common.StatusText("", elem_id="sens-note", visible=False)
     torchrun = gr.Code("", language="shell", label="Run it across processes (copy)",
                        visible=False, elem_id="sens-torchrun", interactive=False)
     heat = gr.Plot(label="Click a cell to open that single-component pair in Compare",
