@@ -13,7 +13,6 @@ where one can run here:
 """
 from __future__ import annotations
 
-import copy
 import functools
 import json
 from pathlib import Path
@@ -328,10 +327,6 @@ def write_transformers_quantized(base: Path, out: Path, quantization_config):
     model.save_pretrained(out)
     _copy_tokenizer(base, out)
     return out
-
-
-def copy_model(model):
-    return copy.deepcopy(model)
 
 
 def default_model_folder(folder: Path) -> Path:
