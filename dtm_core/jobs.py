@@ -421,3 +421,18 @@ def plan_from_sweep(dense: LoadedModel, table: pd.DataFrame, spec: str, prompt_i
     return make_plan(dense, table, spec, prompt_ids, references, new_tokens, budget,
                      progress=None if progress is None else (lambda k, m: progress(None, m)),
                      calibration=calib)
+
+
+def plan_under_budget(dense: LoadedModel, specs, pset, new_tokens: int, *,
+                      calibration: CalibrationSetting = CalibrationSetting(), chat: bool = False,
+                      **kw):
+    """:func:`~dtm_core.budget_plan.make_budget_plan` with the calibration setting resolved: a
+    calibration file or set as given; otherwise the fit prompts (never the held-out ones), as
+    the sweeps use."""
+    from .budget_plan import make_budget_plan, parse_specs
+
+    calib = None
+    if any(parse_spec(s).needs_calibration for s in parse_specs(specs)) \
+            and calibration.source is not None:
+        calib = resolve_calibration(dense, calibration, pset.prompts, chat)
+    return make_budget_plan(dense, specs, pset, new_tokens, chat=chat, calibration=calib, **kw)

@@ -72,7 +72,9 @@ def llama_cpp_overrides(spec: str, components: list[str], family: str | Family =
     out = []
     for name in components:
         layer, kind = name.split(".")
-        tensor = fam.gguf_tensor(int(layer), kind).replace(".", "\\.")
+        # anchored: llama.cpp applies each pattern with regex_search (blk\.3\. alone also
+        # matches blk.13.)
+        tensor = "^" + fam.gguf_tensor(int(layer), kind).replace(".", "\\.") + "$"
         out.append(f"--tensor-type {tensor}={qtype}")
     return out
 

@@ -152,9 +152,10 @@ def test_plan_bisection(tiny, tmp_path):
 
 def test_llama_cpp_overrides_format():
     assert llama_cpp_overrides("int4", ["3.q", "10.down"]) == [
-        "--tensor-type blk\\.3\\.attn_q\\.weight=q4_0",
-        "--tensor-type blk\\.10\\.ffn_down\\.weight=q4_0"]
-    assert llama_cpp_overrides("int8", ["0.gate"]) == ["--tensor-type blk\\.0\\.ffn_gate\\.weight=q8_0"]
+        "--tensor-type ^blk\\.3\\.attn_q\\.weight$=q4_0",
+        "--tensor-type ^blk\\.10\\.ffn_down\\.weight$=q4_0"]
+    assert llama_cpp_overrides("int8", ["0.gate"]) == [
+        "--tensor-type ^blk\\.0\\.ffn_gate\\.weight$=q8_0"]
 
 
 def test_progress_says_done_of_total_time_left_and_rate(tmp_path):

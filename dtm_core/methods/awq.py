@@ -25,8 +25,8 @@ import torch
 from ..errors import DTMError
 from .base import Method, need_stat
 from .registry import register
-from .rtn import (LLAMA_CPP_TYPES, grid_method_at_level, grid_options, grid_suffix, leading_bits,
-                  quantize_weight)
+from .rtn import (OnGrid, grid_method_at_level, grid_options, grid_scheme, grid_suffix,
+                  leading_bits, quantize_weight)
 
 GRID = 20
 
@@ -73,7 +73,7 @@ def search_scales(weights: Mapping[str, torch.Tensor], absmean: torch.Tensor, h:
 
 @register
 @dataclass(frozen=True)
-class AWQ(Method):
+class AWQ(OnGrid, Method):
     bits: int = 4
     group: int | None = None
     asym: bool = False
@@ -108,8 +108,9 @@ class AWQ(Method):
     def at_level(cls, level: float, options: str = "") -> "AWQ":
         return grid_method_at_level(cls, level, options)
 
-    def llama_cpp_type(self) -> str:
-        return LLAMA_CPP_TYPES[self.bits][int(self.asym)]
+    def llmcompressor_scheme(self):
+        return {"modifier": "AWQModifier",
+                "group": {"weights": grid_scheme(self.bits, self.group, self.asym)}}
 
     def prepare_group(self, weights: Mapping[str, torch.Tensor], stats: Mapping) -> dict:
         """The scales of a group of (out, in) float32 matrices that read one input."""

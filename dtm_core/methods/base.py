@@ -73,6 +73,34 @@ class Method:
         """The spec's strength on its axis: sparsity for pruning, bit width for quantization."""
         return None
 
+    @property
+    def sparsity_share(self) -> float:
+        """The share of weights this spec sets to zero (pruning: its level; otherwise 0)."""
+        return float(self.level) if self.family == "pruning" and self.level is not None else 0.0
+
+    def storage_bits(self, cols: int, dtype_bits: int) -> float | None:
+        """Bits per weight of an (out, ``cols``) matrix stored as this spec deploys it, where the
+        working dtype has ``dtype_bits``; None when unknown (budgets refuse such a spec).
+
+        Pruning: the kept values at the dtype's bits plus a one-bit-per-weight mask (the
+        compressed-tensors bitmask format). Quantization methods count their grid's scales and
+        zero points per group (see :func:`~dtm_core.methods.rtn.grid_storage_bits`)."""
+        if self.family == "pruning" and self.level is not None:
+            return dtype_bits * (1.0 - float(self.level)) + 1.0
+        return None
+
+    def llmcompressor_scheme(self) -> dict | None:
+        """How an llm-compressor recipe expresses this spec, or None when it cannot: a
+        quantization scheme as ``{"modifier": NAME, "group": {...}}`` (a ``config_groups`` entry
+        without its targets; ``"modifier_args"``: arguments of the modifier itself), a pruning
+        modifier as ``{"modifier": NAME, "args": {...}}`` (without targets)."""
+        return None
+
+    def torchao_config(self) -> dict | None:
+        """``{"config": CLASS, "kwargs": {...}}``: the torchao ``quantize_`` config of this spec
+        (JSON-able; the exported snippet builds it), or None when torchao has none."""
+        return None
+
     def with_level(self, level: float) -> "Method":
         """The same method at another strength (level curves, plans over levels)."""
         raise DTMError(f"{self.name} has no strength axis to vary.")

@@ -18,8 +18,8 @@ import torch
 from .base import Method, need_stat
 from .obs import BLOCK, inverse_hessian_factor, lazy_batch, prepare
 from .registry import bad_spec, register
-from .rtn import (LLAMA_CPP_TYPES, grid_method_at_level, grid_params, grid_suffix, leading_bits,
-                  on_grid)
+from .rtn import (OnGrid, grid_method_at_level, grid_params, grid_scheme, grid_suffix,
+                  leading_bits, on_grid)
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group: int | None = None,
@@ -63,7 +63,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group: int | None
 
 @register
 @dataclass(frozen=True)
-class GPTQ(Method):
+class GPTQ(OnGrid, Method):
     bits: int = 4
     group: int | None = None
     asym: bool = False
@@ -122,8 +122,12 @@ class GPTQ(Method):
     def at_level(cls, level: float, options: str = "") -> "GPTQ":
         return grid_method_at_level(cls, level, options)
 
-    def llama_cpp_type(self) -> str:
-        return LLAMA_CPP_TYPES[self.bits][int(self.asym)]
+    def llmcompressor_scheme(self):
+        weights = grid_scheme(self.bits, self.group, self.asym)
+        if self.act:
+            weights["actorder"] = "static"     # act order with static groups, as ours
+        return {"modifier": "GPTQModifier", "modifier_args": {"dampening_frac": self.damp},
+                "group": {"weights": weights}}
 
     def apply(self, w, stats, name=""):
         h = need_stat(stats, "input_hessian", "gptq")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -37,6 +38,14 @@ class SparsityMethod(Method):
     def __str__(self) -> str:
         return f"{self.name}:{self.sparsity:g}"
 
+    llmcompressor_modifier: ClassVar[str | None] = None   # a one-shot pruning modifier
+
+    def llmcompressor_scheme(self):
+        if self.llmcompressor_modifier is None:
+            return None
+        return {"modifier": self.llmcompressor_modifier,
+                "args": {"sparsity": float(self.sparsity), "mask_structure": "0:0"}}
+
     @property
     def level(self) -> float:
         return self.sparsity
@@ -59,6 +68,14 @@ class Magnitude(SparsityMethod):
     summary = "unstructured pruning of the smallest |w| in each matrix"
     presets = ("magnitude:0.5",)
     level_methods = ("magnitude",)
+
+    def llmcompressor_scheme(self):
+        """llm-compressor's magnitude pruning is a training schedule: one that starts and ends
+        at step 0 prunes at once."""
+        s = float(self.sparsity)
+        return {"modifier": "MagnitudePruningModifier",
+                "args": {"init_sparsity": s, "final_sparsity": s, "start": 0, "end": 0,
+                         "update_frequency": 1}}
 
     def apply(self, w, stats, name=""):
         return magnitude_prune(w, self.sparsity)

@@ -51,5 +51,11 @@ class NM(Method):
     def level(self) -> float:
         return 1 - self.n / self.m
 
+    def llmcompressor_scheme(self):
+        s = 1 - self.n / self.m
+        return {"modifier": "MagnitudePruningModifier",
+                "args": {"init_sparsity": s, "final_sparsity": s, "start": 0, "end": 0,
+                         "update_frequency": 1, "mask_structure": f"{self.n}:{self.m}"}}
+
     def apply(self, w, stats, name=""):
         return nm_prune(w, self.n, self.m, name)

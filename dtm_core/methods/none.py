@@ -18,5 +18,8 @@ class NoCompression(Method):
     def changes_weights(self) -> bool:
         return False
 
+    def storage_bits(self, cols, dtype_bits):
+        return float(dtype_bits)
+
     def apply(self, w, stats, name=""):
         return w

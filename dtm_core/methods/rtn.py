@@ -74,6 +74,33 @@ def grid_options(options: list[str], spec: str) -> tuple[int | None, bool]:
     return group, asym
 
 
+SCALE_BITS = 16   # a group's scale is stored as float16 (GGUF blocks, compressed-tensors, GPTQ)
+
+
+def grid_storage_bits(bits: int, group: int | None, asym: bool, cols: int) -> float:
+    """Bits per weight of ``intB[:gG][:asym]`` on an (out, cols) matrix: B, plus per group (or per
+    output channel) one float16 scale and, on the asymmetric grid, a B-bit zero point."""
+    size = group if group and group < cols else cols
+    return bits + (SCALE_BITS + (bits if asym else 0)) / size
+
+
+def grid_scheme(bits: int, group: int | None, asym: bool) -> dict:
+    """The grid as llm-compressor's (compressed-tensors') weight quantization arguments."""
+    q = {"num_bits": int(bits), "type": "int", "symmetric": not asym}
+    q.update({"strategy": "group", "group_size": int(group)} if group else
+             {"strategy": "channel"})
+    return q
+
+
+def grid_torchao(bits: int, group: int | None, asym: bool) -> dict:
+    """The grid as torchao's ``IntxWeightOnlyConfig`` (its symmetric scale is max|w| / (2^(B-1)
+    - 1/2), a little finer than ours, max|w| / (2^(B-1) - 1))."""
+    return {"config": "IntxWeightOnlyConfig",
+            "kwargs": {"weight_dtype": f"int{bits}",
+                       "granularity": {"PerGroup": group} if group else {"PerAxis": 0},
+                       "mapping_type": "ASYMMETRIC" if asym else "SYMMETRIC"}}
+
+
 def grid_suffix(group: int | None, asym: bool) -> str:
     return (f":g{group}" if group else "") + (":asym" if asym else "")
 
@@ -102,9 +129,25 @@ LLAMA_CPP_TYPES = {8: ("q8_0", "q8_0"), 7: ("q8_0", "q8_0"), 6: ("q6_K", "q6_K")
                    2: ("q2_K", "q2_K")}   # bits -> (symmetric, asymmetric)
 
 
+class OnGrid:
+    """What a method on the ``intB[:gG][:asym]`` grid (``bits``, ``group``, ``asym`` fields)
+    deploys as: its llama.cpp type, storage size, and torchao config."""
+
+    def llama_cpp_type(self) -> str:
+        return LLAMA_CPP_TYPES[self.bits][int(self.asym)]
+
+    def storage_bits(self, cols, dtype_bits):
+        return grid_storage_bits(self.bits, self.group, self.asym, cols)
+
+    def torchao_config(self):
+        """The grid in torchao (for GPTQ/AWQ applied with round-to-nearest: quantize the model
+        ``--save`` wrote, whose weights already lie on this grid)."""
+        return grid_torchao(self.bits, self.group, self.asym)
+
+
 @register
 @dataclass(frozen=True)
-class RTN(Method):
+class RTN(OnGrid, Method):
     bits: int = 8
     group: int | None = None
     asym: bool = False
@@ -143,8 +186,9 @@ class RTN(Method):
         spec = f"int{int(level)}" + (f":{options}" if options else "")
         return cls.parse(f"int{int(level)}", options.split(":") if options else [], spec)
 
-    def llama_cpp_type(self) -> str:
-        return LLAMA_CPP_TYPES[self.bits][int(self.asym)]
+    def llmcompressor_scheme(self):
+        return {"modifier": "QuantizationModifier",
+                "group": {"weights": grid_scheme(self.bits, self.group, self.asym)}}
 
     def apply(self, w, stats, name=""):
         return quantize_weight(w, self.bits, self.group, self.asym)

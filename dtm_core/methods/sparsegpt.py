@@ -89,6 +89,11 @@ class SparseGPT(Method):
             raise bad_spec(f"sparsegpt:{options}", "sparsegpt level curves take no options")
         return cls(sparsity=float(level))
 
+    def llmcompressor_scheme(self):
+        return {"modifier": "SparseGPTModifier",
+                "args": {"sparsity": float(self.sparsity),
+                         "mask_structure": f"{self.n}:{self.m}" if self.n else "0:0"}}
+
     def apply(self, w, stats, name=""):
         if self.n and w.shape[1] % self.m:
             from ..errors import DTMError

@@ -8,7 +8,7 @@ import torch
 
 from .registry import register
 from .base import Method
-from .rtn import quantize_weight
+from .rtn import grid_scheme, grid_storage_bits, quantize_weight
 
 
 def quantize_activation_per_token(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
@@ -43,6 +43,18 @@ class W8A8(Method):
 
     def llama_cpp_type(self) -> str:
         return "q8_0"
+
+    def storage_bits(self, cols, dtype_bits):
+        return grid_storage_bits(8, None, False, cols)
+
+    def llmcompressor_scheme(self):
+        return {"modifier": "QuantizationModifier",
+                "group": {"weights": grid_scheme(8, None, False),
+                          "input_activations": {"num_bits": 8, "type": "int", "symmetric": True,
+                                                "strategy": "token", "dynamic": True}}}
+
+    def torchao_config(self):
+        return {"config": "Int8DynamicActivationInt8WeightConfig", "kwargs": {}}
 
     def apply(self, w, stats, name=""):
         return quantize_weight(w, 8)

@@ -31,6 +31,7 @@ class Wanda(SparsityMethod):
     summary = "pruning by |w| x input-activation norm per output row (needs calibration)"
     needs = ("input_norms",)
     presets = ("wanda:0.5",)
+    llmcompressor_modifier = "WandaPruningModifier"
     level_methods = ("wanda",)
 
     def apply(self, w, stats, name=""):

@@ -1,0 +1,377 @@
+"""Mixed-precision / mixed-sparsity plans under a budget, verified, and proven on held-out prompts.
+
+1. The prompts are split (``holdout`` share, fixed seed) into a fit part and a held-out part.
+2. Every component is swept under every candidate spec on the fit part (:func:`~dtm_core.sweep.
+   sweep`: cached per cell, one dense preparation shared by all specs).
+3. A planner picks one choice per component (``none`` or a candidate) within the budget
+   (:mod:`dtm_core.allocation`): ``fdt`` (the exact knapsack on FDT lost) or ``dtm`` (the DTM
+   paper's threshold procedure).
+4. Verification: the whole plan is evaluated for real on the fit part. With a target (mean FDT >=
+   target x N) a plan below it is repaired greedily (the upgrades that buy the most FDT per bit
+   first, enough to cover the shortfall by the cells' numbers), with at most ``max_evals`` real
+   evaluations; with a target and no budget, the smallest plan that meets the target is found by
+   bisection over the bits budget first.
+5. Held-out proof: the plan, the other planner, the KL-ranked plan (same solver), a random plan
+   (same budget) and every uniform candidate spec are evaluated on the held-out prompts; the
+   table has mean/median FDT, SDT, KL, accuracy (sets with answers) and paired 95 % intervals of
+   each row's FDT and accuracy against the plan's.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from .allocation import (KEEP, Budget, ChoiceTable, choice_table, closest_uniform,
+                         dtm_allocation, knapsack, losses, random_allocation)
+from .compress import Recipe, RecipeItem
+from .divergence import divergence, reference_continuations
+from .errors import DTMError
+from .evaluate import evaluate, paired_bootstrap
+from .generation import encode_prompts
+from .methods import parse_spec
+from .models import LoadedModel
+from .pair import make_pair
+from .prompts import PromptSet
+
+PLANNERS = ("fdt", "dtm")
+HOLDOUT_COLUMNS = ["config", "planner", "avg_bits", "sparsity", "bytes", "fdt_mean", "fdt_median",
+                   "sdt_mean", "kl_mean", "fdt_vs_plan", "fdt_vs_plan_ci95_low",
+                   "fdt_vs_plan_ci95_high", "accuracy", "accuracy_vs_plan",
+                   "accuracy_vs_plan_ci95_low", "accuracy_vs_plan_ci95_high"]
+
+
+def recipe_of(assignments: dict[str, str]) -> Recipe:
+    """The recipe of a component -> spec mapping: one item per spec, kept components left out."""
+    groups: dict[str, list[str]] = {}
+    for c, s in assignments.items():
+        if s != KEEP:
+            groups.setdefault(s, []).append(c)
+    if not groups:
+        return Recipe.single(KEEP)
+    return Recipe(tuple(RecipeItem(",".join(cs), parse_spec(s)) for s, cs in groups.items()))
+
+
+def parse_specs(text) -> list[str]:
+    """Candidate specs from ``int8,int4:g64`` or a list; each checked, duplicates dropped."""
+    items = text if isinstance(text, (list, tuple)) else str(text or "").split(",")
+    out = []
+    for s in (str(x).strip() for x in items):
+        if s:
+            norm = str(parse_spec(s))
+            if norm != KEEP and norm not in out:
+                out.append(norm)
+    if not out:
+        raise DTMError("Give at least one candidate spec, e.g. int8,int4:g64,int3:g64.")
+    return out
+
+
+def split_prompts(n: int, holdout: float, seed: int = 0) -> tuple[list[int], list[int]]:
+    """(fit, held-out) prompt indices: a seeded shuffle, the last ``holdout`` share held out."""
+    if not 0 <= holdout < 1:
+        raise DTMError("--holdout is the share of prompts held out, in [0, 1), e.g. 0.3.")
+    idx = list(range(n))
+    random.Random(seed).shuffle(idx)
+    k = int(round(holdout * n))
+    if holdout > 0 and (k < 1 or n - k < 1):
+        raise DTMError(f"{n} prompt{'s' * (n != 1)} cannot be split with --holdout {holdout:g}: "
+                       "both parts need at least one prompt.")
+    return sorted(idx[:n - k]), sorted(idx[n - k:])
+
+
+@dataclass
+class BudgetPlan:
+    assignments: dict[str, str]          # component -> spec ("none": kept)
+    specs: list[str]
+    budget: Budget | None
+    target_fdt: float | None             # a share of N
+    planner: str
+    measure: dict                        # avg_bits, sparsity, bytes
+    fdt_mean: float                      # verified on the fit prompts
+    new_tokens: int
+    family: str
+    dtype_bits: int
+    fit_prompts: list[int]
+    holdout_prompts: list[int]
+    evaluations: list[dict] = field(default_factory=list)   # each real evaluation of a plan
+    holdout: pd.DataFrame | None = None
+    note: str = ""
+    threshold: float | None = None       # the DTM planner's FDT threshold
+
+    @property
+    def recipe(self) -> Recipe:
+        """One item per spec used; kept components are left out."""
+        return recipe_of(self.assignments)
+
+    @property
+    def components(self) -> list[str]:
+        return [c for c, s in self.assignments.items() if s != KEEP]
+
+    def counts(self) -> dict[str, int]:
+        out = {s: 0 for s in [KEEP] + self.specs}
+        for s in self.assignments.values():
+            out[s] = out.get(s, 0) + 1
+        return out
+
+    def to_json(self) -> dict:
+        from .plan_exports import llama_cpp_arguments
+        try:
+            llama = llama_cpp_arguments(self.assignments, self.family, self.dtype_bits)
+        except DTMError:
+            llama = None
+        return {"recipe": self.recipe.to_json(), "assignments": self.assignments,
+                "specs": self.specs, "planner": self.planner,
+                "budget": None if self.budget is None else {"kind": self.budget.kind,
+                                                            "value": self.budget.value},
+                "target_fdt": self.target_fdt, **self.measure,
+                "fdt_mean": self.fdt_mean, "new_tokens": self.new_tokens,
+                "family": self.family, "dtype_bits": self.dtype_bits,
+                "fit_prompts": self.fit_prompts, "holdout_prompts": self.holdout_prompts,
+                "evaluations": self.evaluations, "threshold": self.threshold, "note": self.note,
+                "holdout": None if self.holdout is None else
+                json.loads(self.holdout.to_json(orient="records")),
+                "llama_cpp_tensor_types": None if llama is None else llama["tensor_types"]}
+
+    def save(self, path: str) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=2), encoding="utf-8")
+
+    def summary_line(self) -> str:
+        counts = ", ".join(f"{n} {s}" for s, n in self.counts().items() if n)
+        bud = f" within {self.budget}" if self.budget is not None else ""
+        tgt = "" if self.target_fdt is None else f", target {self.target_fdt:g} x N"
+        return (f"plan ({self.planner}{bud}{tgt}): {counts}; {self.measure['avg_bits']:.3f} bits "
+                f"per weight, {self.measure['sparsity']:.1%} sparsity, "
+                f"{self.measure['bytes'] / 2 ** 20:.1f} MiB; mean FDT {self.fdt_mean:.2f} of "
+                f"{self.new_tokens} on the {len(self.fit_prompts)} fit prompts"
+                + (f" ({self.note})" if self.note else ""))
+
+
+class _Verifier:
+    """Real evaluations of plans on the fit prompts, counted and cached by assignment."""
+
+    def __init__(self, dense, table, ids, refs, calib, note):
+        self.dense, self.table, self.ids, self.refs, self.calib = dense, table, ids, refs, calib
+        self.note = note
+        self.done: dict[tuple, float] = {}
+        self.log: list[dict] = []
+
+    def __call__(self, assign, why: str) -> float:
+        key = tuple(int(j) for j in assign)
+        if key not in self.done:
+            pair = make_pair(self.dense, self.table.recipe(assign), calibration=self.calib)
+            res = divergence(pair, prompt_ids=self.ids, references=self.refs,
+                             new_tokens=self.table.new_tokens)
+            self.done[key] = float(res.table.fdt.mean())
+            m = self.table.measure(assign)
+            self.log.append({"step": len(self.log) + 1, "why": why, **m,
+                             "fdt_mean": self.done[key]})
+            self.note(None, f"verified ({why}): {m['avg_bits']:.3f} bits, "
+                            f"{m['sparsity']:.1%} sparsity: mean FDT {self.done[key]:.2f}")
+        return self.done[key]
+
+    @property
+    def count(self) -> int:
+        return len(self.log)
+
+
+def solve(table: ChoiceTable, budget: Budget, planner: str) -> tuple[np.ndarray, float | None]:
+    if planner == "dtm":
+        return dtm_allocation(table, budget)
+    if planner == "fdt":
+        return knapsack(table, budget, "fdt"), None
+    raise DTMError(f"Unknown planner '{planner}': use {' or '.join(PLANNERS)}.")
+
+
+def repair(table: ChoiceTable, assign, target: float, real: float, verify, max_evals: int
+           ) -> tuple[np.ndarray, float]:
+    """Upgrade components (most FDT per extra bit first, by the cells' numbers) until the real
+    mean FDT reaches ``target`` tokens or ``max_evals`` evaluations are spent."""
+    loss = losses(table, "fdt")
+    rows = np.arange(len(assign))
+    assign = assign.copy()
+    while real < target and verify.count < max_evals:
+        gain = loss[rows, assign][:, None] - loss
+        more = table.bits - table.bits[rows, assign][:, None]
+        ok = (gain > 0) & (more > 0)
+        if not ok.any():
+            break
+        rate = np.where(ok, gain / np.maximum(more, 1e-12), -np.inf)
+        order = np.argsort(-rate, axis=None)
+        need, got, moved = target - real, 0.0, set()
+        for flat in order:
+            i, j = np.unravel_index(int(flat), rate.shape)
+            if not np.isfinite(rate[i, j]) or i in moved:
+                continue
+            got += float(gain[i, j])
+            assign[i] = j
+            moved.add(i)
+            if got >= need:
+                break
+        real = verify(assign, f"repair: {len(moved)} upgrade{'s' * (len(moved) != 1)}")
+    return assign, real
+
+
+def make_budget_plan(dense: LoadedModel, specs, pset: PromptSet, new_tokens: int, *,
+                     budget: Budget | None = None, target_fdt: float | None = None,
+                     holdout: float = 0.3, seed: int = 0, planner: str = "fdt",
+                     chat: bool = False, cache_dir=None, max_evals: int = 8,
+                     calibration=None, batch_size: int = 16, layers: str | None = None,
+                     kinds: str | None = None, rank: int = 0, world: int = 1,
+                     store=None, progress: Callable[[float | None, str], None] | None = None
+                     ) -> BudgetPlan | None:
+    """A plan of one spec per component (see the module docstring). ``calibration``: texts or a
+    Calibration for methods that need statistics (default: the fit prompts, as the sweeps).
+    Under torchrun (``world`` > 1 with the c10d ``store``) the ranks share the sweeps' cells and
+    rank 0 plans, verifies and reports; the other ranks return None. ``layers`` / ``kinds``
+    restrict the plan to some components (as for a sweep): the others stay as they are, and the
+    bits and sparsity budgets count the selected components only."""
+    from .calibration import calibration_from
+    from .sweep import prepare, sweep
+
+    note = progress or (lambda f, m: None)
+    specs = parse_specs(specs)
+    if budget is None and target_fdt is None:
+        raise DTMError("Give a budget (--budget-bits, --budget-sparsity or --budget-bytes) or "
+                       "a target (--target-fdt).")
+    if target_fdt is not None and not 0 < target_fdt <= 1:
+        raise DTMError("--target-fdt is a share of N in (0, 1], e.g. 0.9.")
+    if planner not in PLANNERS:
+        raise DTMError(f"Unknown planner '{planner}': use {' or '.join(PLANNERS)}.")
+    if max_evals < 1:
+        raise DTMError("--max-evals must be at least 1.")
+    texts = pset.prompts
+    fit, held = split_prompts(len(texts), holdout, seed)
+    ids_all = encode_prompts(dense.tokenizer, texts, chat=chat)
+    ids = [ids_all[i] for i in fit]
+    note(0.0, f"{len(fit)} fit prompts, {len(held)} held out: dense references")
+    refs = reference_continuations(dense, ids, new_tokens, batch_size)
+    calib = None
+    if any(parse_spec(s).needs_calibration for s in specs):
+        calib = calibration_from(dense, calibration if calibration is not None else ids,
+                                 chat=chat)
+    ctx = prepare(dense, ids, new_tokens, batch_size, references=refs)
+    tables = {}
+    for k, spec in enumerate(specs):
+        res = sweep(dense, spec, ids, new_tokens, cache_dir=cache_dir, ctx=ctx, calibration=calib,
+                    batch_size=batch_size, layers=layers, kinds=kinds, rank=rank, world=world,
+                    store=store,
+                    progress=lambda f, m, k=k, s=spec: note((k + f) / len(specs) * 0.8,
+                                                          f"sweep {s}: {m}"))
+        tables[spec] = res.table
+    if rank != 0:
+        return None
+    table = choice_table(dense.model, tables, new_tokens, len(ids))
+    verify = _Verifier(dense, table, ids, refs, calib, note)
+    want = None if target_fdt is None else target_fdt * new_tokens
+    threshold, why_note = None, ""
+    if budget is not None:
+        assign, threshold = solve(table, budget, planner)
+        real = verify(assign, f"{planner} plan within {budget}")
+        if want is not None and real < want:
+            assign, real = repair(table, assign, want, real, verify, max_evals)
+            over = budget.of(table.measure(assign))
+            why_note = ("repaired to meet the target" if real >= want else
+                        f"below the target after {verify.count} evaluations")
+            if (over > budget.value) if budget.kind != "sparsity" else (over < budget.value):
+                why_note += f"; exceeds the budget ({over:.4g})"
+    else:
+        assign, real, threshold, why_note = _smallest(table, want, planner, verify, max_evals)
+    measure = table.measure(assign)
+    plan = BudgetPlan(assignments=table.assignments(assign), specs=specs, budget=budget,
+                      target_fdt=target_fdt, planner=planner, measure=measure, fdt_mean=real,
+                      new_tokens=new_tokens, family=table.family, dtype_bits=table.dtype_bits,
+                      fit_prompts=fit, holdout_prompts=held, evaluations=verify.log,
+                      note=why_note, threshold=threshold)
+    if held:
+        plan.holdout = holdout_table(dense, table, plan, assign, pset, held, new_tokens, chat,
+                                     calib, seed, note)
+    note(1.0, plan.summary_line())
+    return plan
+
+
+def _smallest(table, want, planner, verify, max_evals):
+    """The smallest plan (bits per weight) whose real mean FDT reaches ``want``: bisection over
+    the bits budget, then a repair from the largest failing probe when evaluations remain."""
+    cost = table.bits
+    lo = float(cost.min(axis=1).sum()) / table.total_params
+    hi = table.dtype_bits
+    passing, failing = None, None      # (assign, real, threshold)
+    b = Budget("bits", lo)
+    assign, thr = solve(table, b, planner)
+    real = verify(assign, f"{planner} plan at the smallest size")
+    if real >= want:
+        return assign, real, thr, ""
+    failing = (assign, real, thr, lo)
+    while verify.count < max(1, max_evals - 2) and hi - lo > 0.01:
+        mid = (lo + hi) / 2
+        assign, thr = solve(table, Budget("bits", mid), planner)
+        real = verify(assign, f"bisection at {mid:.3f} bits")
+        if real >= want:
+            hi, passing = mid, (assign, real, thr, mid)
+        else:
+            lo, failing = mid, (assign, real, thr, mid)
+    a, r = repair(table, failing[0], want, failing[1], verify, max_evals)
+    if r >= want and (passing is None or table.measure(a)["avg_bits"]
+                      < table.measure(passing[0])["avg_bits"]):
+        return a, r, None, "repaired from the bisection's largest failing plan"
+    if passing is not None:
+        return passing[0], passing[1], passing[2], ""
+    keep = np.zeros(len(table.components), dtype=np.int64)
+    return keep, float(table.new_tokens), None, ("no compressed plan reached the target within "
+                                                 f"{verify.count} evaluations: every component "
+                                                 "kept")
+
+
+def holdout_table(dense, table: ChoiceTable, plan: BudgetPlan, assign, pset: PromptSet, held,
+                  new_tokens: int, chat: bool, calib, seed: int, note) -> pd.DataFrame:
+    """The plan and its baselines on the held-out prompts (see the module docstring)."""
+    # every baseline at the plan's own budget (after any repair): same kind, its measured value
+    budget = plan.budget or Budget("bits", plan.measure["avg_bits"])
+    budget = budget.with_value(budget.of(plan.measure)) if budget.kind != "bytes" else \
+        budget.with_value(max(budget.value, plan.measure["bytes"]))
+    other = "dtm" if plan.planner == "fdt" else "fdt"
+    closest = closest_uniform(table, budget)
+    configs = [("plan", plan.planner, assign)]
+    for name, planner, make in (
+            (f"{other} planner", other, lambda: solve(table, budget, other)[0]),
+            ("KL-ranked", "kl", lambda: knapsack(table, budget, "kl")),
+            ("random", "random", lambda: random_allocation(table, budget, seed))):
+        try:
+            configs.append((name, planner, make()))
+        except DTMError as exc:          # e.g. a budget the baseline cannot fit: say so, go on
+            note(None, f"{name}: {exc}")
+    for s in table.choices[1:]:
+        configs.append((f"uniform {s}" + (" (closest)" if s == closest else ""), "uniform",
+                        table.uniform(s)))
+    sub = PromptSet(name=f"{pset.name} (held out)", records=[pset.records[i] for i in held])
+    rows, per = [], {}
+    for k, (name, planner, a) in enumerate(configs):
+        note(None, f"held-out evaluation {k + 1}/{len(configs)}: {name}")
+        pair = make_pair(dense, table.recipe(a), calibration=calib)
+        ev = evaluate(pair, sub, new_tokens, chat=chat)
+        del pair
+        per[name] = ev.table
+        s = ev.summary
+        rows.append({"config": name, "planner": planner, **table.measure(a),
+                     "fdt_mean": s.get("fdt_mean"), "fdt_median": s.get("fdt_median"),
+                     "sdt_mean": s.get("sdt_mean"), "kl_mean": s.get("kl_mean"),
+                     "accuracy": s.get("accuracy_compressed")})
+    base = per["plan"]
+    for row in rows:
+        t = per[row["config"]]
+        d, lo, hi = paired_bootstrap(base.fdt.to_numpy(), t.fdt.to_numpy())
+        row.update(fdt_vs_plan=d, fdt_vs_plan_ci95_low=lo, fdt_vs_plan_ci95_high=hi)
+        if "correct_compressed" in t and "correct_compressed" in base:
+            ok = base.correct_compressed.notna() & t.correct_compressed.notna()
+            d, lo, hi = paired_bootstrap(base.correct_compressed[ok].astype(float).to_numpy(),
+                                         t.correct_compressed[ok].astype(float).to_numpy())
+        else:
+            d = lo = hi = None
+        row.update(accuracy_vs_plan=d, accuracy_vs_plan_ci95_low=lo,
+                   accuracy_vs_plan_ci95_high=hi)
+    return pd.DataFrame(rows, columns=HOLDOUT_COLUMNS)
