@@ -122,6 +122,18 @@ class ChoiceTable:
         """Choice indices of a component -> spec mapping."""
         return np.array([self.choices.index(assignments[c]) for c in self.components])
 
+    def frame(self) -> pd.DataFrame:
+        """Every (component, choice) cell: bits per weight, sparsity, fit mean FDT and KL (the
+        level curves of each component are a view of it)."""
+        rows = []
+        for i, c in enumerate(self.components):
+            for j, spec in enumerate(self.choices):
+                rows.append({"component": c, "spec": spec,
+                             "bits_per_weight": self.bits[i, j] / self.params[i],
+                             "sparsity": 1 - self.kept[i, j] / self.params[i],
+                             "fdt_mean": self.fdt[i, j], "kl_mean": self.kl[i, j]})
+        return pd.DataFrame(rows)
+
     def predicted_fdt(self, assign) -> float:
         """N minus the FDT the components lose alone, summed (a lower bound in spirit, not
         a prediction to trust: losses compound; the plan is verified by real evaluations)."""

@@ -102,6 +102,7 @@ class BudgetPlan:
     holdout: pd.DataFrame | None = None
     note: str = ""
     threshold: float | None = None       # the DTM planner's FDT threshold
+    cells: pd.DataFrame | None = None    # every (component, choice) on the fit prompts
 
     @property
     def recipe(self) -> Recipe:
@@ -135,10 +136,35 @@ class BudgetPlan:
                 "evaluations": self.evaluations, "threshold": self.threshold, "note": self.note,
                 "holdout": None if self.holdout is None else
                 json.loads(self.holdout.to_json(orient="records")),
+                "cells": None if self.cells is None else
+                json.loads(self.cells.to_json(orient="records")),
                 "llama_cpp_tensor_types": None if llama is None else llama["tensor_types"]}
 
     def save(self, path: str) -> None:
         Path(path).write_text(json.dumps(self.to_json(), indent=2), encoding="utf-8")
+
+    @classmethod
+    def from_json(cls, data: dict) -> "BudgetPlan":
+        """The plan a :meth:`to_json` (a plan.json) holds."""
+        try:
+            b = data.get("budget")
+            held = data.get("holdout")
+            return cls(assignments=dict(data["assignments"]), specs=list(data["specs"]),
+                       budget=Budget(b["kind"], float(b["value"])) if b else None,
+                       target_fdt=data.get("target_fdt"), planner=data["planner"],
+                       measure={k: data[k] for k in ("avg_bits", "sparsity", "bytes")},
+                       fdt_mean=float(data["fdt_mean"]), new_tokens=int(data["new_tokens"]),
+                       family=data["family"], dtype_bits=int(data["dtype_bits"]),
+                       fit_prompts=list(data["fit_prompts"]),
+                       holdout_prompts=list(data["holdout_prompts"]),
+                       evaluations=list(data.get("evaluations") or []),
+                       holdout=None if held is None else pd.DataFrame(held,
+                                                                      columns=HOLDOUT_COLUMNS),
+                       note=data.get("note") or "", threshold=data.get("threshold"),
+                       cells=None if data.get("cells") is None else pd.DataFrame(data["cells"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DTMError(f"This is not a mixed plan's JSON (from plan --specs): missing or bad "
+                           f"{exc}.") from None
 
     def summary_line(self) -> str:
         counts = ", ".join(f"{n} {s}" for s, n in self.counts().items() if n)
@@ -286,7 +312,7 @@ def make_budget_plan(dense: LoadedModel, specs, pset: PromptSet, new_tokens: int
                       target_fdt=target_fdt, planner=planner, measure=measure, fdt_mean=real,
                       new_tokens=new_tokens, family=table.family, dtype_bits=table.dtype_bits,
                       fit_prompts=fit, holdout_prompts=held, evaluations=verify.log,
-                      note=why_note, threshold=threshold)
+                      note=why_note, threshold=threshold, cells=table.frame())
     if held:
         plan.holdout = holdout_table(dense, table, plan, assign, pset, held, new_tokens, chat,
                                      calib, seed, note)

@@ -531,3 +531,54 @@ def test_explain_the_first_divergent_token_and_a_clicked_one(browser, app_url):
         "document.querySelector('#explain-status').innerText.includes('position 0 ')",
         timeout=300_000)
     assert page.locator("#explain-position input").input_value() == "0"
+
+
+def test_mixed_plan_pareto_chart_holdout_table_and_exports(browser, app_url, tmp_path):
+    f = tmp_path / "six.txt"
+    f.write_text("The capital of France is\nWater boils at\nThe largest planet is\n"
+                 "Once upon a time\nTo make bread you need\nThe speed of light is\n")
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    upload_to_tab(page, app_url, "Sensitivity", "#sens-upload", f)
+    fill(page, "sens-layers", "0-1")
+    fill(page, "sens-kinds", "q,down")
+    fill(page, "sens-new-tokens", 8)
+    fill(page, "mplan-budget", 5)
+    page.locator("#mplan-run").scroll_into_view_if_needed()
+    page.locator("#mplan-run").click()
+    page.wait_for_function("document.querySelector('#mplan-status').innerText"
+                           ".includes('the plan keeps')", timeout=300_000)
+    status = page.locator("#mplan-status").inner_text()
+    assert "bits per weight" in status and "held-out prompts" in status, status
+    page.wait_for_selector("#mplan-chart .js-plotly-plot", timeout=20_000)
+    # one point per row: the plan, the DTM planner, KL-ranked, random and three uniform specs
+    names = page.evaluate("Array.from(document.querySelector('#mplan-chart .js-plotly-plot')"
+                          ".data).map(t => t.name)")
+    assert names[:4] == ["plan", "dtm planner", "KL-ranked", "random"]
+    assert "uniform int4:g64 (closest)" in names and len(names) == 7
+    cells = page.locator("#mplan-table").inner_text()
+    assert "bits per weight" in cells and "uniform int3:g64" in cells
+    page.locator("#mplan-chart").scroll_into_view_if_needed()
+    shot(page, "mixed_plan")
+    # exports: llama.cpp files for download, then a bad one (pruning has no llama.cpp type) is
+    # one sentence on a plan made of pruning specs
+    page.locator("#mplan-export").click()
+    page.wait_for_function("document.querySelector('#mplan-export-status').innerText"
+                           ".includes('llama_cpp_tensor_types.txt')", timeout=60_000)
+    links = page.locator("#mplan-files a")
+    assert links.count() == 2
+    fill(page, "mplan-specs", "magnitude:0.5,magnitude:0.9")
+    choose(page, "mplan-budget-kind", "sparsity (share of weights)")
+    fill(page, "mplan-budget", 0.6)
+    page.locator("#mplan-run").click()
+    page.wait_for_function("document.querySelector('#mplan-status').innerText.includes('within 60% sparsity')",
+                           timeout=300_000)
+    page.locator("#mplan-export").click()
+    page.wait_for_function("document.querySelector('#mplan-export-status').innerText"
+                           ".includes('no tensor type')", timeout=60_000)
+    assert "Traceback" not in page.locator("#mplan-export-status").inner_text()
+    choose(page, "mplan-export-kind", "llmcompressor")
+    page.locator("#mplan-export").click()
+    page.wait_for_function("document.querySelector('#mplan-export-status').innerText"
+                           ".includes('recipe.yaml')", timeout=60_000)
+    href = page.locator("#mplan-files a").first.get_attribute("href")
+    assert href and "recipe.yaml" in href

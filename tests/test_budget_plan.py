@@ -231,6 +231,17 @@ def test_budget_plan_is_verified_by_a_real_evaluation(planned):
     for key in ("recipe", "assignments", "avg_bits", "sparsity", "bytes", "holdout"):
         assert key in data
     assert recipe_of(data["assignments"]).to_json() == data["recipe"]
+    import pandas as pd
+    cells = pd.DataFrame(data["cells"])      # the choice table: every component x choice
+    assert len(cells) == len(data["assignments"]) * 4
+    assert (cells[cells.spec == KEEP].fdt_mean == 10).all()
+    assert (cells[cells.spec == "int4:g16"].bits_per_weight == 5).all()
+    # a plan.json reads back as the same plan (the app's exports start from it)
+    from dtm_core.budget_plan import BudgetPlan
+    again = json.loads(json.dumps(BudgetPlan.from_json(json.loads(json.dumps(data))).to_json()))
+    assert again == json.loads(json.dumps(data))
+    with pytest.raises(DTMError, match="not a mixed plan"):
+        BudgetPlan.from_json({"recipe": []})
 
 
 def test_holdout_table_rows_are_what_evaluate_gives(planned):

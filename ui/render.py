@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import logging
 
+import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
@@ -314,6 +315,40 @@ def plan_figure(plan) -> go.Figure:
     return fig
 
 
+PARETO_STYLE = {  # planner -> (marker, size)
+    "fdt": ("star", 18), "dtm": ("diamond", 13), "kl": ("square", 12), "random": ("x", 12),
+    "uniform": ("circle", 11)}
+
+
+def pareto_figure(holdout: pd.DataFrame, new_tokens: int | None = None,
+                  budget: float | None = None) -> go.Figure:
+    """Held-out mean FDT against average bits per weight: the plan, the baselines and each
+    uniform spec as points (hover: sparsity, size, KL and the paired difference to the plan)."""
+    fig = go.Figure()
+    for _, row in holdout.iterrows():
+        marker, size = PARETO_STYLE.get(row.planner, ("circle", 10))
+        lo, hi = row.fdt_vs_plan_ci95_low, row.fdt_vs_plan_ci95_high
+        fig.add_trace(go.Scatter(
+            x=[row.avg_bits], y=[row.fdt_mean], name=row.config,
+            # the uniform specs are labelled on the chart; the plans (close together) in the legend
+            mode="markers+text" if row.planner == "uniform" else "markers",
+            text=[row.config.replace(" (closest)", "")], textposition="top center",
+            marker=dict(symbol=marker, size=size),
+            hovertemplate=(f"{row.config}<br>%{{x:.3f}} bits per weight, "
+                           f"{row.sparsity:.1%} sparsity, {row.bytes / 2 ** 20:.1f} MiB<br>"
+                           f"held-out mean FDT %{{y:.2f}}, mean KL {row.kl_mean:.4g}<br>"
+                           f"FDT vs plan {row.fdt_vs_plan:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+                           "<extra></extra>")))
+    if budget is not None:
+        fig.add_vline(x=budget, line_dash="dash", annotation_text="budget")
+    fig.update_layout(title="Held-out prompts: mean FDT against average bits per weight",
+                      xaxis_title="average bits per weight (compressible components)",
+                      yaxis_title="held-out mean FDT (tokens)", height=380, showlegend=True)
+    if new_tokens:
+        fig.update_yaxes(range=[-0.5, new_tokens + 1])
+    return fig
+
+
 def kld_figures(values) -> tuple[go.Figure, go.Figure]:
     import numpy as np
 
@@ -357,7 +392,14 @@ HEADERS = {  # column -> (header with unit, scale: 100 shows a share as %)
     "reverse_flips_argmax": ("reverse: argmax flips", 1), "reverse_kl": ("reverse: KL", 1),
     "first": ("ranked first (prompts)", 1), "mean_restored_share": ("mean restored (%)", 100),
     "metric": ("metric", 1), "plain": ("plain", 1), "intactkv": ("IntactKV", 1),
-    "delta": ("Δ", 1)}
+    "delta": ("Δ", 1), "config": ("plan", 1), "planner": ("planner", 1),
+    "avg_bits": ("bits per weight", 1), "sparsity": ("sparsity (%)", 100),
+    "bytes": ("size (MiB)", 1 / 2 ** 20), "fdt_vs_plan": ("FDT − plan (tokens)", 1),
+    "fdt_vs_plan_ci95_low": ("FDT − plan, 95 % low", 1),
+    "fdt_vs_plan_ci95_high": ("FDT − plan, 95 % high", 1), "accuracy": ("accuracy (%)", 100),
+    "accuracy_vs_plan": ("accuracy − plan (points)", 100),
+    "accuracy_vs_plan_ci95_low": ("accuracy − plan, 95 % low", 100),
+    "accuracy_vs_plan_ci95_high": ("accuracy − plan, 95 % high", 100)}
 SUFFIXES = {"_intactkv": "IntactKV", "_plain": "plain"}
 
 

@@ -303,6 +303,8 @@ def build(pair: PairForm, intactkv: gr.Dropdown) -> SensitivityTab:
                                   "(after a plan)", elem_id="plan-curve")
     plan_btn.click(run_plan, [model, state, budget], [plan_status, plan_file, plan_plot],
                    concurrency_id="model")
+    from . import budget_plan as budget_ui
+    budget_ui.build(model, upload, builtin, chat, new_tokens, layers, kinds, pair.calib)
     gr.Markdown("### Level curves: a metric against sparsity or bit width, one line per kind")
     with gr.Row():
         methods = level_methods()
