@@ -30,7 +30,7 @@ import pandas as pd
 from .allocation import (KEEP, Budget, ChoiceTable, choice_table, closest_uniform,
                          dtm_allocation, knapsack, losses, random_allocation)
 from .compress import Recipe, RecipeItem
-from .divergence import divergence, reference_continuations
+from .divergence import reference_continuations
 from .errors import DTMError
 from .evaluate import evaluate, paired_bootstrap
 from .generation import encode_prompts
@@ -178,21 +178,36 @@ class BudgetPlan:
 
 
 class _Verifier:
-    """Real evaluations of plans on the fit prompts, counted and cached by assignment."""
+    """Real evaluations of plans on the fit prompts, counted and cached by assignment.
 
-    def __init__(self, dense, table, ids, refs, calib, note):
-        self.dense, self.table, self.ids, self.refs, self.calib = dense, table, ids, refs, calib
+    A plan is applied to a shared copy of the dense model and run on the sweep's recorded layer
+    inputs from its first compressed layer on (as a sweep's cells and its all-at-once cell are):
+    the numbers of :func:`~dtm_core.divergence.divergence` of the plan's pair (tested), without
+    the dense pass or the layers before."""
+
+    def __init__(self, dense, table, ctx, calib, note):
+        self.dense, self.table, self.ctx, self.calib = dense, table, ctx, calib
         self.note = note
+        self.work = None
         self.done: dict[tuple, float] = {}
         self.log: list[dict] = []
 
     def __call__(self, assign, why: str) -> float:
+        from .compress import apply_recipe
+        from .components import resolve
+        from .pair import shared_copy
+        from .sweep import cell_table
+
         key = tuple(int(j) for j in assign)
         if key not in self.done:
-            pair = make_pair(self.dense, self.table.recipe(assign), calibration=self.calib)
-            res = divergence(pair, prompt_ids=self.ids, references=self.refs,
-                             new_tokens=self.table.new_tokens)
-            self.done[key] = float(res.table.fdt.mean())
+            recipe = self.table.recipe(assign)
+            if self.work is None:
+                self.work = shared_copy(self.dense.model)
+            comps = [c for item in recipe.items if item.spec.changes_weights
+                     for c in resolve(self.work, item.selection)]
+            with apply_recipe(self.work, recipe, self.calib):
+                t = cell_table(self.work, self.ctx, min((c.layer for c in comps), default=0))
+            self.done[key] = float(t.fdt.mean())
             m = self.table.measure(assign)
             self.log.append({"step": len(self.log) + 1, "why": why, **m,
                              "fdt_mean": self.done[key]})
@@ -248,14 +263,15 @@ def make_budget_plan(dense: LoadedModel, specs, pset: PromptSet, new_tokens: int
                      chat: bool = False, cache_dir=None, max_evals: int = 8,
                      calibration=None, batch_size: int = 16, layers: str | None = None,
                      kinds: str | None = None, rank: int = 0, world: int = 1,
-                     store=None, progress: Callable[[float | None, str], None] | None = None
-                     ) -> BudgetPlan | None:
+                     store=None, progress: Callable[[float | None, str], None] | None = None,
+                     stop=None) -> BudgetPlan | None:
     """A plan of one spec per component (see the module docstring). ``calibration``: texts or a
     Calibration for methods that need statistics (default: the fit prompts, as the sweeps).
     Under torchrun (``world`` > 1 with the c10d ``store``) the ranks share the sweeps' cells and
     rank 0 plans, verifies and reports; the other ranks return None. ``layers`` / ``kinds``
     restrict the plan to some components (as for a sweep): the others stay as they are, and the
-    bits and sparsity budgets count the selected components only."""
+    bits and sparsity budgets count the selected components only. ``stop`` (a threading.Event)
+    ends the sweeps after the current cell (their finished cells stay stored)."""
     from .calibration import calibration_from
     from .sweep import prepare, sweep
 
@@ -285,14 +301,17 @@ def make_budget_plan(dense: LoadedModel, specs, pset: PromptSet, new_tokens: int
     for k, spec in enumerate(specs):
         res = sweep(dense, spec, ids, new_tokens, cache_dir=cache_dir, ctx=ctx, calibration=calib,
                     batch_size=batch_size, layers=layers, kinds=kinds, rank=rank, world=world,
-                    store=store,
+                    store=store, stop=stop,
                     progress=lambda f, m, k=k, s=spec: note((k + f) / len(specs) * 0.8,
                                                           f"sweep {s}: {m}"))
+        if res.stopped:
+            raise DTMError(f"Stopped during the sweep of {spec}; the finished cells are stored "
+                           "and the next plan over the same prompts reuses them.")
         tables[spec] = res.table
     if rank != 0:
         return None
     table = choice_table(dense.model, tables, new_tokens, len(ids))
-    verify = _Verifier(dense, table, ids, refs, calib, note)
+    verify = _Verifier(dense, table, ctx, calib, note)
     want = None if target_fdt is None else target_fdt * new_tokens
     threshold, why_note = None, ""
     if budget is not None:

@@ -322,6 +322,12 @@ def test_bad_plan_requests_are_sentences(tmp_path):
         make_budget_plan(m, "int8", pset, 8, target_fdt=1.5)
     with pytest.raises(DTMError, match="Unknown planner"):
         make_budget_plan(m, "int8", pset, 8, budget=Budget("bits", 8), planner="greedy")
+    import threading
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(DTMError, match="Stopped during the sweep of int8; the finished cells"):
+        make_budget_plan(m, "int8", pset, 8, budget=Budget("bits", 8), stop=stop,
+                         cache_dir=tmp_path)
 
 
 # -- exports -------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ def budget_of(kind: str, value) -> Budget | None:
 def run_budget_plan(model, upload, builtin, chat, new_tokens, layers, kinds, specs, kind, value,
                     target, holdout, planner, calibration=None, calibration_file=None,
                     calib_ctx=None, calib_samples=None, sequential=False,
-                    progress=gr.Progress()):
+                    request: gr.Request = None, progress=gr.Progress()):
     """Status, Pareto chart, held-out table, plan JSON and the state the exports read."""
     last = [0.0]
 
@@ -49,11 +49,13 @@ def run_budget_plan(model, upload, builtin, chat, new_tokens, layers, kinds, spe
             raise DTMError("Give a budget above 0 or a target FDT share above 0.")
         progress(0, desc="loading the model")
         dense = common.CACHE.dense(model)
-        plan = plan_under_budget(dense, specs, pset, int(new_tokens), budget=budget,
-                                 target_fdt=tgt, holdout=float(holdout), planner=planner,
-                                 chat=bool(chat), calibration=setting,
-                                 layers=(layers or "").strip() or None,
-                                 kinds=(kinds or "").strip() or None, progress=tell)
+        with common.STOPS.running("mixed-plan", request) as stop:
+            plan = plan_under_budget(dense, specs, pset, int(new_tokens), budget=budget,
+                                     target_fdt=tgt, holdout=float(holdout), planner=planner,
+                                     chat=bool(chat), calibration=setting,
+                                     layers=(layers or "").strip() or None,
+                                     kinds=(kinds or "").strip() or None, progress=tell,
+                                     stop=stop)
     except Exception as exc:  # noqa: BLE001 - every failure becomes a message
         return friendly(exc), None, None, None, None
     path = Path(tempfile.mkdtemp(prefix="dtm-mixed-plan-")) / "plan.json"
@@ -109,6 +111,7 @@ def build(model, upload, builtin, chat, new_tokens, layers, kinds, calib) -> Non
         planner = gr.Radio([("FDT knapsack", "fdt"), ("DTM threshold", "dtm")], value="fdt",
                            label="Planner", elem_id="mplan-planner")
         run = gr.Button("Make mixed plan", variant="primary", elem_id="mplan-run")
+        stop = gr.Button("Stop", variant="stop", elem_id="mplan-stop")
     status = common.StatusText("", elem_id="mplan-status")
     chart = gr.Plot(label="Held-out mean FDT against bits per weight (after a plan)",
                     elem_id="mplan-chart")
@@ -127,5 +130,7 @@ def build(model, upload, builtin, chat, new_tokens, layers, kinds, calib) -> Non
     run.click(run_budget_plan, [model, upload, builtin, chat, new_tokens, layers, kinds, specs,
                                 kind, value, target, holdout, planner] + calib,
               [status, chart, table, plan_file, state], concurrency_id="model")
+    stop.click(common.STOPS.stopper("mixed-plan", "Stopping after the current cell…"), None,
+               [status], queue=False)
     export_btn.click(run_export, [model, state, export_kind], [export_files, export_status],
                      concurrency_id="model")
