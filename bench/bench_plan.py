@@ -91,6 +91,12 @@ def dtm(dense, args):
             res = sweep(dense, spec, ids, args.new_tokens, cache_dir=cache, ctx=ctx)
             plan = make_plan(dense, res.table, spec, ids, ctx.references, args.new_tokens,
                              budget=args.tolerance)
+            alone = res.table[res.table.fdt_mean >= args.tolerance * args.new_tokens]
+            print(f"{spec}: alone, {len(alone)} of {len(comps)} components keep mean FDT >= "
+                  f"{args.tolerance:g} x N ({alone.params.sum() / res.table.params.sum():.1%} of "
+                  f"the parameters); the most tolerant single cell: "
+                  f"{res.table.sort_values('fdt_mean').component.iloc[-1]} at mean FDT "
+                  f"{res.table.fdt_mean.max():.2f}")
             kinds = {}
             for name in plan.components:
                 kinds[name.split(".")[1]] = kinds.get(name.split(".")[1], 0) + 1

@@ -555,6 +555,9 @@ def test_mixed_plan_pareto_chart_holdout_table_and_exports(browser, app_url, tmp
                           ".data).map(t => t.name)")
     assert names[:4] == ["plan", "dtm planner", "KL-ranked", "random"]
     assert "uniform int4:g64 (closest)" in names and len(names) == 7
+    kinds = page.evaluate("Array.from(document.querySelector('#mplan-cells .js-plotly-plot')"
+                          ".data).map(t => t.name)")
+    assert kinds == ["q", "down"]
     cells = page.locator("#mplan-table").inner_text()
     assert "bits per weight" in cells and "uniform int3:g64" in cells
     page.locator("#mplan-chart").scroll_into_view_if_needed()

@@ -474,3 +474,18 @@ def test_cli_plan_with_specs_and_a_bits_budget_writes_plan_json_and_exports(tmp_
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "Give one budget" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_cell_curves_are_per_kind_means_of_the_cells(planned):
+    from ui.render import cell_curves, cells_figure
+
+    _, _, plan, _ = planned
+    curves = cell_curves(plan.cells)
+    assert set(curves.spec) == {"int8", "int4:g16", "int3:g16"}
+    for _, row in curves.iterrows():
+        mine = [r for _, r in plan.cells.iterrows()
+                if r.spec == row.spec and r.component.split(".")[1] == row.kind]
+        assert len(mine) == 3                                  # one per layer
+        assert row.fdt_mean == pytest.approx(sum(r.fdt_mean for r in mine) / 3)
+    assert [t.name for t in cells_figure(plan.cells).data] == ["q", "k", "v", "o", "gate", "up",
+                                                                "down"]

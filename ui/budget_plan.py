@@ -15,7 +15,7 @@ from dtm_core.jobs import plan_under_budget
 from dtm_core.plan_exports import EXPORTS, export_plan
 
 from . import common
-from .render import friendly, pareto_figure, readable_table
+from .render import cells_figure, friendly, pareto_figure, readable_table
 
 BUDGET_KINDS = {"bits per weight": "bits", "sparsity (share of weights)": "sparsity",
                 "size (GiB)": "bytes"}
@@ -33,7 +33,8 @@ def run_budget_plan(model, upload, builtin, chat, new_tokens, layers, kinds, spe
                     target, holdout, planner, calibration=None, calibration_file=None,
                     calib_ctx=None, calib_samples=None, sequential=False,
                     request: gr.Request = None, progress=gr.Progress()):
-    """Status, Pareto chart, held-out table, plan JSON and the state the exports read."""
+    """Status, Pareto chart, held-out table, plan JSON, the state the exports read and the
+    per-kind curves of the cells."""
     last = [0.0]
 
     def tell(f, m):
@@ -57,20 +58,21 @@ def run_budget_plan(model, upload, builtin, chat, new_tokens, layers, kinds, spe
                                      kinds=(kinds or "").strip() or None, progress=tell,
                                      stop=stop)
     except Exception as exc:  # noqa: BLE001 - every failure becomes a message
-        return friendly(exc), None, None, None, None
+        return friendly(exc), None, None, None, None, None
     path = Path(tempfile.mkdtemp(prefix="dtm-mixed-plan-")) / "plan.json"
     plan.save(str(path))
     msg = (f"{plan.summary_line()[0].upper()}{plan.summary_line()[1:]}; "
            f"{len(plan.evaluations)} real evaluation{'s' * (len(plan.evaluations) != 1)}.")
     if plan.holdout is None:
-        return msg + " No prompts were held out.", None, None, str(path), plan.to_json()
+        return (msg + " No prompts were held out.", None, None, str(path), plan.to_json(),
+                cells_figure(plan.cells))
     held = plan.holdout.dropna(axis=1, how="all").astype({"bytes": float})   # shown in MiB
     msg += (f" On the {len(plan.holdout_prompts)} held-out prompts the plan keeps mean FDT "
             f"{plan.holdout.fdt_mean.iloc[0]:.2f}; FDT − plan below is each row minus the plan, "
             "with its paired 95 % interval.")
     fig = pareto_figure(plan.holdout, plan.new_tokens,
                         plan.budget.value if plan.budget and plan.budget.kind == "bits" else None)
-    return msg, fig, readable_table(held), str(path), plan.to_json()
+    return msg, fig, readable_table(held), str(path), plan.to_json(), cells_figure(plan.cells)
 
 
 def run_export(model, state, kind):
@@ -117,6 +119,8 @@ def build(model, upload, builtin, chat, new_tokens, layers, kinds, calib) -> Non
                     elem_id="mplan-chart")
     table = gr.Dataframe(label="Held-out comparison", interactive=False, elem_id="mplan-table",
                          max_height=360)
+    curves = gr.Plot(label="Each kind under each candidate, alone (the cells the plan was made "
+                           "from)", elem_id="mplan-cells")
     with gr.Row():
         plan_file = gr.File(label="Plan JSON (assignments, recipe, held-out table)",
                             elem_id="mplan-json")
@@ -129,7 +133,7 @@ def build(model, upload, builtin, chat, new_tokens, layers, kinds, calib) -> Non
     state = gr.State(None)
     run.click(run_budget_plan, [model, upload, builtin, chat, new_tokens, layers, kinds, specs,
                                 kind, value, target, holdout, planner] + calib,
-              [status, chart, table, plan_file, state], concurrency_id="model")
+              [status, chart, table, plan_file, state, curves], concurrency_id="model")
     stop.click(common.STOPS.stopper("mixed-plan", "Stopping after the current cell…"), None,
                [status], queue=False)
     export_btn.click(run_export, [model, state, export_kind], [export_files, export_status],
