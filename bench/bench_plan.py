@@ -7,7 +7,7 @@ Three measurements on the default model, each in this run with a fresh cell stor
         no held-out part) against a single-spec sweep (int4:g64) of the same prompts: target
         at most 3x. Also the plan with --holdout 0.3 (its sweeps see 70 % of the prompts, then
         seven held-out evaluations).
-    .venv/bin/python bench/bench_plan.py holdout   [--set factoid_qa] [--prompts 32]
+    .venv/bin/python bench/bench_plan.py holdout   [--set factoid_qa] [--prompts 32] [--chat]
         the held-out comparison tables: 4.5 and 4.0 bits over int8,int4:g64,int3:g64 and 50 %
         sparsity over magnitude:0.3,0.5,0.7,0.9 (and the DTM planner for each).
     .venv/bin/python bench/bench_plan.py dtm       [--prompts 16] [--tolerance 0.9]
@@ -68,11 +68,12 @@ def holdout(dense, args):
             for planner in ("fdt", "dtm"):
                 t = time.perf_counter()
                 plan = make_budget_plan(dense, specs, pset, args.new_tokens, budget=budget,
-                                        holdout=0.3, planner=planner, cache_dir=cache)
+                                        holdout=0.3, planner=planner, cache_dir=cache,
+                                        chat=args.chat)
                 print(f"\n== {specs} within {budget}, planner {planner} "
                       f"({time.perf_counter() - t:.0f} s; {len(plan.fit_prompts)} fit, "
                       f"{len(plan.holdout_prompts)} held-out prompts of {pset.name}, "
-                      f"N={args.new_tokens})")
+                      f"N={args.new_tokens}{', chat template' if args.chat else ''})")
                 print(plan.summary_line())
                 cols = ["config", "avg_bits", "sparsity", "fdt_mean", "fdt_median", "sdt_mean",
                         "kl_mean", "fdt_vs_plan", "fdt_vs_plan_ci95_low",
@@ -115,6 +116,8 @@ def main():
     ap.add_argument("--prompts", type=int, default=None)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--tolerance", type=float, default=0.9)
+    ap.add_argument("--chat", action="store_true", help="holdout: wrap prompts in the chat "
+                                                        "template")
     args = ap.parse_args()
     if args.prompts is None:
         args.prompts = 32 if args.what == "holdout" else 16

@@ -12,7 +12,8 @@
    evaluations; with a target and no budget, the smallest plan that meets the target is found by
    bisection over the bits budget first.
 5. Held-out proof: the plan, the other planner, the KL-ranked plan (same solver), a random plan
-   (same budget) and every uniform candidate spec are evaluated on the held-out prompts; the
+   (same budget), every uniform candidate spec and the dense model (the ceiling: FDT = N,
+   its accuracy) are evaluated on the held-out prompts; the
    table has mean/median FDT, SDT, KL, accuracy (sets with answers) and paired 95 % intervals of
    each row's FDT and accuracy against the plan's.
 """
@@ -393,6 +394,8 @@ def holdout_table(dense, table: ChoiceTable, plan: BudgetPlan, assign, pset: Pro
     for s in table.choices[1:]:
         configs.append((f"uniform {s}" + (" (closest)" if s == closest else ""), "uniform",
                         table.uniform(s)))
+    # the dense model against itself: the ceiling of every column (and the dense accuracy)
+    configs.append(("dense", "dense", table.uniform(KEEP)))
     sub = PromptSet(name=f"{pset.name} (held out)", records=[pset.records[i] for i in held])
     rows, per = [], {}
     for k, (name, planner, a) in enumerate(configs):

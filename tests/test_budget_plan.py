@@ -252,6 +252,8 @@ def test_holdout_table_rows_are_what_evaluate_gives(planned):
     assert {"uniform int8", "uniform int3:g16"} <= set(t.config) | {
         c.replace(" (closest)", "") for c in t.config}
     assert (t.config == "uniform int4:g16 (closest)").any()    # 5.0 bits: int4:g16 is 5.0
+    dense = t[t.config == "dense"].iloc[0]                     # the ceiling, measured
+    assert dense.fdt_mean == 10 and dense.kl_mean == 0 and dense.avg_bits == 32
     for _, row in t.iterrows():
         if row.planner in ("fdt", "dtm", "kl", "random"):
             assert row.avg_bits <= plan.measure["avg_bits"] + 1e-9
@@ -461,7 +463,7 @@ def test_cli_plan_with_specs_and_a_bits_budget_writes_plan_json_and_exports(tmp_
     assert r.returncode == 0, r.stderr[-2000:]
     data = json.loads(out.read_text())
     assert len(data["assignments"]) == 4 and data["avg_bits"] <= 5
-    assert len(data["holdout_prompts"]) == 2 and len(data["holdout"]) == 7
+    assert len(data["holdout_prompts"]) == 2 and len(data["holdout"]) == 8
     assert "uniform int4:g64 (closest)" in [row["config"] for row in data["holdout"]]
     assert "held out (2 prompts" in r.stdout and "uniform int3:g64" in r.stdout
     args = (tmp_path / "l" / "llama_cpp_tensor_types.txt").read_text().split("\n")
