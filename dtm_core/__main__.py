@@ -179,9 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 "(default 0.3; 0: none)")
             g.add_argument("--seed", type=int, default=0, help="seed of the split and the "
                                                                  "random baseline (default 0)")
-            g.add_argument("--planner", choices=["fdt", "dtm"], default="fdt",
-                           help="fdt: exact knapsack on FDT lost (default); dtm: the DTM "
-                                "paper's FDT-threshold procedure")
+            g.add_argument("--planner", choices=["auto", "fdt", "dtm"], default="auto",
+                           help="fdt: exact knapsack on FDT lost; dtm: the DTM paper's "
+                                "FDT-threshold procedure; auto (default): both and the "
+                                "KL-ranked knapsack, each verified on the fit prompts, the best "
+                                "kept")
             g.add_argument("--max-evals", type=int, default=8, metavar="K",
                            help="real evaluations of whole plans allowed for verification "
                                 "and repair (default 8)")

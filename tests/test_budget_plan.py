@@ -213,7 +213,7 @@ def planned(tmp_path_factory):
     pset = number_set(10)
     cache = tmp_path_factory.mktemp("cells")
     plan = make_budget_plan(m, "int8,int4:g16,int3:g16", pset, 10, budget=Budget("bits", 5.0),
-                            cache_dir=cache)
+                            cache_dir=cache, planner="fdt")
     return m, pset, plan, cache
 
 
@@ -277,7 +277,8 @@ def test_sweeps_are_cached_per_cell(planned, tmp_path):
     sw._cell_row = lambda *a, **k: calls.append(1) or orig(*a, **k)
     try:
         again = make_budget_plan(m, "int8,int4:g16,int3:g16", pset, 10,
-                                 budget=Budget("bits", 5.0), cache_dir=cache, holdout=0.3)
+                                 budget=Budget("bits", 5.0), cache_dir=cache, holdout=0.3,
+                                 planner="fdt")
     finally:
         sw._cell_row = orig
     assert calls == [] and again.assignments == plan.assignments
@@ -305,7 +306,8 @@ def test_target_fdt_finds_a_small_plan_that_reaches_it_within_the_evaluations(tm
     assert p.measure["avg_bits"] < 32        # something was compressed
     # a budget with a target it cannot reach is repaired past the budget, and says so
     r = make_budget_plan(m, "int8,int4:g16,int3:g16", pset, 8, budget=Budget("bits", 4.2),
-                         target_fdt=0.75, cache_dir=tmp_path, holdout=0, max_evals=4)
+                         target_fdt=0.75, cache_dir=tmp_path, holdout=0, max_evals=4,
+                         planner="fdt")
     assert len(r.evaluations) <= 4
     assert r.evaluations[0]["why"].startswith("fdt plan within")
     if r.fdt_mean >= 6:
@@ -313,6 +315,20 @@ def test_target_fdt_finds_a_small_plan_that_reaches_it_within_the_evaluations(tm
     else:
         assert "below the target" in r.note
     assert [e["avg_bits"] for e in r.evaluations] == sorted(e["avg_bits"] for e in r.evaluations)
+
+
+def test_auto_planner_keeps_the_best_verified_plan(planned):
+    m, pset, fdt_plan, cache = planned
+    p = make_budget_plan(m, "int8,int4:g16,int3:g16", pset, 10, budget=Budget("bits", 5.0),
+                         cache_dir=cache, holdout=0.3)
+    tried = {e["why"].split()[0]: e["fdt_mean"] for e in p.evaluations}
+    assert set(tried) <= {"fdt", "dtm", "kl"} and "fdt" in tried
+    assert p.fdt_mean == max(tried.values()) and p.planner in tried
+    assert p.note.startswith("auto: the best of fdt, dtm, kl")
+    assert tried["fdt"] == fdt_plan.fdt_mean          # the same knapsack, the same number
+    # the held-out table lists the two planners the plan is not, then random
+    rest = [c for c in p.holdout.config[1:4]]
+    assert "random" in rest and len(set(rest)) == 3 and "plan" == p.holdout.config[0]
 
 
 def test_bad_plan_requests_are_sentences(tmp_path):

@@ -110,8 +110,9 @@ def build(model, upload, builtin, chat, new_tokens, layers, kinds, calib) -> Non
     with gr.Row():
         holdout = gr.Slider(0, 0.5, value=0.3, step=0.05, label="Held-out share",
                             elem_id="mplan-holdout")
-        planner = gr.Radio([("FDT knapsack", "fdt"), ("DTM threshold", "dtm")], value="fdt",
-                           label="Planner", elem_id="mplan-planner")
+        planner = gr.Radio([("best, verified", "auto"), ("FDT knapsack", "fdt"),
+                            ("DTM threshold", "dtm")], value="auto", label="Planner",
+                           elem_id="mplan-planner")
         run = gr.Button("Make mixed plan", variant="primary", elem_id="mplan-run")
         stop = gr.Button("Stop", variant="stop", elem_id="mplan-stop")
     status = common.StatusText("", elem_id="mplan-status")
