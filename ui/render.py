@@ -353,7 +353,9 @@ def cell_curves(cells: pd.DataFrame) -> pd.DataFrame:
     """The level curves inside a mixed plan's cells: per kind and candidate, the mean over
     layers of the single-component fit mean FDT, against bits per weight (kept choices left
     out)."""
-    t = cells[cells.spec != "none"].copy()
+    from dtm_core.allocation import KEEP
+
+    t = cells[cells.spec != KEEP].copy()
     t["kind"] = t.component.str.split(".", n=1).str[1]
     out = t.groupby(["kind", "spec"], sort=False).agg(
         bits_per_weight=("bits_per_weight", "mean"), sparsity=("sparsity", "mean"),
