@@ -107,13 +107,7 @@ class ChoiceTable:
 
     def recipe(self, assign) -> Recipe:
         """One recipe item per spec used (kept components are left out)."""
-        groups: dict[str, list[str]] = {}
-        for c, j in zip(self.components, assign):
-            if self.choices[j] != KEEP:
-                groups.setdefault(self.choices[j], []).append(c)
-        if not groups:
-            return Recipe.single(KEEP)
-        return Recipe(tuple(RecipeItem(",".join(cs), parse_spec(s)) for s, cs in groups.items()))
+        return recipe_of(self.assignments(assign))
 
     def uniform(self, spec: str) -> np.ndarray:
         return np.full(len(self.components), self.choices.index(spec))
@@ -139,6 +133,17 @@ class ChoiceTable:
         a prediction to trust: losses compound; the plan is verified by real evaluations)."""
         rows = np.arange(len(self.components))
         return float(self.new_tokens - (self.new_tokens - self.fdt[rows, assign]).sum())
+
+
+def recipe_of(assignments: dict[str, str]) -> Recipe:
+    """The recipe of a component -> spec mapping: one item per spec, kept components left out."""
+    groups: dict[str, list[str]] = {}
+    for c, s in assignments.items():
+        if s != KEEP:
+            groups.setdefault(s, []).append(c)
+    if not groups:
+        return Recipe.single(KEEP)
+    return Recipe(tuple(RecipeItem(",".join(cs), parse_spec(s)) for s, cs in groups.items()))
 
 
 def choice_table(dense_model, tables: dict[str, pd.DataFrame], new_tokens: int, prompts: int

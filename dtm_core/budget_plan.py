@@ -32,8 +32,8 @@ import numpy as np
 import pandas as pd
 
 from .allocation import (KEEP, Budget, ChoiceTable, choice_table, closest_uniform,
-                         dtm_allocation, knapsack, losses, random_allocation)
-from .compress import Recipe, RecipeItem
+                         dtm_allocation, knapsack, losses, random_allocation, recipe_of)
+from .compress import Recipe
 from .divergence import reference_continuations
 from .errors import DTMError
 from .evaluate import evaluate, paired_bootstrap
@@ -49,17 +49,6 @@ HOLDOUT_COLUMNS = ["config", "planner", "avg_bits", "sparsity", "bytes", "fdt_me
                    "sdt_mean", "kl_mean", "fdt_vs_plan", "fdt_vs_plan_ci95_low",
                    "fdt_vs_plan_ci95_high", "accuracy", "accuracy_vs_plan",
                    "accuracy_vs_plan_ci95_low", "accuracy_vs_plan_ci95_high"]
-
-
-def recipe_of(assignments: dict[str, str]) -> Recipe:
-    """The recipe of a component -> spec mapping: one item per spec, kept components left out."""
-    groups: dict[str, list[str]] = {}
-    for c, s in assignments.items():
-        if s != KEEP:
-            groups.setdefault(s, []).append(c)
-    if not groups:
-        return Recipe.single(KEEP)
-    return Recipe(tuple(RecipeItem(",".join(cs), parse_spec(s)) for s, cs in groups.items()))
 
 
 def parse_specs(text) -> list[str]:

@@ -136,6 +136,16 @@ class Family:
 FAMILIES: list[Family] = []
 
 
+def family_named(name: str | Family) -> Family:
+    """The registered family of that name (a Family is returned as it is)."""
+    if isinstance(name, Family):
+        return name
+    for f in FAMILIES:
+        if f.name == name:
+            return f
+    raise DTMError(f"Unknown model family '{name}'.")
+
+
 def register_family(fam: Family) -> Family:
     """Add (or replace, by name) a family adapter; earlier entries are tried first."""
     for i, f in enumerate(FAMILIES):

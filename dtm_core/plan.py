@@ -17,7 +17,7 @@ from .compress import Recipe, RecipeItem, parse_spec
 from .components import all_components
 from .divergence import divergence
 from .errors import DTMError
-from .families import FAMILIES, Family, family_of
+from .families import Family, family_named, family_of
 from .models import LoadedModel
 from .pair import make_pair
 
@@ -67,7 +67,7 @@ def llama_cpp_type(spec: str) -> str:
 def llama_cpp_overrides(spec: str, components: list[str], family: str | Family = "llama"
                         ) -> list[str]:
     """``--tensor-type`` arguments for llama-quantize, with the family's GGUF tensor names."""
-    fam = family if isinstance(family, Family) else next(f for f in FAMILIES if f.name == family)
+    fam = family_named(family)
     qtype = llama_cpp_type(spec)
     out = []
     for name in components:

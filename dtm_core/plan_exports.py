@@ -21,22 +21,13 @@ import re
 import shlex
 from pathlib import Path
 
+from .allocation import KEEP
 from .errors import DTMError
-from .families import FAMILIES, Family
+from .families import family_named
 from .methods import parse_spec
 
 EXPORTS = ("llama.cpp", "llmcompressor", "torchao", "recipe")
-KEEP = "none"
 _GGUF_BASE = {32: "F32", 16: "F16"}
-
-
-def _family(family) -> Family:
-    if isinstance(family, Family):
-        return family
-    for f in FAMILIES:
-        if f.name == family:
-            return f
-    raise DTMError(f"Unknown model family '{family}'.")
 
 
 def _split(name: str) -> tuple[int, str]:
@@ -48,7 +39,7 @@ def llama_cpp_arguments(assignments: dict[str, str], family="llama", dtype_bits:
                         bf16: bool = False) -> dict:
     """``tensor_types`` (``--tensor-type`` arguments, one per tensor kind and type), ``base_type``
     and the ``command`` line of llama-quantize for a plan."""
-    fam = _family(family)
+    fam = family_named(family)
     groups: dict[tuple[str, str], list[int]] = {}
     for name, spec in assignments.items():
         if spec == KEEP:

@@ -8,22 +8,14 @@ import csv
 import glob
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
+from apphelpers import free_port
 from conftest import ROOT
 
 SPEC, LAYERS, N = "int4:g64", "0-5", "8"
-
-
-def _port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def _sweep_args(prompts, cache, out=None):
@@ -48,7 +40,7 @@ def test_a_rank_killed_mid_sweep_loses_nothing(tmp_path):
     one = subprocess.run(_sweep_args(prompts, tmp_path / "alone", tmp_path / "alone.csv"),
                          cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
     assert one.returncode == 0, one.stderr[-2000:]
-    port = _port()
+    port = free_port()
     procs = []
     for rank in range(3):
         renv = dict(env, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
