@@ -37,6 +37,7 @@
       if (!gd.on) return;
       if (gd.removeListener) gd.removeListener('plotly_click', open);
       gd.on('plotly_click', open);
+      gd.dataset.clickReady = '1';   // tests wait on this, not on a fixed delay
     });
   }, 500);
 }

@@ -21,12 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import checkpoint_writers as W  # noqa: E402
 
-from dtm_core.checkpoints import inspect  # noqa: E402
-from dtm_core.divergence import divergence  # noqa: E402
-from dtm_core.generation import encode_prompts  # noqa: E402
+from dtm_core.models.checkpoints import inspect  # noqa: E402
+from dtm_core.measure.divergence import divergence  # noqa: E402
+from dtm_core.models.generation import encode_prompts  # noqa: E402
 from dtm_core.jobs import PairRequest, build_pair, sweep_variants  # noqa: E402
-from dtm_core.models import load_model  # noqa: E402
-from dtm_core.prompts import load_prompts  # noqa: E402
+from dtm_core.models.load import load_model  # noqa: E402
+from dtm_core.measure.prompts import load_prompts  # noqa: E402
 
 
 def main():

@@ -67,7 +67,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--lost-after", type=float, default=10.0)
     args = ap.parse_args()
-    from dtm_core.prompts import load_prompts
+    from dtm_core.measure.prompts import load_prompts
 
     lo, _, hi = args.layers.partition("-")
     args.cells = 7 * (int(hi or lo) - int(lo) + 1)

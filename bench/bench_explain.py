@@ -14,13 +14,13 @@ import argparse
 import tempfile
 import time
 
-from dtm_core.compress import Recipe
-from dtm_core.explain import explain, explain_set
-from dtm_core.generation import encode_prompts
+from dtm_core.compression.recipe import Recipe
+from dtm_core.analysis.explain import explain, explain_set
+from dtm_core.models.generation import encode_prompts
 from dtm_core.jobs import sweep_variants
-from dtm_core.models import load_model
-from dtm_core.pair import make_pair
-from dtm_core.prompts import load_prompts
+from dtm_core.models.load import load_model
+from dtm_core.compression.pair import make_pair
+from dtm_core.measure.prompts import load_prompts
 
 
 def main():

@@ -11,12 +11,12 @@ import time
 
 import torch  # noqa: E402
 
-from dtm_core.compress import Recipe  # noqa: E402
-from dtm_core.divergence import divergence, first_difference, pad_id_of  # noqa: E402
-from dtm_core.generation import encode_prompts, greedy_generate, teacher_forced_logits  # noqa
-from dtm_core.models import eos_ids, load_model  # noqa: E402
-from dtm_core.pair import make_pair  # noqa: E402
-from dtm_core.prompts import load_prompts  # noqa: E402
+from dtm_core.compression.recipe import Recipe  # noqa: E402
+from dtm_core.measure.divergence import divergence, first_difference, pad_id_of  # noqa: E402
+from dtm_core.models.generation import encode_prompts, greedy_generate, teacher_forced_logits  # noqa
+from dtm_core.models.load import eos_ids, load_model  # noqa: E402
+from dtm_core.compression.pair import make_pair  # noqa: E402
+from dtm_core.measure.prompts import load_prompts  # noqa: E402
 
 
 def best_of(fn, repeats):

@@ -9,10 +9,10 @@ import argparse
 import tempfile
 import time
 
-from dtm_core.generation import encode_prompts
+from dtm_core.models.generation import encode_prompts
 from dtm_core.jobs import sweep_variants
-from dtm_core.models import load_model
-from dtm_core.prompts import load_prompts
+from dtm_core.models.load import load_model
+from dtm_core.measure.prompts import load_prompts
 
 
 def main():

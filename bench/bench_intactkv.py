@@ -13,13 +13,13 @@ import tempfile
 import time
 
 
-from dtm_core.compress import Recipe  # noqa: E402
-from dtm_core.divergence import divergence  # noqa: E402
-from dtm_core.generation import encode_prompts  # noqa: E402
-from dtm_core.intactkv import IntactKV, calibrate  # noqa: E402
-from dtm_core.models import load_model  # noqa: E402
-from dtm_core.pair import make_pair  # noqa: E402
-from dtm_core.prompts import load_prompts  # noqa: E402
+from dtm_core.compression.recipe import Recipe  # noqa: E402
+from dtm_core.measure.divergence import divergence  # noqa: E402
+from dtm_core.models.generation import encode_prompts  # noqa: E402
+from dtm_core.compression.intactkv import IntactKV, calibrate  # noqa: E402
+from dtm_core.models.load import load_model  # noqa: E402
+from dtm_core.compression.pair import make_pair  # noqa: E402
+from dtm_core.measure.prompts import load_prompts  # noqa: E402
 
 
 def main():

@@ -25,10 +25,10 @@ PROMPTS = ["The capital of France is", "Once upon a time", "Water boils at", "Th
 
 
 def expected_results(prompts, n, spec):
-    from dtm_core.compress import Recipe
-    from dtm_core.divergence import divergence
-    from dtm_core.models import load_model
-    from dtm_core.pair import make_pair
+    from dtm_core.compression.recipe import Recipe
+    from dtm_core.measure.divergence import divergence
+    from dtm_core.models.load import load_model
+    from dtm_core.compression.pair import make_pair
 
     dense = load_model("default")
     res = divergence(make_pair(dense, Recipe.single(spec)), prompts, n)

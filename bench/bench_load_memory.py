@@ -47,9 +47,9 @@ def main():
     print(f"load default: first {cold['seconds']:.2f} s, second {warm['seconds']:.2f} s")
     print(f"RATIO second/first load = {warm['seconds'] / cold['seconds']:.3f}  (target <= 0.25)")
 
-    from dtm_core.compress import Recipe
-    from dtm_core.models import load_model
-    from dtm_core.pair import make_pair, tensor_bytes
+    from dtm_core.compression.recipe import Recipe
+    from dtm_core.models.load import load_model
+    from dtm_core.compression.pair import make_pair, tensor_bytes
 
     dense = load_model("default")
     base_rss, base_bytes = rss_mb(), tensor_bytes(dense.model)

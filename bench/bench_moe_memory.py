@@ -16,9 +16,9 @@ import torch
 def main():
     from transformers import AutoModelForCausalLM, MixtralConfig
 
-    from dtm_core.compress import Recipe
-    from dtm_core.models import LoadedModel
-    from dtm_core.pair import make_pair, tensor_bytes
+    from dtm_core.compression.recipe import Recipe
+    from dtm_core.models.load import LoadedModel
+    from dtm_core.compression.pair import make_pair, tensor_bytes
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--experts", type=int, default=8)

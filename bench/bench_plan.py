@@ -20,14 +20,14 @@ import argparse
 import tempfile
 import time
 
-from dtm_core.allocation import Budget
-from dtm_core.budget_plan import make_budget_plan
-from dtm_core.components import all_components
-from dtm_core.generation import encode_prompts
-from dtm_core.models import load_model
-from dtm_core.plan import make_plan
-from dtm_core.prompts import PromptSet, load_prompts
-from dtm_core.sweep import prepare, sweep
+from dtm_core.planning.allocation import Budget
+from dtm_core.planning.budget_plan import make_budget_plan
+from dtm_core.models.components import all_components
+from dtm_core.models.generation import encode_prompts
+from dtm_core.models.load import load_model
+from dtm_core.planning.plan import make_plan
+from dtm_core.measure.prompts import PromptSet, load_prompts
+from dtm_core.analysis.sweep import prepare, sweep
 
 QUANT = "int8,int4:g64,int3:g64"
 SPARSE = "magnitude:0.3,magnitude:0.5,magnitude:0.7,magnitude:0.9"

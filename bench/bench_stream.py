@@ -15,11 +15,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from dtm_core.compress import Recipe  # noqa: E402
-from dtm_core.generation import encode_prompts  # noqa: E402
-from dtm_core.models import load_model  # noqa: E402
-from dtm_core.pair import make_pair  # noqa: E402
-from dtm_core.streaming import stream_pair  # noqa: E402
+from dtm_core.compression.recipe import Recipe  # noqa: E402
+from dtm_core.models.generation import encode_prompts  # noqa: E402
+from dtm_core.models.load import load_model  # noqa: E402
+from dtm_core.compression.pair import make_pair  # noqa: E402
+from dtm_core.measure.streaming import stream_pair  # noqa: E402
 
 
 def plain_generate(model, ids, n):

@@ -12,11 +12,11 @@ import tempfile
 import time
 
 
-from dtm_core.divergence import pad_id_of  # noqa: E402
-from dtm_core.generation import encode_prompts, teacher_forced_logits  # noqa: E402
-from dtm_core.models import load_model  # noqa: E402
-from dtm_core.prompts import load_prompts  # noqa: E402
-from dtm_core.sweep import prepare, sweep  # noqa: E402
+from dtm_core.measure.divergence import pad_id_of  # noqa: E402
+from dtm_core.models.generation import encode_prompts, teacher_forced_logits  # noqa: E402
+from dtm_core.models.load import load_model  # noqa: E402
+from dtm_core.measure.prompts import load_prompts  # noqa: E402
+from dtm_core.analysis.sweep import prepare, sweep  # noqa: E402
 
 
 def main():

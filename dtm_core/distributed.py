@@ -147,7 +147,7 @@ class CellQueue:
         deadline = time.monotonic() + timeout_s
         while not all(self.finished(i) for i in range(self.n)):
             if time.monotonic() > deadline:
-                from .errors import DTMError
+                from dtm_core.errors import DTMError
                 raise DTMError("Timed out waiting for the other ranks' results.")
             time.sleep(self.poll_s)
         return [self.get(i) if raw else self.result(i) for i in range(self.n)]
@@ -187,7 +187,7 @@ def placement(local_rank: int, local_size: int, gpus_per_rank: int,
     """The local GPUs a rank places its model on: ``gpus_per_rank`` consecutive ones, so that the
     ranks of a node split its GPUs without overlap (2 ranks x 4 GPUs on an 8-GPU node: [0-3] and
     [4-7])."""
-    from .errors import DTMError
+    from dtm_core.errors import DTMError
 
     if gpus_per_rank < 1:
         raise DTMError("--gpus-per-rank must be at least 1.")

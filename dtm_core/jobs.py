@@ -1,10 +1,10 @@
 """What the app and the CLI both do, in one place: typed requests in, engine results out.
 
-* :class:`PairRequest` + :class:`CalibrationSetting` -> a :class:`~dtm_core.pair.Pair`
+* :class:`PairRequest` + :class:`CalibrationSetting` -> a :class:`~dtm_core.compression.pair.Pair`
   (:meth:`PairCache.open`): a spec over components, a recipe or a second checkpoint, with one
   calibration policy everywhere: the prompts being evaluated, or an explicit calibration file /
   built-in set. The pair's ``calibration.label`` says which, and the app and the CLI show it.
-* :class:`IntactKVSetting` -> an :class:`~dtm_core.intactkv.IntactKV` (:func:`resolve_intactkv`),
+* :class:`IntactKVSetting` -> an :class:`~dtm_core.compression.intactkv.IntactKV` (:func:`resolve_intactkv`),
   parsed once and calibrated when asked (same calibration policy).
 * :func:`compare_variants` -> :class:`VariantComparison`: the same prompts and dense references
   under several IntactKV settings ("plain" = none), one result type. Wide tables follow one rule:
@@ -30,20 +30,20 @@ from typing import Callable, Sequence
 
 import pandas as pd
 
-from .calibration import Calibration, calibration_from
-from .compress import Recipe
-from .divergence import reference_continuations
-from .errors import DTMError
-from .generation import encode_prompts
-from .intactkv import IntactKV, calibrate
-from .methods import parse_spec
-from .models import LoadedModel, load_model
-from .pair import Pair, checkpoint_pair, make_pair
-from .plan import Plan, make_plan
-from .prompts import load_prompts
-from .sweep import SweepResult, heatmap_metrics, sweep
-from .variants import (VARIANT_COLUMNS, VariantComparison, compare_variants,  # noqa: F401
-                       with_variant)
+from dtm_core.compression.calibration import Calibration, calibration_from
+from dtm_core.compression.recipe import Recipe
+from dtm_core.measure.divergence import reference_continuations
+from dtm_core.errors import DTMError
+from dtm_core.models.generation import encode_prompts
+from dtm_core.compression.intactkv import IntactKV, calibrate
+from dtm_core.compression.methods import parse_spec
+from dtm_core.models.load import LoadedModel, load_model
+from dtm_core.compression.pair import Pair, checkpoint_pair, make_pair
+from dtm_core.planning.plan import Plan, make_plan
+from dtm_core.measure.prompts import load_prompts
+from dtm_core.analysis.sweep import SweepResult, heatmap_metrics, sweep
+from dtm_core.measure.variants import (VARIANT_COLUMNS, VariantComparison, compare_variants,  # noqa: F401
+                                       with_variant)
 
 Progress = Callable[[float, str], None]
 
@@ -215,7 +215,7 @@ def build_pair(dense: LoadedModel, request: PairRequest, evaluated: Sequence[str
     """The pair a request describes on an already loaded dense model."""
     request.validate()
     if request.compressed_model:
-        from .checkpoints import inspect
+        from dtm_core.models.checkpoints import inspect
 
         info = inspect(request.compressed_model, base=dense.source)
         other = (load or load_model)(request.compressed_model)
@@ -231,9 +231,9 @@ def build_pair(dense: LoadedModel, request: PairRequest, evaluated: Sequence[str
 
 def resolve_calibration(dense: LoadedModel, setting: CalibrationSetting, evaluated,
                         chat: bool = False) -> Calibration:
-    """The shared :class:`~dtm_core.calibration.Calibration` of a setting: its prompts (or the
+    """The shared :class:`~dtm_core.compression.calibration.Calibration` of a setting: its prompts (or the
     evaluated ones: texts, or token ids already encoded) tokenized as the job's prompts are."""
-    from .models import max_positions
+    from dtm_core.models.load import max_positions
 
     setting = CalibrationSetting.of(setting)
     seqs, label = setting.sequences(dense.tokenizer, evaluated, chat)
@@ -387,7 +387,7 @@ def sweep_variants(dense: LoadedModel, spec: str, prompt_ids, new_tokens: int, *
                    calibration: CalibrationSetting = CalibrationSetting(), chat: bool = False,
                    **kw) -> SweepComparison:
     """The plain sweep, then (with ``intactkv``, unless the first was stopped) the IntactKV
-    sweep of the same cells; ``kw`` as for :func:`~dtm_core.sweep.sweep`. A method that needs
+    sweep of the same cells; ``kw`` as for :func:`~dtm_core.analysis.sweep.sweep`. A method that needs
     calibration gets the calibration setting's prompts (default: the sweep's own)."""
     if intactkv is not None:   # a bad setting fails before the sweep
         intactkv.pivot_lengths(dense.tokenizer, prompt_ids)
@@ -409,7 +409,7 @@ def plan_from_sweep(dense: LoadedModel, table: pd.DataFrame, spec: str, prompt_i
                     new_tokens: int, budget: float, *, references=None,
                     calibration: CalibrationSetting = CalibrationSetting(), chat: bool = False,
                     progress: Progress | None = None) -> Plan:
-    """Dense references (unless given), then :func:`~dtm_core.plan.make_plan` with the same
+    """Dense references (unless given), then :func:`~dtm_core.planning.plan.make_plan` with the same
     calibration as the sweep (default: its prompts)."""
     if references is None:
         if progress:
@@ -426,10 +426,10 @@ def plan_from_sweep(dense: LoadedModel, table: pd.DataFrame, spec: str, prompt_i
 def plan_under_budget(dense: LoadedModel, specs, pset, new_tokens: int, *,
                       calibration: CalibrationSetting = CalibrationSetting(), chat: bool = False,
                       **kw):
-    """:func:`~dtm_core.budget_plan.make_budget_plan` with the calibration setting resolved: a
+    """:func:`~dtm_core.planning.budget_plan.make_budget_plan` with the calibration setting resolved: a
     calibration file or set as given; otherwise the fit prompts (never the held-out ones), as
     the sweeps use."""
-    from .budget_plan import make_budget_plan, parse_specs
+    from dtm_core.planning.budget_plan import make_budget_plan, parse_specs
 
     calib = None
     if any(parse_spec(s).needs_calibration for s in parse_specs(specs)) \

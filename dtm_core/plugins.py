@@ -1,15 +1,15 @@
 """Plugins: modules that register methods, metrics or families before the app or the CLI starts.
 
 ``DTM_PLUGINS=pkg.my_methods,other`` (comma-separated module names on the Python path) imports each
-module once; a module registers what it defines (``dtm_core.methods.register``,
-``dtm_core.metrics.register_metric``, ``dtm_core.families.register_family``) at import time.
+module once; a module registers what it defines (``dtm_core.compression.methods.register``,
+``dtm_core.measure.metrics.register_metric``, ``dtm_core.models.families.register_family``) at import time.
 """
 from __future__ import annotations
 
 import importlib
 import os
 
-from .errors import DTMError
+from dtm_core.errors import DTMError
 
 _LOADED: set[str] = set()
 

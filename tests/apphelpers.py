@@ -9,7 +9,7 @@ import sys
 import time
 import urllib.request
 
-from conftest import ROOT
+from conftest import ROOT, WAIT_S
 
 
 def free_port() -> int:
@@ -19,7 +19,7 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_app(*extra: str, timeout: float = 180.0):
+def running_app(*extra: str, timeout: float = WAIT_S):
     port = free_port()
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1",
                PYTHONUNBUFFERED="1")

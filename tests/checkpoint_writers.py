@@ -50,7 +50,7 @@ def default_tokenizer():
     """The default model's tokenizer (read from its GGUF once per test process)."""
     from transformers import AutoTokenizer
 
-    from dtm_core.models import default_gguf_path
+    from dtm_core.models.load import default_gguf_path
 
     path = default_gguf_path()
     return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -332,7 +332,7 @@ def write_transformers_quantized(base: Path, out: Path, quantization_config):
 def default_model_folder(folder: Path) -> Path:
     """The embedded default model (its de-quantized Q4_1 weights) as a transformers folder, the
     base that checkpoints of the default model are written from."""
-    from dtm_core.models import load_model
+    from dtm_core.models.load import load_model
 
     if not (folder / "config.json").is_file():
         lm = load_model("default", device="cpu")

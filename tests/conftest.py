@@ -8,8 +8,13 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent   # the package is installed (pyproject.toml)
+# How long a test waits for a job's own completion signal (a status line, a plot, a file, a
+# subprocess's exit): generous, so that a busy shared machine slows a test down instead of failing
+# it, while a hang still ends. DTM_TEST_WAIT_S changes it.
+WAIT_S = float(os.environ.get("DTM_TEST_WAIT_S", "1200"))
+WAIT_MS = int(WAIT_S * 1000)
 
-from dtm_core.models import LoadedModel, load_model
+from dtm_core.models.load import LoadedModel, load_model
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -8,14 +8,14 @@ import copy
 import pytest
 import torch
 
-from dtm_core.calibration import Calibration, calibration_from
-from dtm_core.components import decoder_layers, family_of, resolve
-from dtm_core.compress import Recipe, apply_recipe, gather_statistics
+from dtm_core.compression.calibration import Calibration, calibration_from
+from dtm_core.models.components import decoder_layers, family_of, resolve
+from dtm_core.compression.recipe import Recipe, apply_recipe, gather_statistics
 from dtm_core.errors import DTMError
-from dtm_core.methods import parse_spec
-from dtm_core.methods.awq import awq_quantize, fold_scales, output_error, search_scales
-from dtm_core.methods.rtn import quantize_weight
-from dtm_core.pair import make_pair
+from dtm_core.compression.methods import parse_spec
+from dtm_core.compression.methods.awq import awq_quantize, fold_scales, output_error, search_scales
+from dtm_core.compression.methods.rtn import quantize_weight
+from dtm_core.compression.pair import make_pair
 
 from conftest import make_tiny, random_prompts
 from test_families import FAMILIES, make

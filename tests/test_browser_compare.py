@@ -5,6 +5,7 @@ import shutil
 import pytest
 
 from apphelpers import running_app
+from conftest import WAIT_MS
 
 pytestmark = pytest.mark.skipif(shutil.which("chromium") is None,
                                 reason="Debian's chromium is not installed (run.sh installs it)")
@@ -27,6 +28,19 @@ RECORDER = """
 """
 
 
+class PatientBrowser:
+    """Pages whose every wait (locators, clicks, navigation) is bounded by WAIT_MS: the page waits
+    on the work's own signals, however busy the machine."""
+
+    def __init__(self, browser):
+        self.browser = browser
+
+    def new_page(self, **kw):
+        page = self.browser.new_page(**kw)
+        page.set_default_timeout(WAIT_MS)
+        return page
+
+
 @pytest.fixture(scope="module")
 def browser():
     from playwright.sync_api import sync_playwright
@@ -34,7 +48,7 @@ def browser():
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=shutil.which("chromium"), headless=True,
                               args=CHROMIUM_ARGS)
-        yield b
+        yield PatientBrowser(b)
         b.close()
 
 
@@ -60,9 +74,9 @@ def set_tokens(page, n):
 
 
 def test_stream_highlight_matches_engine_and_stop(browser, app_url, default_model):
-    from dtm_core.compress import Recipe
-    from dtm_core.divergence import divergence
-    from dtm_core.pair import make_pair
+    from dtm_core.compression.recipe import Recipe
+    from dtm_core.measure.divergence import divergence
+    from dtm_core.compression.pair import make_pair
 
     page = browser.new_page()
     page.goto(app_url)
@@ -71,7 +85,7 @@ def test_stream_highlight_matches_engine_and_stop(browser, app_url, default_mode
     page.evaluate(RECORDER)
     page.locator("#generate").click()
     page.wait_for_function("document.querySelector('#status').innerText.includes('Done')",
-                           timeout=180_000)
+                           timeout=WAIT_MS)
     counts = page.evaluate("window.__counts")
     # both columns grew through at least three intermediate states before the end
     intermediate = [c for c in counts if 0 < c[0] < max(x[0] for x in counts)]
@@ -82,7 +96,7 @@ def test_stream_highlight_matches_engine_and_stop(browser, app_url, default_mode
     # a card: the label explains itself on hover, the line under the number says N
     card = page.locator(".metric-card").filter(has=page.locator("#fdt"))
     page.wait_for_function("[...document.querySelectorAll('.n-tokens')].every(s => "
-                           "s.textContent === '40')", timeout=5_000)
+                           "s.textContent === '40')", timeout=WAIT_MS)
     assert "of N = 40 new tokens" in card.inner_text()
     assert "First divergent token" in card.locator(".metric-head").get_attribute("title")
     engine = divergence(make_pair(default_model, Recipe.single("int8")),
@@ -112,10 +126,10 @@ def test_stream_highlight_matches_engine_and_stop(browser, app_url, default_mode
     page.locator("#generate").click()
     page.wait_for_function(
         "document.querySelector('#status').innerText.includes('Streaming') && "
-        "document.querySelectorAll('#dense-output [data-pos]').length >= 5", timeout=60_000)
+        "document.querySelectorAll('#dense-output [data-pos]').length >= 5", timeout=WAIT_MS)
     page.locator("#stop").click()
     page.wait_for_function("document.querySelector('#status').innerText.includes('Stopped')",
-                           timeout=60_000)
+                           timeout=WAIT_MS)
     n_stopped = page.locator("#dense-output [data-pos]").count()
     assert 5 <= n_stopped < 400
     page.wait_for_timeout(1000)
@@ -124,7 +138,7 @@ def test_stream_highlight_matches_engine_and_stop(browser, app_url, default_mode
     page.locator("#prompt textarea").fill("Water boils at")
     page.locator("#generate").click()
     page.wait_for_function("document.querySelector('#status').innerText.includes('Done')",
-                           timeout=60_000)
+                           timeout=WAIT_MS)
     assert 1 <= page.locator("#dense-output [data-pos]").count() <= 8
 
 
@@ -138,13 +152,13 @@ def test_bad_spec_shows_message_and_app_keeps_serving(browser, app_url):
     page.locator("#prompt textarea").fill("Hello")
     page.locator("#generate").click()
     page.wait_for_function("document.querySelector('#status').innerText.includes('Accepted forms')",
-                           timeout=30_000)
+                           timeout=WAIT_MS)
     page.reload()
     page.locator("#prompt textarea").fill("Hello")
     set_tokens(page, 4)
     page.locator("#generate").click()
     page.wait_for_function("document.querySelector('#status').innerText.includes('Done')",
-                           timeout=120_000)
+                           timeout=WAIT_MS)
 
 
 def test_prompt_set_upload_table_plots_and_row_to_compare(browser, app_url, tmp_path):
@@ -158,7 +172,7 @@ def test_prompt_set_upload_table_plots_and_row_to_compare(browser, app_url, tmp_
     page.locator("#set-new-tokens input[type=number]").press("Enter")
     page.locator("#set-run").click()
     page.wait_for_function("document.querySelector('#set-status').innerText.includes('Done')",
-                           timeout=180_000)
+                           timeout=WAIT_MS)
     status = page.locator("#set-status").inner_text()
     assert "line 2" in status and "malformed JSON" in status   # told exactly what was rejected
     table_text = page.locator("#set-table").inner_text()
@@ -166,7 +180,7 @@ def test_prompt_set_upload_table_plots_and_row_to_compare(browser, app_url, tmp_
     for number in re.findall(r"\d+\.\d+", table_text):     # 3 significant digits at most
         assert len(number.replace(".", "").lstrip("0")) <= 3, number
     for plot in ("#set-hist", "#set-survival", "#set-scatter"):
-        page.wait_for_selector(f"{plot} .js-plotly-plot", timeout=20_000)
+        page.wait_for_selector(f"{plot} .js-plotly-plot", timeout=WAIT_MS)
     summary = page.locator("#set-summary").inner_text()
     assert "Mean FDT" in summary and "McNemar p" in summary and "Flips" in summary
     assert page.locator("#set-csv a, #set-csv [download]").count() >= 1
@@ -178,13 +192,13 @@ def test_prompt_set_upload_table_plots_and_row_to_compare(browser, app_url, tmp_
     page.locator("#set-worst [role=gridcell]").filter(has_text="capital of").first.click()
     page.wait_for_function(
         "document.querySelector('#prompt textarea').value.includes('capital of')",
-        timeout=20_000)
+        timeout=WAIT_MS)
     page.get_by_role("tab", name="Prompt sets").click()
     # selecting a row opens its prompt in Compare
     page.locator("#set-table [role=gridcell]").filter(has_text="capital of Italy").first.click()
     page.wait_for_function(
         "document.querySelector('#prompt textarea').value.includes('capital of Italy')",
-        timeout=20_000)
+        timeout=WAIT_MS)
     assert page.locator("#prompt").is_visible()
 
 
@@ -202,7 +216,7 @@ def test_prompt_set_bad_file_message(browser, app_url, tmp_path):
     page.locator("#set-run").click()
     page.wait_for_function(
         "document.querySelector('#set-status').innerText.includes('no prompt column')",
-        timeout=60_000)
+        timeout=WAIT_MS)
 
 
 CELL_CENTER = """
@@ -230,7 +244,7 @@ def run_sensitivity(page, layers, kinds, n=8):
     fill(page, "sens-new-tokens", n)
     page.locator("#sens-run").click()
     page.wait_for_function("document.querySelector('#sens-status').innerText.includes('Done')",
-                           timeout=180_000)
+                           timeout=WAIT_MS)
 
 
 def test_sensitivity_heatmap_and_cell_to_compare(browser, app_url, tmp_path):
@@ -240,21 +254,22 @@ def test_sensitivity_heatmap_and_cell_to_compare(browser, app_url, tmp_path):
     upload_to_tab(page, app_url, "Sensitivity", "#sens-upload", f)
     run_sensitivity(page, "0-1", "q,down")
     assert "4 components" in page.locator("#sens-status").inner_text()
-    page.wait_for_selector("#sens-heatmap .js-plotly-plot", timeout=20_000)
+    page.wait_for_selector("#sens-heatmap .js-plotly-plot", timeout=WAIT_MS)
     shot(page, "sensitivity")
     # a real mouse click on the heatmap cell (layer 0, kind q) opens it in Compare
-    page.wait_for_timeout(1200)   # the click handler is attached within 0.5 s of a render
+    # the page marks the plot once its click handler is attached (assets/app.js)
+    page.wait_for_selector("#sens-heatmap .js-plotly-plot[data-click-ready]", timeout=WAIT_MS)
     page.locator("#sens-heatmap").scroll_into_view_if_needed()   # viewport coordinates below
     x, y = page.evaluate(CELL_CENTER, [0, "q"])
     page.mouse.click(x, y)
     components = "document.querySelector('#components textarea, #components input').value"
-    page.wait_for_function(f"{components} === '0.q'", timeout=20_000)
+    page.wait_for_function(f"{components} === '0.q'", timeout=WAIT_MS)
     assert page.locator("#prompt textarea").input_value() == "The capital of France is"
     assert page.locator("#preset input").first.input_value() == "custom spec"
     # and so does a row of the cells table
     page.get_by_role("tab", name="Sensitivity").click()
     page.locator("#sens-table [role=gridcell]").filter(has_text="1.down").first.click()
-    page.wait_for_function(f"{components} === '1.down'", timeout=20_000)
+    page.wait_for_function(f"{components} === '1.down'", timeout=WAIT_MS)
     assert page.locator("#prompt textarea").input_value() == "The capital of France is"
 
 
@@ -268,11 +283,11 @@ def test_kld_report_from_uploaded_text(browser, app_url):
     page.locator("#kld-run").click()
     page.wait_for_function(
         "document.querySelector('#kld-report textarea').value.includes('Same top p')",
-        timeout=300_000)
+        timeout=WAIT_MS)
     report = page.locator("#kld-report textarea").input_value()
     assert "Mean    KLD" in report and "ctx 128" in report
-    page.wait_for_selector("#kld-hist .js-plotly-plot", timeout=20_000)
-    page.wait_for_selector("#kld-dp .js-plotly-plot", timeout=20_000)
+    page.wait_for_selector("#kld-hist .js-plotly-plot", timeout=WAIT_MS)
+    page.wait_for_selector("#kld-dp .js-plotly-plot", timeout=WAIT_MS)
     # the statistics as CSV and JSON downloads, read back as they are served
     import json
     import urllib.request
@@ -281,7 +296,7 @@ def test_kld_report_from_uploaded_text(browser, app_url):
 
     for box in ("#kld-csv", "#kld-json"):
         link = page.locator(f"{box} a").first
-        link.wait_for(timeout=20_000)
+        link.wait_for(timeout=WAIT_MS)
         href = link.get_attribute("href")
         data = urllib.request.urlopen(href if href.startswith("http") else app_url.rstrip("/")
                                       + href).read().decode("utf-8")
@@ -303,9 +318,9 @@ def choose(page, elem_id, value):
 
 def test_intactkv_compare_names_pivots_matches_engine_and_shows_sinks(browser, app_url,
                                                                       default_model):
-    from dtm_core.compress import Recipe
-    from dtm_core.divergence import divergence
-    from dtm_core.pair import make_pair
+    from dtm_core.compression.recipe import Recipe
+    from dtm_core.measure.divergence import divergence
+    from dtm_core.compression.pair import make_pair
 
     page = browser.new_page()
     page.goto(app_url)
@@ -316,7 +331,7 @@ def test_intactkv_compare_names_pivots_matches_engine_and_shows_sinks(browser, a
     set_tokens(page, 16)
     page.locator("#generate").click()
     page.wait_for_function("document.querySelector('#status').innerText.includes('Done')",
-                           timeout=180_000)
+                           timeout=WAIT_MS)
     status = page.locator("#status").inner_text()
     assert "with IntactKV prefix" in status and "keeps the dense KV of the first" in status
     assert "Without IntactKV: FDT" in status
@@ -328,9 +343,9 @@ def test_intactkv_compare_names_pivots_matches_engine_and_shows_sinks(browser, a
     page.locator("#sinks-run").click()
     page.wait_for_function(
         "document.querySelector('#sinks-status').innerText.includes('Mean share')",
-        timeout=120_000)
-    page.wait_for_selector("#sink-heatmap .js-plotly-plot", timeout=20_000)
-    page.wait_for_selector("#massive-plot .js-plotly-plot", timeout=20_000)
+        timeout=WAIT_MS)
+    page.wait_for_selector("#sink-heatmap .js-plotly-plot", timeout=WAIT_MS)
+    page.wait_for_selector("#massive-plot .js-plotly-plot", timeout=WAIT_MS)
     # a number of first tokens on a tokenizer without BOS: the page says which tokens they are
     page.locator("#chat input").uncheck()
     fill(page, "intactkv", 2)
@@ -339,14 +354,14 @@ def test_intactkv_compare_names_pivots_matches_engine_and_shows_sinks(browser, a
     page.locator("#generate").click()
     page.wait_for_function("document.querySelector('#status').innerText.includes('Done') && "
                            "document.querySelector('#status').innerText.includes('IntactKV 2')",
-                           timeout=120_000)
+                           timeout=WAIT_MS)
     status = page.locator("#status").inner_text()
     assert "first 2 tokens: 'The', ' capital'" in status and "no BOS" in status
     # a bad setting is a message, and the page keeps working
     fill(page, "intactkv", "lots")
     page.locator("#generate").click()
     page.wait_for_function("document.querySelector('#status').innerText.includes('IntactKV "
-                           "must be off')", timeout=60_000)
+                           "must be off')", timeout=WAIT_MS)
 
 
 def test_intactkv_prompt_set_comparison_and_sweep_views(browser, app_url, tmp_path):
@@ -358,7 +373,7 @@ def test_intactkv_prompt_set_comparison_and_sweep_views(browser, app_url, tmp_pa
     fill(page, "set-new-tokens", 8)
     page.locator("#set-run").click()
     page.wait_for_function("document.querySelector('#set-status').innerText.includes('Done')",
-                           timeout=180_000)
+                           timeout=WAIT_MS)
     assert "with and without IntactKV 1" in page.locator("#set-status").inner_text()
     comp = page.locator("#intactkv-comparison").inner_text()
     assert "mean FDT" in comp and "IntactKV 1" in comp and "without IntactKV" in comp
@@ -370,7 +385,7 @@ def test_intactkv_prompt_set_comparison_and_sweep_views(browser, app_url, tmp_pa
     fill(page, "calib-steps", 3)
     page.locator("#set-run").click()
     page.wait_for_function("document.querySelector('#set-status').innerText.includes("
-                           "'Calibrated pivot KV')", timeout=240_000)
+                           "'Calibrated pivot KV')", timeout=WAIT_MS)
     assert "with and without IntactKV prefix+cal" in page.locator("#set-status").inner_text()
     assert "(uncalibrated)" in page.locator("#intactkv-comparison").inner_text()
 
@@ -379,13 +394,13 @@ def test_intactkv_prompt_set_comparison_and_sweep_views(browser, app_url, tmp_pa
     fill(page, "intactkv", 1)
     run_sensitivity(page, "0", "v,down")
     assert "with IntactKV 1 and without" in page.locator("#sens-status").inner_text()
-    page.wait_for_selector("#sens-heatmap .js-plotly-plot", timeout=20_000)
+    page.wait_for_selector("#sens-heatmap .js-plotly-plot", timeout=WAIT_MS)
     assert "IntactKV 1" in page.locator("#sens-heatmap .gtitle").text_content()
     assert "mean FDT (tokens) · plain" in page.locator("#sens-table").inner_text()
     page.locator("#sens-view").get_by_text("IntactKV − plain").click()
     page.wait_for_function(
         "document.querySelector('#sens-heatmap .gtitle').textContent.includes('− plain')",
-        timeout=20_000)
+        timeout=WAIT_MS)
 
 
 def test_awq_with_chunked_calibration_text_in_compare(browser, app_url):
@@ -405,7 +420,7 @@ def test_awq_with_chunked_calibration_text_in_compare(browser, app_url):
     set_tokens(page, 8)
     page.locator("#generate").click()
     page.wait_for_function("document.querySelector('#status').innerText.includes('Done')",
-                           timeout=180_000)
+                           timeout=WAIT_MS)
     status = page.locator("#status").inner_text()
     assert "chunks of 32 tokens, the first 4" in status, status
     shot(page, "compare-awq-calibration")
@@ -421,7 +436,7 @@ def test_status_is_text_and_selections_people_type(browser, app_url):
     set_tokens(page, 4)
     page.locator("#generate").click()
     page.wait_for_function("document.querySelector('#status').innerText.includes('Done')",
-                           timeout=120_000)
+                           timeout=WAIT_MS)
     status = page.locator("#status").inner_text()
     assert "int8@*.q, *.k" in status, status
     assert page.locator("#status em, #status strong").count() == 0
@@ -433,9 +448,9 @@ def test_status_is_text_and_selections_people_type(browser, app_url):
 def test_empty_states_and_newline_tokens(browser, app_url, default_model):
     """Before a run, tables show their real headers (no 1 2 3 placeholder) and plots say what
     will appear; a newline the model writes is visible as ⏎ in both token columns."""
-    from dtm_core.compress import Recipe
-    from dtm_core.divergence import divergence
-    from dtm_core.pair import make_pair
+    from dtm_core.compression.recipe import Recipe
+    from dtm_core.measure.divergence import divergence
+    from dtm_core.compression.pair import make_pair
 
     page = browser.new_page(viewport={"width": 1500, "height": 1100})
     page.goto(app_url)
@@ -455,7 +470,7 @@ def test_empty_states_and_newline_tokens(browser, app_url, default_model):
     set_tokens(page, 24)
     page.locator("#generate").click()
     page.wait_for_function("document.querySelector('#status').innerText.includes('Done')",
-                           timeout=120_000)
+                           timeout=WAIT_MS)
     for col in ("#dense-output", "#compressed-output"):
         assert page.locator(f"{col} .nl").count() >= 1
         assert "⏎" in page.locator(col).inner_text()
@@ -481,7 +496,7 @@ def test_second_checkpoint_is_described_and_compared(browser, app_url, tmp_path_
     box.press("Enter")
     page.wait_for_function(
         "document.querySelector('#checkpoint-info').innerText.includes('int-quantized')",
-        timeout=60_000)
+        timeout=WAIT_MS)
     info = page.locator("#checkpoint-info").inner_text()
     assert "W8A8 per channel symmetric, 210 linears" in info, info
     assert "int8 dynamic per-token input activations" in info and "for the base" in info, info
@@ -489,10 +504,10 @@ def test_second_checkpoint_is_described_and_compared(browser, app_url, tmp_path_
     set_tokens(page, 12)
     page.locator("#generate").click()
     page.wait_for_function("document.querySelector('#status').innerText.includes('Done')",
-                           timeout=180_000)
+                           timeout=WAIT_MS)
     assert page.locator("#dense-output [data-pos]").count() >= 1
     assert page.locator("#compressed-output [data-pos]").count() >= 1
-    page.wait_for_selector("#position-plot .js-plotly-plot", timeout=20_000)
+    page.wait_for_selector("#position-plot .js-plotly-plot", timeout=WAIT_MS)
     shot(page, "compare-checkpoint")
 
 
@@ -509,16 +524,16 @@ def test_explain_the_first_divergent_token_and_a_clicked_one(browser, app_url):
     set_tokens(page, 16)
     page.locator("#generate").click()
     page.wait_for_function("document.querySelector('#status').innerText.includes('Done')",
-                           timeout=180_000)
+                           timeout=WAIT_MS)
     fdt = int(page.locator("#fdt").inner_text())
     page.locator("#explain-run").click()
     page.wait_for_function(
         "document.querySelector('#explain-status').innerText.includes('is carried by')",
-        timeout=300_000)
+        timeout=WAIT_MS)
     status = page.locator("#explain-status").inner_text()
     assert f"The divergence at token {fdt} " in status, status
-    page.wait_for_selector("#explain-lens .js-plotly-plot", timeout=20_000)
-    page.wait_for_selector("#explain-heatmap .js-plotly-plot", timeout=20_000)
+    page.wait_for_selector("#explain-lens .js-plotly-plot", timeout=WAIT_MS)
+    page.wait_for_selector("#explain-heatmap .js-plotly-plot", timeout=WAIT_MS)
     assert "Logit lens at position" in page.locator("#explain-lens").inner_text()
     first = status.split("carried by: ")[1].split(" (")[0]
     table = page.locator("#explain-table").inner_text()
@@ -529,7 +544,7 @@ def test_explain_the_first_divergent_token_and_a_clicked_one(browser, app_url):
     page.locator("#compressed-output [data-pos='0']").click()
     page.wait_for_function(
         "document.querySelector('#explain-status').innerText.includes('position 0 ')",
-        timeout=300_000)
+        timeout=WAIT_MS)
     assert page.locator("#explain-position input").input_value() == "0"
 
 
@@ -546,10 +561,10 @@ def test_mixed_plan_pareto_chart_holdout_table_and_exports(browser, app_url, tmp
     page.locator("#mplan-run").scroll_into_view_if_needed()
     page.locator("#mplan-run").click()
     page.wait_for_function("document.querySelector('#mplan-status').innerText"
-                           ".includes('the plan keeps')", timeout=300_000)
+                           ".includes('the plan keeps')", timeout=WAIT_MS)
     status = page.locator("#mplan-status").inner_text()
     assert "bits per weight" in status and "held-out prompts" in status, status
-    page.wait_for_selector("#mplan-chart .js-plotly-plot", timeout=20_000)
+    page.wait_for_selector("#mplan-chart .js-plotly-plot", timeout=WAIT_MS)
     # one point per row: the plan, the DTM planner, KL-ranked, random and three uniform specs
     names = page.evaluate("Array.from(document.querySelector('#mplan-chart .js-plotly-plot')"
                           ".data).map(t => t.name)")
@@ -567,7 +582,7 @@ def test_mixed_plan_pareto_chart_holdout_table_and_exports(browser, app_url, tmp
     # one sentence on a plan made of pruning specs
     page.locator("#mplan-export").click()
     page.wait_for_function("document.querySelector('#mplan-export-status').innerText"
-                           ".includes('llama_cpp_tensor_types.txt')", timeout=60_000)
+                           ".includes('llama_cpp_tensor_types.txt')", timeout=WAIT_MS)
     links = page.locator("#mplan-files a")
     assert links.count() == 2
     fill(page, "mplan-specs", "magnitude:0.5,magnitude:0.9")
@@ -575,14 +590,14 @@ def test_mixed_plan_pareto_chart_holdout_table_and_exports(browser, app_url, tmp
     fill(page, "mplan-budget", 0.6)
     page.locator("#mplan-run").click()
     page.wait_for_function("document.querySelector('#mplan-status').innerText.includes('within 60% sparsity')",
-                           timeout=300_000)
+                           timeout=WAIT_MS)
     page.locator("#mplan-export").click()
     page.wait_for_function("document.querySelector('#mplan-export-status').innerText"
-                           ".includes('no tensor type')", timeout=60_000)
+                           ".includes('no tensor type')", timeout=WAIT_MS)
     assert "Traceback" not in page.locator("#mplan-export-status").inner_text()
     choose(page, "mplan-export-kind", "llmcompressor")
     page.locator("#mplan-export").click()
     page.wait_for_function("document.querySelector('#mplan-export-status').innerText"
-                           ".includes('recipe.yaml')", timeout=60_000)
+                           ".includes('recipe.yaml')", timeout=WAIT_MS)
     href = page.locator("#mplan-files a").first.get_attribute("href")
     assert href and "recipe.yaml" in href

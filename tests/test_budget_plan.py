@@ -12,20 +12,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import NumberTokenizer, make_tiny, random_prompts
-from dtm_core.allocation import (KEEP, Budget, ChoiceTable, choice_table, dtm_allocation,
-                                 knapsack, losses, random_allocation)
-from dtm_core.budget_plan import (HOLDOUT_COLUMNS, make_budget_plan, parse_specs, recipe_of,
-                                  split_prompts)
-from dtm_core.compress import Recipe
-from dtm_core.divergence import divergence, reference_continuations
+from conftest import NumberTokenizer, make_tiny, random_prompts, WAIT_S
+from dtm_core.planning.allocation import (KEEP, Budget, ChoiceTable, choice_table, dtm_allocation,
+                                          knapsack, losses, random_allocation)
+from dtm_core.planning.budget_plan import (HOLDOUT_COLUMNS, make_budget_plan, parse_specs,
+                                           recipe_of, split_prompts)
+from dtm_core.compression.recipe import Recipe
+from dtm_core.measure.divergence import divergence, reference_continuations
 from dtm_core.errors import DTMError
-from dtm_core.evaluate import evaluate
-from dtm_core.methods import parse_spec
-from dtm_core.pair import make_pair
-from dtm_core.plan_exports import (export_plan, llama_cpp_arguments, llmcompressor_recipe,
-                                   tensor_type_patterns, torchao_config)
-from dtm_core.prompts import PromptRecord, PromptSet
+from dtm_core.measure.evaluate import evaluate
+from dtm_core.compression.methods import parse_spec
+from dtm_core.compression.pair import make_pair
+from dtm_core.planning.plan_exports import (export_plan, llama_cpp_arguments, llmcompressor_recipe,
+                                            tensor_type_patterns, torchao_config)
+from dtm_core.measure.prompts import PromptRecord, PromptSet
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -86,7 +86,7 @@ def test_storage_bits_count_scales_zero_points_masks_and_the_working_dtype():
 def test_choice_table_of_a_real_model_counts_every_matrix():
     m = make_tiny("llama")
     import pandas as pd
-    from dtm_core.components import all_components
+    from dtm_core.models.components import all_components
 
     comps = all_components(m.model)
     cells = pd.DataFrame({"component": [c.name for c in comps], "fdt_mean": 5.0, "kl_mean": 0.1})
@@ -237,7 +237,7 @@ def test_budget_plan_is_verified_by_a_real_evaluation(planned):
     assert (cells[cells.spec == KEEP].fdt_mean == 10).all()
     assert (cells[cells.spec == "int4:g16"].bits_per_weight == 5).all()
     # a plan.json reads back as the same plan (the app's exports start from it)
-    from dtm_core.budget_plan import BudgetPlan
+    from dtm_core.planning.budget_plan import BudgetPlan
     again = json.loads(json.dumps(BudgetPlan.from_json(json.loads(json.dumps(data))).to_json()))
     assert again == json.loads(json.dumps(data))
     with pytest.raises(DTMError, match="not a mixed plan"):
@@ -270,7 +270,7 @@ def test_holdout_table_rows_are_what_evaluate_gives(planned):
 
 def test_sweeps_are_cached_per_cell(planned, tmp_path):
     m, pset, plan, cache = planned
-    import dtm_core.sweep as sw
+    import dtm_core.analysis.sweep.run as sw
 
     calls = []
     orig = sw._cell_row
@@ -353,13 +353,13 @@ def test_bad_plan_requests_are_sentences(tmp_path):
 def default_gguf_names() -> list[str]:
     from gguf import GGUFReader
 
-    from dtm_core.sources import default_gguf_path
+    from dtm_core.models.sources import default_gguf_path
     return [t.name for t in GGUFReader(str(default_gguf_path())).tensors]
 
 
 def test_llama_cpp_regexes_match_exactly_the_intended_gguf_tensors():
     names = default_gguf_names()                 # written by llama.cpp's converter
-    from dtm_core.families import FAMILIES
+    from dtm_core.models.families import FAMILIES
     fam = next(f for f in FAMILIES if f.name == "llama")
     rng = np.random.default_rng(0)
     kinds = ["q", "k", "v", "o", "gate", "up", "down"]
@@ -475,7 +475,7 @@ def test_cli_plan_with_specs_and_a_bits_budget_writes_plan_json_and_exports(tmp_
                         "--holdout", "0.34", "--cache-dir", str(tmp_path / "c"), "--out",
                         str(out), "--export", "llama.cpp", str(tmp_path / "l"), "--export",
                         "recipe", str(tmp_path / "r")],
-                       cwd=ROOT, capture_output=True, text=True, timeout=900)
+                       cwd=ROOT, capture_output=True, text=True, timeout=WAIT_S)
     assert r.returncode == 0, r.stderr[-2000:]
     data = json.loads(out.read_text())
     assert len(data["assignments"]) == 4 and data["avg_bits"] <= 5
@@ -489,7 +489,7 @@ def test_cli_plan_with_specs_and_a_bits_budget_writes_plan_json_and_exports(tmp_
     assert Recipe.load(str(tmp_path / "r" / "recipe.json")).to_json() == data["recipe"]
     bad = subprocess.run([sys.executable, "-m", "dtm_core", "plan", "--specs", "int8",
                           "--budget-bits", "5", "--budget-sparsity", "0.5", "--prompts", str(p)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+                         cwd=ROOT, capture_output=True, text=True, timeout=WAIT_S)
     assert bad.returncode != 0 and "Give one budget" in bad.stderr
     assert "Traceback" not in bad.stderr
 

@@ -12,14 +12,14 @@ import torch
 
 import checkpoint_writers as W
 from conftest import greedy_fdt, hf_greedy
-from dtm_core import checkpoints as C
-from dtm_core.compress import Recipe
-from dtm_core.divergence import divergence
+from dtm_core.models import checkpoints as C
+from dtm_core.compression.recipe import Recipe
+from dtm_core.measure.divergence import divergence
 from dtm_core.errors import DTMError
 from dtm_core.jobs import PairRequest, build_pair
-from dtm_core.models import checkpoint_weights, eos_ids, load_model
-from dtm_core.pair import make_pair
-from dtm_core.sweep import sweep
+from dtm_core.models.load import checkpoint_weights, eos_ids, load_model
+from dtm_core.compression.pair import make_pair
+from dtm_core.analysis.sweep import sweep
 
 N = 8
 PROMPTS = [[1, 450, 3681, 29], [1, 12, 7, 9, 1000, 4000], [1, 300, 301, 302, 303, 304, 305],
@@ -286,7 +286,7 @@ def test_torchao_int8_checkpoint(ck, base):
 
 
 def test_kld_report_on_a_checkpoint_pair(ck, base):
-    from dtm_core.kld import score_text
+    from dtm_core.measure.kld import score_text
 
     pair = build_pair(base, PairRequest(compressed_model=str(_ct(ck, "W8A8"))))
     stats, _ = score_text(pair, "the cat sat on the mat and then it ran away " * 8, ctx=32)
@@ -338,9 +338,9 @@ def test_sensitivity_tab_sweeps_a_checkpoint_with_weight_errors_and_the_whole(ck
 def test_plan_and_prompt_sets_with_a_checkpoint(ck, base, tmp_path):
     """from:PATH plans like any spec (the plan's recipe reproduces its verified FDT), and a
     checkpoint pair evaluates a prompt set with the same per-prompt FDT as divergence."""
-    from dtm_core.evaluate import evaluate
-    from dtm_core.plan import make_plan
-    from dtm_core.prompts import PromptRecord, PromptSet
+    from dtm_core.measure.evaluate import evaluate
+    from dtm_core.planning.plan import make_plan
+    from dtm_core.measure.prompts import PromptRecord, PromptSet
 
     path = _ct(ck, "W4A16")
     res = sweep(base, f"from:{path}", PROMPTS, N, cache_dir=tmp_path)
@@ -360,7 +360,7 @@ def test_from_a_gguf_file_on_every_component_is_that_gguf(default_model, tmp_pat
     """A llama.cpp checkpoint as a per-component map: from:FILE.gguf on every component of the
     default model equals the GGUF pair (the requantized file differs only in the decoder's
     matrices), and one component alone changes only from that layer on."""
-    from dtm_core.models import default_gguf_path
+    from dtm_core.models.load import default_gguf_path
     from gguf_requant import requantize
 
     q4 = tmp_path / "q4_0.gguf"

@@ -2,8 +2,8 @@
 import pytest
 
 from dtm_core import DTMError
-from dtm_core.components import all_components, family_of, parse_selection, resolve
-from dtm_core.pair import checkpoint_pair
+from dtm_core.models.components import all_components, family_of, parse_selection, resolve
+from dtm_core.compression.pair import checkpoint_pair
 
 from conftest import TinyTokenizer, make_tiny
 
@@ -66,7 +66,7 @@ def test_checkpoint_pair_refuses_other_tokenizer():
 
 
 def test_gguf_file_path_loads_like_default():
-    from dtm_core.models import default_gguf_path, load_model
+    from dtm_core.models.load import default_gguf_path, load_model
 
     m = load_model(str(default_gguf_path()))
     assert type(m.model).__name__ == "LlamaForCausalLM"

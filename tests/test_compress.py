@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from dtm_core import DTMError
-from dtm_core.compress import (Recipe, apply_recipe, parse_spec, quantize_activation_per_token,
-                               transform_weight)
-from dtm_core.components import all_components, resolve
-from dtm_core.pair import make_pair, shared_copy, tensor_bytes
+from dtm_core.compression.recipe import (Recipe, apply_recipe, parse_spec,
+                                         quantize_activation_per_token, transform_weight)
+from dtm_core.models.components import all_components, resolve
+from dtm_core.compression.pair import make_pair, shared_copy, tensor_bytes
 
 from conftest import make_tiny
 

@@ -13,7 +13,7 @@ import sys
 import time
 
 from apphelpers import free_port
-from conftest import ROOT
+from conftest import ROOT, WAIT_S
 
 SPEC, LAYERS, N = "int4:g64", "0-5", "8"
 
@@ -38,7 +38,7 @@ def test_a_rank_killed_mid_sweep_loses_nothing(tmp_path):
                        "Machine learning is\n")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     one = subprocess.run(_sweep_args(prompts, tmp_path / "alone", tmp_path / "alone.csv"),
-                         cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+                         cwd=ROOT, capture_output=True, text=True, timeout=WAIT_S, env=env)
     assert one.returncode == 0, one.stderr[-2000:]
     port = free_port()
     procs = []
@@ -57,7 +57,7 @@ def test_a_rank_killed_mid_sweep_loses_nothing(tmp_path):
     procs[2].send_signal(signal.SIGKILL)
     procs[2].wait()
     killed_done = len(glob.glob(str(victim)))
-    outs = [p.communicate(timeout=900) for p in procs[:2]]
+    outs = [p.communicate(timeout=WAIT_S) for p in procs[:2]]
     for p, (o, e) in zip(procs[:2], outs):
         assert p.returncode == 0, e[-3000:]
     merged, alone = _rows(tmp_path / "merged.csv"), _rows(tmp_path / "alone.csv")
@@ -73,13 +73,13 @@ def test_a_rank_killed_mid_sweep_loses_nothing(tmp_path):
 def _torchrun(*args, procs=2):
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            "--nproc-per-node", str(procs), "-m", "dtm_core", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900,
+                          capture_output=True, text=True, timeout=WAIT_S,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
 def _alone(*args):
     return subprocess.run([sys.executable, "-m", "dtm_core", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900,
+                          capture_output=True, text=True, timeout=WAIT_S,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
@@ -162,7 +162,7 @@ def test_sensitivity_note_gives_the_torchrun_command_and_opens_its_result(tmp_pa
     # the command's sweep (one process here), then the app opens its cells from the store
     r = subprocess.run([sys.executable, "-m", "dtm_core", *cmd[6:-2], "--out",
                         str(tmp_path / "s.csv")], cwd=ROOT, capture_output=True, text=True,
-                       timeout=900)
+                       timeout=WAIT_S)
     assert r.returncode == 0, r.stderr[-2000:]
     heat, table, status, csv_path, state, parquet = sensitivity.run_sweep(
         "default", "int4:g64", str(f), "general", False, 6, "0", "q,down", "fdt_mean",

@@ -7,13 +7,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dtm_core.compress import Recipe
-from dtm_core.evaluate import (answer_correct, chosen_letter, evaluate, normalize,
-                               paired_bootstrap)
-from dtm_core.generation import encode_prompts
-from dtm_core.models import eos_ids
-from dtm_core.pair import make_pair
-from dtm_core.prompts import PromptSet, PromptRecord, load_prompts
+from dtm_core.compression.recipe import Recipe
+from dtm_core.measure.evaluate import (answer_correct, chosen_letter, evaluate, normalize,
+                                       paired_bootstrap)
+from dtm_core.models.generation import encode_prompts
+from dtm_core.models.load import eos_ids
+from dtm_core.compression.pair import make_pair
+from dtm_core.measure.prompts import PromptSet, PromptRecord, load_prompts
 
 from conftest import NumberTokenizer, hf_greedy, make_tiny
 
@@ -150,7 +150,7 @@ def _mcnemar_by_enumeration(b, c):
 
 @pytest.mark.parametrize("seed", range(6))
 def test_flips_and_exact_mcnemar_against_slow_references(seed):
-    from dtm_core.evaluate import flips, mcnemar_exact
+    from dtm_core.measure.evaluate import flips, mcnemar_exact
 
     rng = np.random.default_rng(seed)
     n = int(rng.integers(5, 40))
@@ -170,7 +170,7 @@ def test_flips_and_exact_mcnemar_against_slow_references(seed):
 def test_worst_prompts_rank_and_show_the_divergent_tokens():
     """Lowest FDT (then highest KL) first, or highest KL; the tokens shown at the divergence are
     the reference's and the compressed model's own greedy token there."""
-    from dtm_core.models import LoadedModel
+    from dtm_core.models.load import LoadedModel
 
     lm = make_tiny("llama", scale=4.0)
     lm = LoadedModel(model=lm.model, tokenizer=NumberTokenizer(), source=lm.source,

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from conftest import make_tiny
-from dtm_core.compress import Recipe
-from dtm_core.components import all_components
-from dtm_core.divergence import divergence
+from dtm_core.compression.recipe import Recipe
+from dtm_core.models.components import all_components
+from dtm_core.measure.divergence import divergence
 from dtm_core.errors import DTMError
-from dtm_core.explain import explain, explain_set, first_divergence
-from dtm_core.pair import make_pair
+from dtm_core.analysis.explain import explain, explain_set, first_divergence
+from dtm_core.compression.pair import make_pair
 from test_families import make, prompts
 
 N = 10

@@ -8,12 +8,12 @@ import json
 import pandas as pd
 import pytest
 
-from dtm_core.compress import Recipe
-from dtm_core.evaluate import evaluate
-from dtm_core.exports import read_table, sidecar_path, write_table
+from dtm_core.compression.recipe import Recipe
+from dtm_core.measure.evaluate import evaluate
+from dtm_core.measure.exports import read_table, sidecar_path, write_table
 from dtm_core.jobs import PairCache
-from dtm_core.pair import make_pair
-from dtm_core.prompts import load_prompts
+from dtm_core.compression.pair import make_pair
+from dtm_core.measure.prompts import load_prompts
 
 from conftest import NumberTokenizer, make_tiny
 
@@ -77,12 +77,13 @@ def test_evaluate_tables_round_trip_through_pandas_defaults(tricky, tmp_path):
 
 
 def test_cli_tables_round_trip(tricky, tmp_path, monkeypatch, capsys):
-    import dtm_core.__main__ as cli
+    import dtm_core.cli as cli
+    import dtm_core.cli.options as options
 
     lm, path = tricky
     cache = PairCache()
     cache._dense = ("tiny", lm)
-    monkeypatch.setattr(cli, "_cache", lambda args: cache)
+    monkeypatch.setattr(options, "pair_cache", lambda args: cache)
     out = tmp_path / "ev.csv"
     js = tmp_path / "ev-full.json"
     assert cli.main(["evaluate", "--model", "tiny", "--compress", "int4", "--prompts", path,

@@ -11,21 +11,21 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from dtm_core.compress import Recipe
-from dtm_core.components import resolve
-from dtm_core.divergence import divergence
+from dtm_core.compression.recipe import Recipe
+from dtm_core.models.components import resolve
+from dtm_core.measure.divergence import divergence
 from dtm_core.errors import DTMError
-from dtm_core.levels import level_curves
-from dtm_core.methods import METHODS, Method, parse_spec, register, unregister
-from dtm_core.methods.registry import bad_spec, parse_sparsity
-from dtm_core.metrics import (METRICS, Aggregate, Column, TokenMetric, register_metric,
-                              unregister_metric)
-from dtm_core.pair import make_pair
-from dtm_core.plan import make_plan
-from dtm_core.streaming import stream_pair
-from dtm_core.sweep import prepare, sweep
+from dtm_core.analysis.levels import level_curves
+from dtm_core.compression.methods import METHODS, Method, parse_spec, register, unregister
+from dtm_core.compression.methods.registry import bad_spec, parse_sparsity
+from dtm_core.measure.metrics import (METRICS, Aggregate, Column, TokenMetric, register_metric,
+                                      unregister_metric)
+from dtm_core.compression.pair import make_pair
+from dtm_core.planning.plan import make_plan
+from dtm_core.measure.streaming import stream_pair
+from dtm_core.analysis.sweep import prepare, sweep
 
-from conftest import ROOT, NumberTokenizer, make_tiny, random_prompts
+from conftest import ROOT, NumberTokenizer, make_tiny, random_prompts, WAIT_S
 
 N = 8
 
@@ -158,14 +158,14 @@ def test_registered_method_in_the_cli_by_plugin(tmp_path):
                PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     cmd = [sys.executable, "-m", "dtm_core", "divergence", "--compress", "chanprune:0.3",
            "--components", "0-2.down", "--prompts", str(prompts), "--new-tokens", "6"]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=WAIT_S, env=env)
     assert r.returncode == 0, r.stderr
     assert "chanprune:0.3@0-2.down" in r.stdout and "fdt_mean" in r.stdout
     assert "Calibration statistics from the evaluated prompts (2 prompts)" in r.stderr
     h = subprocess.run([sys.executable, "-m", "dtm_core", "divergence", "--help"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120, env=env)
+                       capture_output=True, text=True, timeout=WAIT_S, env=env)
     assert "chanprune:S" in h.stdout
-    bad = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
+    bad = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=WAIT_S,
                          env=dict(env, DTM_PLUGINS="no_such_plugin"))
     assert bad.returncode == 2 and "no_such_plugin" in bad.stderr
     assert "Traceback" not in bad.stderr
@@ -221,8 +221,8 @@ def test_registered_metric_in_divergence_sweep_and_stream(top5, tmp_path):
 
 
 def test_metric_registry_defines_the_builtin_columns():
-    from dtm_core.divergence import COLUMNS, table_columns
-    from dtm_core.sweep import CELL_COLUMNS, cell_columns
+    from dtm_core.measure.divergence import COLUMNS, table_columns
+    from dtm_core.analysis.sweep import CELL_COLUMNS, cell_columns
 
     assert table_columns() == COLUMNS      # built-ins only: the documented order
     assert set(CELL_COLUMNS) <= set(cell_columns())

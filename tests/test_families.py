@@ -9,15 +9,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dtm_core.components import all_components, family_of, parse_selection, resolve
-from dtm_core.compress import Recipe, apply_recipe, parse_spec
-from dtm_core.divergence import divergence
+from dtm_core.models.components import all_components, family_of, parse_selection, resolve
+from dtm_core.compression.recipe import Recipe, apply_recipe, parse_spec
+from dtm_core.measure.divergence import divergence
 from dtm_core.errors import DTMError
-from dtm_core.generation import greedy_generate
-from dtm_core.models import LoadedModel, eos_ids
-from dtm_core.pair import make_pair, shared_copy, tensor_bytes
-from dtm_core.streaming import stream_pair
-from dtm_core.sweep import sweep
+from dtm_core.models.generation import greedy_generate
+from dtm_core.models.load import LoadedModel, eos_ids
+from dtm_core.compression.pair import make_pair, shared_copy, tensor_bytes
+from dtm_core.measure.streaming import stream_pair
+from dtm_core.analysis.sweep import sweep
 
 from conftest import VOCAB, ChatNumberTokenizer, TinyTokenizer, greedy_fdt, hf_greedy
 from test_intactkv import _greedy_from_dense_cache
@@ -133,7 +133,7 @@ def test_fdt_equals_real_greedy_divergence(fam):
 def test_fdt_equals_real_greedy_divergence_through_a_chat_template(fam):
     """Prompt texts through a chat template (user turn and generation prompt around them), in
     padded batches: FDT is where the two models' own greedy texts first differ."""
-    from dtm_core.generation import encode_prompts
+    from dtm_core.models.generation import encode_prompts
 
     lm = LoadedModel(model=fam.model, tokenizer=ChatNumberTokenizer(), source=fam.source,
                      description=fam.description, fingerprint=fam.fingerprint + "-chat")
@@ -301,7 +301,7 @@ def test_moe_pair_copies_only_the_compressed_parameters():
 def test_one_experts_copy_computes_what_a_full_copy_computes(family):
     """The overridden experts parameter gives the same logits, bit for bit, as a full copy of
     the 3-D parameter with the same experts compressed, and restores to the dense model."""
-    from dtm_core.expert_overrides import ExpertOverrides
+    from dtm_core.compression.expert_overrides import ExpertOverrides
 
     lm = make(family)
     ps = prompts(4, seed=2)
@@ -337,7 +337,7 @@ def test_parts_refuse_activation_quantization_with_a_sentence():
 def test_expert_statistics_are_each_experts_own_routed_inputs(family):
     """Each expert's statistics come from the tokens the router sends to it: prompt by prompt
     without padding, the routed hidden states (gate_up) and act(gate) * up of them (down)."""
-    from dtm_core.calibration import Calibration, expert_key
+    from dtm_core.compression.calibration import Calibration, expert_key
 
     lm = make(family)
     seqs = prompts(5, 3)
@@ -405,7 +405,7 @@ def test_intactkv_past_the_window_is_the_dense_pivot_cache_continued(family, k):
     while they are inside its window and, like the model itself, not once the window has moved
     past them. The obviously-correct reference computes exactly that: a dense prefill of the
     pivots, then the compressed model on the rest of the sequence on that cache."""
-    from dtm_core.intactkv import IntactKV, teacher_forced_pair
+    from dtm_core.compression.intactkv import IntactKV, teacher_forced_pair
 
     lm = make(family)
     pair = make_pair(lm, Recipe.single("int3", "*.*"))
@@ -421,7 +421,7 @@ def test_intactkv_past_the_window_is_the_dense_pivot_cache_continued(family, k):
 
 
 def test_expert_view_sweep_is_layer_by_expert(tmp_path):
-    from dtm_core.sweep import heatmap_frame
+    from dtm_core.analysis.sweep import heatmap_frame
 
     lm = make("mixtral")
     ps = prompts(4, seed=2)
@@ -436,7 +436,7 @@ def test_expert_view_sweep_is_layer_by_expert(tmp_path):
 
 
 def test_component_help_follows_the_family():
-    from dtm_core.families import family_for_type, kinds_help
+    from dtm_core.models.families import family_for_type, kinds_help
 
     assert "slices: q, k, v, gate, up" in kinds_help(family_for_type("phi3"))
     assert "one expert: eN.down" in kinds_help(family_for_type("mixtral"))
@@ -444,7 +444,7 @@ def test_component_help_follows_the_family():
 
 
 def test_attention_sink_view_on_every_family(fam):
-    from dtm_core.sinks import sink_tables
+    from dtm_core.analysis.sinks import sink_tables
 
     ids = prompts(1, seed=4, lo=12, hi=13)[0]
     shares, acts = sink_tables(fam.model, ids, k=2)

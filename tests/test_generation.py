@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from dtm_core.compress import Recipe
-from dtm_core.divergence import divergence, first_difference
-from dtm_core.generation import greedy_generate, plan_batches
-from dtm_core.models import eos_ids
-from dtm_core.pair import make_pair
+from dtm_core.compression.recipe import Recipe
+from dtm_core.measure.divergence import divergence, first_difference
+from dtm_core.models.generation import greedy_generate, plan_batches
+from dtm_core.models.load import eos_ids
+from dtm_core.compression.pair import make_pair
 
 from conftest import hf_greedy, random_prompts
 

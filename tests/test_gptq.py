@@ -7,15 +7,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dtm_core.compress import Recipe
-from dtm_core.divergence import divergence
+from dtm_core.compression.recipe import Recipe
+from dtm_core.measure.divergence import divergence
 from dtm_core.errors import DTMError
-from dtm_core.methods import parse_spec
-from dtm_core.methods.gptq import gptq_quantize
-from dtm_core.methods.rtn import grid_params, on_grid
-from dtm_core.methods.sparsegpt import sparsegpt_prune
-from dtm_core.pair import make_pair
-from dtm_core.sweep import sweep
+from dtm_core.compression.methods import parse_spec
+from dtm_core.compression.methods.gptq import gptq_quantize
+from dtm_core.compression.methods.rtn import grid_params, on_grid
+from dtm_core.compression.methods.sparsegpt import sparsegpt_prune
+from dtm_core.compression.pair import make_pair
+from dtm_core.analysis.sweep import sweep
 
 from conftest import make_tiny, random_prompts
 
@@ -183,7 +183,7 @@ def test_pairs_and_sweep_cells_with_hessian_methods(spec, tmp_path):
 def test_in_place_lapack_factor_equals_the_torch_factor(monkeypatch):
     """On CPU the factor is computed by LAPACK inside the Hessian's own memory; it is the torch
     computation's factor (upper triangle), also when the first tries fail and H is restored."""
-    import dtm_core.methods.obs as obs
+    import dtm_core.compression.methods.obs as obs
 
     _, _, h = problem(cols=300, n=400, seed=7)
     bad = h.clone()

@@ -11,13 +11,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dtm_core import DTMError
-from dtm_core.compress import Recipe, parse_spec
-from dtm_core.components import parse_selection
+from dtm_core.compression.recipe import Recipe, parse_spec
+from dtm_core.models.components import parse_selection
 from dtm_core.errors import user_error
-from dtm_core.prompts import parse_prompt_bytes
+from dtm_core.measure.prompts import parse_prompt_bytes
 
 from apphelpers import running_app
-from conftest import ROOT, make_tiny
+from conftest import ROOT, make_tiny, WAIT_S
 
 TINY = make_tiny("llama")
 FUZZ = settings(max_examples=300, deadline=None,
@@ -95,7 +95,7 @@ def test_out_of_memory_becomes_a_message():
 
 
 def test_model_too_large_is_refused_before_loading(monkeypatch):
-    import dtm_core.models as models
+    import dtm_core.models.load as models
     monkeypatch.setattr(models, "_available_bytes", lambda device: 10 * 2**20)
     with pytest.raises(DTMError, match="needs about .* GiB .* only 0.0 GiB are free"):
         models.load_model("default")
@@ -104,7 +104,7 @@ def test_model_too_large_is_refused_before_loading(monkeypatch):
 def test_auth_protects_the_page():
     with running_app("--auth", "alice:s3cret") as url:
         with pytest.raises(urllib.error.HTTPError) as e:
-            urllib.request.urlopen(url + "config", timeout=10)
+            urllib.request.urlopen(url + "config", timeout=WAIT_S)
         assert e.value.code in (401, 403)
         from gradio_client import Client
         with pytest.raises(Exception):

@@ -7,18 +7,18 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from dtm_core.compress import Recipe
-from dtm_core.divergence import divergence, pad_id_of
+from dtm_core.compression.recipe import Recipe
+from dtm_core.measure.divergence import divergence, pad_id_of
 from dtm_core.errors import DTMError
-from dtm_core.generation import GreedyDecoder, greedy_generate
-from dtm_core.intactkv import (CalibratedKV, IntactKV, PivotCache, calibrate, describe_pivots,
-                               right_pad_mask)
-from dtm_core.pair import Pair, make_pair, shared_copy
-from dtm_core.sinks import attention_maps, sink_tables
-from dtm_core.streaming import stream_pair
-from dtm_core.sweep import sweep
+from dtm_core.models.generation import GreedyDecoder, greedy_generate
+from dtm_core.compression.intactkv import (CalibratedKV, IntactKV, PivotCache, calibrate,
+                                           describe_pivots, right_pad_mask)
+from dtm_core.compression.pair import Pair, make_pair, shared_copy
+from dtm_core.analysis.sinks import attention_maps, sink_tables
+from dtm_core.measure.streaming import stream_pair
+from dtm_core.analysis.sweep import sweep
 
-from conftest import make_tiny, random_prompts
+from conftest import make_tiny, random_prompts, WAIT_S
 
 N = 10
 
@@ -213,7 +213,7 @@ def test_calibration_lowers_its_loss_and_is_cached(tmp_path):
 
 def test_sweep_with_calibrated_pivots_checks_its_context(tmp_path):
     """A calibrated setting compares by identity, so a sweep can check its prepared context."""
-    from dtm_core.sweep import prepare
+    from dtm_core.analysis.sweep import prepare
 
     tiny = make_tiny("llama", scale=2.0)
     prompts = bos_prompts(4, seed=6)
@@ -281,8 +281,8 @@ def test_describe_pivots_names_the_tokens(tiny):
 
 
 def test_chat_prefix_is_the_system_prompt(default_model):
-    from dtm_core.generation import encode_prompts
-    from dtm_core.intactkv import chat_prefix_ids
+    from dtm_core.models.generation import encode_prompts
+    from dtm_core.compression.intactkv import chat_prefix_ids
 
     tok = default_model.tokenizer
     pre = chat_prefix_ids(tok)
@@ -296,9 +296,9 @@ def test_chat_prefix_is_the_system_prompt(default_model):
 
 
 def test_evaluate_side_by_side_matches_separate_runs(default_model):
-    from dtm_core.evaluate import evaluate
-    from dtm_core.generation import encode_prompts
-    from dtm_core.prompts import parse_prompt_bytes
+    from dtm_core.measure.evaluate import evaluate
+    from dtm_core.models.generation import encode_prompts
+    from dtm_core.measure.prompts import parse_prompt_bytes
 
     pset = parse_prompt_bytes(
         b'{"question": "What is the capital of France?", "answer": "Paris"}\n'
@@ -335,7 +335,7 @@ def test_cli_divergence_and_calibrate(tmp_path):
     p = tmp_path / "p.txt"
     p.write_text("Name a fruit.\nWhat is the capital of Spain?\nSay hello.\nCount to three.\n")
     out, js = tmp_path / "d.csv", tmp_path / "d.json"
-    env = {"cwd": ROOT, "capture_output": True, "text": True, "timeout": 900}
+    env = {"cwd": ROOT, "capture_output": True, "text": True, "timeout": WAIT_S}
     r = subprocess.run([sys.executable, "-m", "dtm_core", "divergence", "--compress", "int4:g128",
                         "--prompts", str(p), "--chat", "--new-tokens", "8", "--intactkv",
                         "prefix", "--out", str(out), "--json", str(js)], **env)

@@ -5,13 +5,13 @@ import sys
 
 import pytest
 
-from dtm_core.compress import Recipe
-from dtm_core.divergence import divergence, first_difference
-from dtm_core.generation import encode_prompts
-from dtm_core.models import eos_ids
-from dtm_core.pair import make_pair
+from dtm_core.compression.recipe import Recipe
+from dtm_core.measure.divergence import divergence, first_difference
+from dtm_core.models.generation import encode_prompts
+from dtm_core.models.load import eos_ids
+from dtm_core.compression.pair import make_pair
 
-from conftest import ROOT, hf_greedy
+from conftest import ROOT, hf_greedy, WAIT_S
 
 PROMPTS = [
     "The capital of France is", "Once upon a time", "def fibonacci(n):",
@@ -46,7 +46,7 @@ def test_fdt_equals_real_greedy_divergence(default_model, recipe, chat):
 
 def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "dtm_core", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=WAIT_S)
 
 
 def test_cli_divergence_csv(tmp_path, default_model):

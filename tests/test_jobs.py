@@ -9,14 +9,14 @@ import pandas as pd
 import pytest
 import torch
 
-from dtm_core.calibration import calibration_from, calibration_for
-from dtm_core.compress import Recipe
-from dtm_core.divergence import divergence
+from dtm_core.compression.calibration import calibration_from, calibration_for
+from dtm_core.compression.recipe import Recipe
+from dtm_core.measure.divergence import divergence
 from dtm_core.errors import DTMError
-from dtm_core.intactkv import IntactKV
+from dtm_core.compression.intactkv import IntactKV
 from dtm_core.jobs import (CalibrationSetting, IntactKVSetting, PairRequest, build_pair,
                            compare_variants, sweep_variants)
-from dtm_core.pair import make_pair
+from dtm_core.compression.pair import make_pair
 
 from conftest import NumberTokenizer, make_tiny, random_prompts
 
@@ -52,7 +52,7 @@ def test_wanda_sweep_cell_opened_in_compare_is_the_measured_pair(tmp_path, monke
     pair = common.CACHE.open(req, [opened[4]])       # what Compare opens for that prompt
     assert "few.txt" in pair.calibration.label
     prompts = f.read_text().splitlines()
-    from dtm_core.generation import encode_prompts
+    from dtm_core.models.generation import encode_prompts
     ids = encode_prompts(default_model.tokenizer, prompts)
     assert pair.calibration is calibration_for(default_model.model, ids)   # the sweep's
     d = divergence(pair, prompts, N)
@@ -195,7 +195,8 @@ def test_calibration_text_cut_into_chunks_and_samples(tmp_path):
 
 
 def test_every_command_with_compress_takes_the_calibration_options():
-    from dtm_core.__main__ import _calibration, build_parser
+    from dtm_core.cli import build_parser
+    from dtm_core.cli.options import calibration_setting as _calibration
 
     parser = build_parser()
     base = {"divergence": ["--prompts", "p"], "evaluate": ["--prompts", "p"],

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from dtm_core.compress import Recipe
-from dtm_core.kld import KLDValues, chunk_positions, score_text, statistics
-from dtm_core.pair import make_pair
+from dtm_core.compression.recipe import Recipe
+from dtm_core.measure.kld import KLDValues, chunk_positions, score_text, statistics
+from dtm_core.compression.pair import make_pair
 
-from conftest import ROOT, NumberTokenizer, make_tiny
+from conftest import ROOT, NumberTokenizer, make_tiny, WAIT_S
 
 
 def test_chunking_hand_worked():
@@ -90,7 +90,7 @@ def test_uncertainty_formulas_small_sample():
 
 
 def test_two_gguf_files_as_a_pair(tmp_path):
-    from dtm_core.models import default_gguf_path
+    from dtm_core.models.load import default_gguf_path
     from gguf_requant import requantize
 
     q4 = tmp_path / "q4_0.gguf"
@@ -105,7 +105,7 @@ def test_two_gguf_files_as_a_pair(tmp_path):
                             str(default_gguf_path()), "--compressed-model", str(other), "--text",
                             str(text), "--ctx", "128", "--json", str(out),
                             "--cache-dir", str(tmp_path / "cache")],
-                           cwd=ROOT, capture_output=True, text=True, timeout=900)
+                           cwd=ROOT, capture_output=True, text=True, timeout=WAIT_S)
         assert r.returncode == 0, r.stderr
         assert "Same top p" in r.stdout and "KL divergence statistics" in r.stdout
         results[name] = json.loads(out.read_text())

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dtm_core.metrics import aggregate, perplexity, survival_curve, token_metrics
+from dtm_core.measure.metrics import aggregate, perplexity, survival_curve, token_metrics
 
 
 def slow_reference(dl, cl, ref, n_new):

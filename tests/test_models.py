@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from dtm_core import DTMError
-from dtm_core.models import (cache_root, default_gguf_path, load_model, resolve_dtype,
-                             validate_source)
+from dtm_core.models.load import (cache_root, default_gguf_path, load_model, resolve_dtype,
+                                  validate_source)
 
 
 def test_source_validation(tmp_path):

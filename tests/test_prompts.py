@@ -4,7 +4,7 @@ import json
 import pytest
 
 from dtm_core import DTMError
-from dtm_core.prompts import MAX_PROMPTS, load_prompts, parse_prompt_bytes
+from dtm_core.measure.prompts import MAX_PROMPTS, load_prompts, parse_prompt_bytes
 
 
 def test_txt_lines_and_blank_lines_reported():

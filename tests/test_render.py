@@ -42,9 +42,9 @@ def test_fdt_card_says_what_it_is():
 
 
 def test_position_plot_marks_the_first_divergent_token(default_model):
-    from dtm_core.compress import Recipe
-    from dtm_core.pair import make_pair
-    from dtm_core.streaming import stream_pair
+    from dtm_core.compression.recipe import Recipe
+    from dtm_core.compression.pair import make_pair
+    from dtm_core.measure.streaming import stream_pair
     from ui.render import position_plot
 
     pair = make_pair(default_model, Recipe.single("int3"))

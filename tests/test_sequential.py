@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dtm_core.calibration import Calibration, calibration_from
-from dtm_core.components import num_layers
-from dtm_core.compress import Recipe, apply_recipe
-from dtm_core.pair import make_pair, shared_copy
+from dtm_core.compression.calibration import Calibration, calibration_from
+from dtm_core.models.components import num_layers
+from dtm_core.compression.recipe import Recipe, apply_recipe
+from dtm_core.compression.pair import make_pair, shared_copy
 
 from conftest import make_tiny, random_prompts
 from test_families import make

@@ -4,11 +4,11 @@ import threading
 import pytest
 import torch
 
-from dtm_core.compress import Recipe
-from dtm_core.divergence import divergence
-from dtm_core.pair import make_pair
+from dtm_core.compression.recipe import Recipe
+from dtm_core.measure.divergence import divergence
+from dtm_core.compression.pair import make_pair
 from dtm_core.registry import Registry
-from dtm_core.streaming import stream_pair
+from dtm_core.measure.streaming import stream_pair
 
 from conftest import random_prompts
 
@@ -29,7 +29,7 @@ def test_stream_matches_engine(tiny, spec):
         kl = [s.kl for s in st.steps if s.dense_token is not None]
         torch.testing.assert_close(torch.tensor(kl), tm.kl, atol=1e-4, rtol=1e-3)
         # the compressed column is the compressed model's own greedy output
-        from dtm_core.generation import greedy_generate
+        from dtm_core.models.generation import greedy_generate
         own = greedy_generate(pair.compressed, [ids], 12, 0, {2})[0]
         assert st.comp_tokens == own
         assert len(states) >= 2

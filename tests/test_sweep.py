@@ -12,13 +12,13 @@ import time
 
 import pytest
 
-from dtm_core.compress import Recipe
-from dtm_core.divergence import divergence
-from dtm_core.pair import make_pair
-from dtm_core.plan import llama_cpp_overrides, make_plan
-from dtm_core.sweep import prepare, sweep
+from dtm_core.compression.recipe import Recipe
+from dtm_core.measure.divergence import divergence
+from dtm_core.compression.pair import make_pair
+from dtm_core.planning.plan import llama_cpp_overrides, make_plan
+from dtm_core.analysis.sweep import prepare, sweep
 
-from conftest import ROOT, random_prompts
+from conftest import ROOT, random_prompts, WAIT_S
 
 
 @pytest.mark.parametrize("spec", ["int4:g16", "magnitude:0.5", "w8a8"])
@@ -44,7 +44,7 @@ def test_cells_equal_single_component_divergence(tiny, spec, tmp_path):
 
 def cli(*args, **kw):
     return subprocess.run([sys.executable, "-m", "dtm_core", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900, **kw)
+                          capture_output=True, text=True, timeout=WAIT_S, **kw)
 
 
 def test_cli_sweep_cell_equals_cli_divergence(tmp_path):
@@ -119,7 +119,7 @@ def test_torchrun_shards_cells_across_two_ranks(tmp_path):
            "-m", "dtm_core", "sweep", "--compress", "int8", "--prompts", str(p),
            "--new-tokens", "6", "--layers", "0-1", "--cache-dir", str(tmp_path / "c"),
            "--out", str(out)]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=WAIT_S,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-2000:]
     # cells are handed out dynamically from the queue in the c10d store: the split varies
@@ -163,8 +163,8 @@ def test_progress_says_done_of_total_time_left_and_rate(tmp_path):
     CLI and the page alike."""
     import re
 
-    from dtm_core.evaluate import evaluate
-    from dtm_core.prompts import PromptRecord, PromptSet
+    from dtm_core.measure.evaluate import evaluate
+    from dtm_core.measure.prompts import PromptRecord, PromptSet
     from conftest import NumberTokenizer, make_tiny
 
     lm = make_tiny("llama", scale=4.0)

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import gradio as gr
 
-from dtm_core.allocation import Budget
-from dtm_core.budget_plan import BudgetPlan
+from dtm_core.planning.allocation import Budget
+from dtm_core.planning.budget_plan import BudgetPlan
 from dtm_core.errors import DTMError
 from dtm_core.jobs import plan_under_budget
-from dtm_core.plan_exports import EXPORTS, export_plan
+from dtm_core.planning.plan_exports import EXPORTS, export_plan
 
 from . import common
 from .render import cells_figure, friendly, pareto_figure, readable_table

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 import gradio as gr
 
 from dtm_core import DTMError
-from dtm_core.generation import encode_prompts
-from dtm_core.intactkv import describe_pivots
+from dtm_core.models.generation import encode_prompts
+from dtm_core.compression.intactkv import describe_pivots
 from dtm_core.jobs import CalibrationSetting, IntactKVSetting, PairCache, PairRequest
-from dtm_core.methods import parse_spec, presets
-from dtm_core.prompts import builtin_names, load_prompts, parse_prompt_bytes
+from dtm_core.compression.methods import parse_spec, presets
+from dtm_core.measure.prompts import builtin_names, load_prompts, parse_prompt_bytes
 
 CACHE = PairCache()                 # process-wide: models are big and shared by every session
 CUSTOM, CHECKPOINT = "custom spec", "second checkpoint"
@@ -91,7 +91,7 @@ class IntactKVForm:
 def checkpoint_info(source, preset, spec, checkpoint) -> str:
     """What the checkpoint of the compressed side is (the second checkpoint, or the PATH of a
     ``from:PATH`` custom spec), as Markdown lines; empty when the side names no checkpoint."""
-    from dtm_core.checkpoints import inspect
+    from dtm_core.models.checkpoints import inspect
 
     if preset == CHECKPOINT:
         path = (checkpoint or "").strip()
@@ -112,8 +112,8 @@ def checkpoint_info(source, preset, spec, checkpoint) -> str:
 
 def component_help(source):
     """The Components box's help line for the dense model's family (from its config only)."""
-    from dtm_core.families import family_for_type, kinds_help
-    from dtm_core.models import model_type_of
+    from dtm_core.models.families import family_for_type, kinds_help
+    from dtm_core.models.load import model_type_of
 
     # (an updated info is shown as text; only the constructor's is read as Markdown)
     return gr.update(info=kinds_help(family_for_type(model_type_of((source or "default")

@@ -8,12 +8,12 @@ from dataclasses import dataclass
 import gradio as gr
 
 from dtm_core import DTMError
-from dtm_core.generation import encode_prompts
-from dtm_core.intactkv import describe_pivots
+from dtm_core.models.generation import encode_prompts
+from dtm_core.compression.intactkv import describe_pivots
 from dtm_core.jobs import calibration_note, compare_variants, resolve_intactkv
-from dtm_core.models import DEFAULT_DESCRIPTION
-from dtm_core.sinks import pair_sinks
-from dtm_core.streaming import stream_pair
+from dtm_core.models.load import DEFAULT_DESCRIPTION
+from dtm_core.analysis.sinks import pair_sinks
+from dtm_core.measure.streaming import stream_pair
 
 from . import common
 from .common import STOPS, IntactKVForm, PairForm
@@ -115,7 +115,7 @@ def compare(model, preset, spec, components, checkpoint, prompt, chat, new_token
 def run_sinks(model, preset, spec, components, checkpoint, ikv_text, prompt, chat, k,
               calibration=None, calibration_file=None, calib_ctx=None, calib_samples=None,
               sequential=False):
-    from dtm_core.intactkv import IntactKV
+    from dtm_core.compression.intactkv import IntactKV
 
     try:
         if not (prompt or "").strip():

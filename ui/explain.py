@@ -9,9 +9,9 @@ from pathlib import Path
 import gradio as gr
 
 from dtm_core import DTMError
-from dtm_core.exports import write_table
-from dtm_core.explain import explain, explain_set
-from dtm_core.generation import encode_prompts
+from dtm_core.measure.exports import write_table
+from dtm_core.analysis.explain import explain, explain_set
+from dtm_core.models.generation import encode_prompts
 from dtm_core.jobs import PairRequest
 
 from . import common

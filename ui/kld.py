@@ -8,9 +8,9 @@ from pathlib import Path
 import gradio as gr
 
 from dtm_core import DTMError
-from dtm_core.exports import write_table
-from dtm_core.kld import format_report, score_text, statistics_table
-from dtm_core.prompts import read_text_file
+from dtm_core.measure.exports import write_table
+from dtm_core.measure.kld import format_report, score_text, statistics_table
+from dtm_core.measure.prompts import read_text_file
 
 from . import common
 from .common import PairForm

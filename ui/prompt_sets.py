@@ -8,10 +8,10 @@ from pathlib import Path
 
 import gradio as gr
 
-from dtm_core.evaluate import evaluate
-from dtm_core.exports import write_table
+from dtm_core.measure.evaluate import evaluate
+from dtm_core.measure.exports import write_table
 from dtm_core.jobs import calibration_note, compare_variants, resolve_intactkv
-from dtm_core.prompts import builtin_names
+from dtm_core.measure.prompts import builtin_names
 
 from . import common
 from .common import FIRST, STOPS, IntactKVForm, PairForm

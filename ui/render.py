@@ -11,9 +11,9 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from dtm_core.errors import user_error
-from dtm_core.evaluate import EvalResult
-from dtm_core.streaming import StreamState
-from dtm_core.sweep import heatmap_frame, heatmap_metrics
+from dtm_core.measure.evaluate import EvalResult
+from dtm_core.measure.streaming import StreamState
+from dtm_core.analysis.sweep import heatmap_frame, heatmap_metrics
 
 
 def friendly(exc: Exception) -> str:
@@ -353,7 +353,7 @@ def cell_curves(cells: pd.DataFrame) -> pd.DataFrame:
     """The level curves inside a mixed plan's cells: per kind and candidate, the mean over
     layers of the single-component fit mean FDT, against bits per weight (kept choices left
     out)."""
-    from dtm_core.allocation import KEEP
+    from dtm_core.planning.allocation import KEEP
 
     t = cells[cells.spec != KEEP].copy()
     t["kind"] = t.component.str.split(".", n=1).str[1]

@@ -10,14 +10,14 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from dtm_core.exports import write_table
-from dtm_core.generation import encode_prompts
-from dtm_core.intactkv import IntactKV
+from dtm_core.measure.exports import write_table
+from dtm_core.models.generation import encode_prompts
+from dtm_core.compression.intactkv import IntactKV
 from dtm_core.jobs import CalibrationSetting, plan_from_sweep, sweep_variants
-from dtm_core.levels import level_curves
-from dtm_core.methods import level_methods, parse_spec
-from dtm_core.prompts import builtin_names
-from dtm_core.sweep import heatmap_metrics
+from dtm_core.analysis.levels import level_curves
+from dtm_core.compression.methods import level_methods, parse_spec
+from dtm_core.measure.prompts import builtin_names
+from dtm_core.analysis.sweep import heatmap_metrics
 
 from . import common
 from .common import CUSTOM, EVALUATED, STOPS, PairForm
@@ -124,8 +124,8 @@ def sweep_note(model, spec, upload, builtin, chat, new_tokens, layers, kinds,
     """A note when the sweep is larger than this machine does in reasonable time: the estimate
     and the exact torchrun command (after which Run sweep opens the merged cells from the
     store)."""
-    from dtm_core.models import cache_root
-    from dtm_core.sweep import estimate_seconds, select_components
+    from dtm_core.models.load import cache_root
+    from dtm_core.analysis.sweep import estimate_seconds, select_components
 
     hidden = (gr.update(value="", visible=False), gr.update(value="", visible=False))
     try:

@@ -1,0 +1,43 @@
+"""``kld``: llama.cpp-style KL-divergence statistics of a pair on a text."""
+from __future__ import annotations
+
+import json
+
+from dtm_core.cli import options as opt
+
+NAME = "kld"
+
+
+def add_parser(sub) -> None:
+    kl = sub.add_parser(NAME, help="llama.cpp-style KL-divergence statistics on a text")
+    opt.model_args(kl)
+    kl.add_argument("--text", required=True, help="a UTF-8 text file")
+    kl.add_argument("--ctx", type=int, default=512, help="chunk size in tokens (default 512)")
+    kl.add_argument("--json", help="write the statistics as JSON here")
+    kl.add_argument("--out", help="the statistics as a CSV (statistic,value), or Parquet when the "
+                                  "name ends in .parquet; the configuration in NAME.json beside")
+
+
+def run(args) -> int:
+    from dtm_core.measure.kld import format_report, score_text
+    from dtm_core.measure.prompts import read_text_file
+
+    opt.check_common(args)
+    text = read_text_file(args.text)
+    pair = opt.load_pair(args, [line for line in text.splitlines() if line.strip()][:64])
+    store, rank = opt.join_world(pair)
+    stats, _ = score_text(pair, text, args.ctx, progress=opt.stderr_progress, store=store)
+    if rank != 0:       # torchrun: rank 0 reports the merged result
+        return 0
+    if args.out:
+        from dtm_core.measure.exports import write_table
+        from dtm_core.measure.kld import statistics_table
+        write_table(statistics_table(stats), args.out,
+                    {"command": "kld", "model": pair.dense.source, "pair": pair.label,
+                     "text": args.text, "ctx": args.ctx})
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(stats, fh, indent=2)
+    print(f"pair: {pair.dense.source} vs {pair.label}   ctx: {args.ctx}")
+    print(format_report(stats))
+    return 0

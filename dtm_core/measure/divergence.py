@@ -1,0 +1,153 @@
+"""Divergent-token metrics of a pair over a prompt set, from one teacher-forced pass per model.
+
+1. The dense model greedily continues every prompt (batched, KV cache): the reference.
+2. Prompt + reference go through each model once, teacher-forced, right-padded in batches.
+3. Per prompt, :func:`dtm_core.measure.metrics.token_metrics` compares the two logit tensors.
+
+The compressed model's argmax at position t, given the reference prefix, is exactly the token its own
+greedy decoding would emit there while the two outputs still agree, so FDT needs no generation of the
+compressed model at all.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import pandas as pd
+import torch
+
+from dtm_core.models.generation import (check_lengths, encode_prompts, greedy_generate, pad_id_of,
+                                        plan_batches, teacher_forced_logits, vocab_size)
+from dtm_core.compression.intactkv import IntactKV, teacher_forced_pair
+from dtm_core.measure.metrics import (TokenMetrics, aggregate, metric_columns, perplexity,
+                                      survival_curve, token_metrics)
+from dtm_core.models.load import LoadedModel, eos_ids
+from dtm_core.compression.pair import Pair
+
+Progress = Callable[[float, str], None]
+
+# the built-in metrics' columns in their documented order; a registered metric's columns come
+# after them, before the texts
+COLUMNS = ["prompt_index", "fdt", "sdt", "kl_mean", "kl_max", "top1_agree", "dp_ref_mean",
+           "ppl_dense", "ppl_compressed", "ppl_prompt_dense", "ppl_prompt_compressed",
+           "n_tokens", "ended_eos", "dense_self_agree", "prompt", "dense_text", "compressed_text"]
+
+
+def table_columns() -> list[str]:
+    """The per-prompt columns of :func:`divergence`, registered metrics included."""
+    extra = [c for c in metric_columns() if c not in COLUMNS]
+    return COLUMNS[:-3] + extra + COLUMNS[-3:]
+
+
+@dataclass
+class DivergenceResult:
+    table: pd.DataFrame
+    summary: dict
+    survival: pd.DataFrame
+    new_tokens: int
+    tokens: list[TokenMetrics] = field(default_factory=list, repr=False)
+    references: list[list[int]] = field(default_factory=list, repr=False)
+    prompt_ids: list[list[int]] = field(default_factory=list, repr=False)
+
+
+def reference_continuations(dense: LoadedModel, seqs: Sequence[Sequence[int]], new_tokens: int,
+                            batch_size: int = 16) -> list[list[int]]:
+    """The dense model's greedy continuations (up to N tokens, ending at the first EOS)."""
+    return greedy_generate(dense.model, seqs, new_tokens, pad_id_of(dense.tokenizer),
+                           eos_ids(dense), batch_size)
+
+
+def divergence(pair: Pair, prompts: Sequence[str] | None = None, new_tokens: int = 32, *,
+               chat: bool = False, batch_size: int = 16,
+               prompt_ids: Sequence[Sequence[int]] | None = None,
+               references: Sequence[Sequence[int]] | None = None,
+               generate_compressed: bool = False,
+               intactkv=None,
+               progress: Progress | None = None) -> DivergenceResult:
+    """FDT, SDT, KL, top-1 agreement, Δp and perplexities for each prompt, and their aggregates.
+
+    ``prompt_ids`` / ``references`` may be given to reuse a tokenization or reference generation.
+    With ``generate_compressed`` the compressed model's own greedy text is generated too (slower)
+    and ``fdt_generated`` records where the two generations first differ.
+    ``intactkv`` (an :class:`~dtm_core.compression.intactkv.IntactKV`) runs the compressed model with the dense
+    model's KV for the pivot tokens; the table then has a ``pivots`` column (K per prompt).
+    """
+    ikv = IntactKV.parse(intactkv)
+    tok = pair.tokenizer
+    note = progress or (lambda f, m: None)
+    if prompt_ids is None:
+        prompt_ids = encode_prompts(tok, list(prompts or []), chat=chat)
+    prompt_ids = [list(s) for s in prompt_ids]
+    check_lengths(pair.dense.model, prompt_ids, new_tokens)
+    pad = pad_id_of(tok)
+    if references is None:
+        note(0.0, "dense model: greedy reference continuations")
+        references = reference_continuations(pair.dense, prompt_ids, new_tokens, batch_size)
+    references = [list(r) for r in references]
+    eos = eos_ids(pair.dense)
+    ks = ikv.pivot_lengths(tok, prompt_ids) if ikv is not None else None
+    full = [p + r for p, r in zip(prompt_ids, references)]
+    rows: list[dict | None] = [None] * len(full)
+    tms: list[TokenMetrics | None] = [None] * len(full)
+    batches = plan_batches([len(s) for s in full], vocab_size(pair.dense.model), batch_size)
+    done = 0
+    for idx in batches:
+        seqs = [full[i] for i in idx]
+        if ikv is not None:
+            d_logits, c_logits = teacher_forced_pair(pair.dense.model, pair.compressed, seqs, pad,
+                                                     [ks[i] for i in idx], ikv)
+        else:
+            d_logits = teacher_forced_logits(pair.dense.model, seqs, pad)
+            c_logits = teacher_forced_logits(pair.compressed, seqs, pad)
+        for j, i in enumerate(idx):
+            P, L = len(prompt_ids[i]), len(references[i])
+            ref = torch.tensor(references[i], dtype=torch.long)
+            tm = token_metrics(d_logits[j, P - 1:P - 1 + L], c_logits[j, P - 1:P - 1 + L], ref,
+                               new_tokens)
+            tms[i] = tm
+            tgt = torch.tensor(prompt_ids[i][1:], dtype=torch.long)
+            row = {"prompt_index": i, **tm.summary(),
+                   "ppl_prompt_dense": perplexity(d_logits[j, :P - 1], tgt),
+                   "ppl_prompt_compressed": perplexity(c_logits[j, :P - 1], tgt),
+                   "ended_eos": bool(L and references[i][-1] in eos)}
+            if ks is not None:
+                row["pivots"] = ks[i]
+            rows[i] = row
+        del d_logits, c_logits
+        done += len(idx)
+        note(done / len(full), f"teacher-forced {done}/{len(full)} prompts")
+    comp_gen = None
+    if generate_compressed:
+        note(1.0, "compressed model: greedy generation")
+        comp_gen = greedy_generate(pair.compressed, prompt_ids, new_tokens, pad, eos, batch_size,
+                                   intact=None if ikv is None else (pair.dense.model, ks, ikv))
+    for i, row in enumerate(rows):
+        ref = references[i]
+        row["prompt"] = tok.decode(prompt_ids[i], skip_special_tokens=True)
+        row["dense_text"] = tok.decode(ref, skip_special_tokens=True)
+        if comp_gen is not None:
+            gen = comp_gen[i]
+            row["compressed_text"] = tok.decode(gen, skip_special_tokens=True)
+            row["fdt_generated"] = first_difference(ref, gen, new_tokens)
+        else:
+            # Up to and including the first divergent token, the compressed model's greedy output
+            # is known exactly from teacher forcing; after it, it would need generating.
+            f = row["fdt"]
+            own = ref if f >= len(ref) else ref[:f] + [int(tms[i].comp_argmax[f])]
+            row["compressed_text"] = tok.decode(own, skip_special_tokens=True)
+    table = pd.DataFrame(rows)
+    cols = table_columns() + (["fdt_generated"] if comp_gen is not None else []) \
+        + (["pivots"] if ks is not None else [])
+    table = table[cols]
+    return DivergenceResult(table=table, summary=aggregate(table),
+                            survival=survival_curve(table["fdt"], new_tokens),
+                            new_tokens=new_tokens, tokens=tms, references=references,
+                            prompt_ids=prompt_ids)
+
+
+def first_difference(a: Sequence[int], b: Sequence[int], n: int) -> int:
+    """Index of the first differing token of two generations; n when they are identical."""
+    for t, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return t
+    return n if len(a) == len(b) else min(len(a), len(b))
