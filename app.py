@@ -32,7 +32,8 @@ def pair_row(default_model: str) -> tuple[common.PairForm, common.IntactKVForm]:
                            elem_id="model-source", scale=2)
         preset = gr.Dropdown(common.preset_choices(), value="int8", label="Compressed side",
                              elem_id="preset")
-        spec = gr.Textbox(label="Custom spec", placeholder="int4:g64:asym", elem_id="spec")
+        spec = gr.Textbox(label="Custom spec", placeholder="int4:g64:asym", elem_id="spec",
+                          info=common.plain_text(common.format_help()))
         components = gr.Textbox(value="*.*", label="Components",
                                 info=common.plain_text("LAYERS.KIND, e.g. *.q,*.k,0-3.down"),
                                 elem_id="components")

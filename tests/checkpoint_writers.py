@@ -24,12 +24,12 @@ VOCAB = 49152
 
 
 def base_model(folder: Path, seed: int = 0, layers: int = 2, scale: float = 4.0,
-               family: str = "llama", intermediate: int = 128):
+               family: str = "llama", intermediate: int = 128, hidden: int = 64):
     """A tiny random model with the default model's tokenizer, saved as a transformers folder."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    kw = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=intermediate, num_hidden_layers=layers,
+    kw = dict(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
               bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
     if family == "qwen3_moe":
@@ -73,7 +73,8 @@ def write_ct(base: Path, out: Path, scheme: str = "W4A16", group_size: int | Non
     from compressed_tensors.quantization import (QuantizationConfig, QuantizationStatus,
                                                  apply_quantization_config,
                                                  preset_name_to_scheme)
-    from compressed_tensors.quantization.utils.helpers import calculate_qparams
+    from compressed_tensors.quantization.utils import maybe_pad_tensor_for_block_quant
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams, generate_gparam
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
@@ -82,33 +83,66 @@ def write_ct(base: Path, out: Path, scheme: str = "W4A16", group_size: int | Non
         sch.weights.group_size = group_size
     config = QuantizationConfig(config_groups={"group_0": sch}, ignore=list(ignore))
     apply_quantization_config(model, config)
-    for _, mod in model.named_modules():
+    fused = _fused_global_scales(model)
+    for name, mod in model.named_modules():
         s = getattr(mod, "quantization_scheme", None)
         if s is None:
             continue
         w = mod.weight.data
         a = s.weights
         strat = str(getattr(a.strategy, "value", a.strategy))
-        if strat == "group":
+        gscale = None
+        if strat == "tensor_group":      # NVFP4: the global scale its fused group shares
+            gscale = fused.get(name)
+            if gscale is None:
+                gscale = generate_gparam(w.amin().reshape(1, 1), w.amax().reshape(1, 1))
+            mod.weight_global_scale.data = gscale.reshape(mod.weight_global_scale.shape).to(
+                mod.weight_global_scale.dtype).clone()
+        if strat in ("group", "tensor_group"):
             v = w.view(w.shape[0], -1, a.group_size)
             lo, hi = v.amin(-1), v.amax(-1)
         elif strat == "channel":
             lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
+        elif strat == "block":
+            bh, bw = a.block_structure
+            v = maybe_pad_tensor_for_block_quant(w, a.block_structure)
+            v = v.reshape(v.shape[0] // bh, bh, v.shape[1] // bw, bw)
+            lo, hi = v.amin(dim=(1, 3)), v.amax(dim=(1, 3))
         else:
             lo, hi = w.amin().reshape(1), w.amax().reshape(1)
-        scale, zp = calculate_qparams(lo, hi, a)
+        scale, zp = calculate_qparams(lo, hi, a, global_scale=gscale)
         mod.weight_scale.data = scale.to(mod.weight_scale.dtype).reshape(mod.weight_scale.shape)
         if hasattr(mod, "weight_zero_point"):
             mod.weight_zero_point.data = zp.reshape(mod.weight_zero_point.shape).to(
                 mod.weight_zero_point.dtype)
         if s.input_activations is not None and not s.input_activations.dynamic:
             mod.input_scale.data.fill_(input_scale)
+        if hasattr(mod, "input_global_scale"):   # NVFP4 activations: a static global scale
+            mod.input_global_scale.data.fill_(1.0 / input_scale)
         mod.quantization_status = QuantizationStatus.FROZEN
     comp = ModelCompressor.from_pretrained_model(model)
     comp.compress_model(model)
     model.save_pretrained(out)
     comp.update_config(out)
     _copy_tokenizer(base, out)
+    return out
+
+
+def _fused_global_scales(model) -> dict:
+    """NVFP4's global scale of each linear in a group llm-compressor fuses (q/k/v, gate/up): the
+    library's generate_gparam of the group's joint min and max (llm-compressor's fused weight
+    observers)."""
+    from compressed_tensors.quantization.utils.helpers import generate_gparam
+
+    out = {}
+    for name, mod in model.named_modules():
+        for group in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
+            if all(hasattr(mod, n) for n in group):
+                ws = [getattr(mod, n).weight.data for n in group]
+                g = generate_gparam(torch.stack([w.amin() for w in ws]).amin().reshape(1, 1),
+                                    torch.stack([w.amax() for w in ws]).amax().reshape(1, 1))
+                for n in group:
+                    out[f"{name}.{n}"] = g
     return out
 
 
@@ -339,3 +373,24 @@ def default_model_folder(folder: Path) -> Path:
         lm.model.save_pretrained(folder)
         lm.tokenizer.save_pretrained(folder)
     return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# NVIDIA ModelOpt
+
+
+def write_modelopt(base: Path, out: Path, algo: str = "NVFP4", seed: int = 0) -> Path:
+    """An NVIDIA ModelOpt export of the model in ``base`` (``algo`` NVFP4 or FP8): ModelOpt's own
+    quantize (calibrated on a few random token sequences) and export_hf_checkpoint, on CPU."""
+    import modelopt.torch.quantization as mtq
+    from modelopt.torch.export import export_hf_checkpoint
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    torch.manual_seed(seed)
+    ids = torch.randint(3, 1000, (2, 16))
+    cfg = {"NVFP4": mtq.NVFP4_DEFAULT_CFG, "FP8": mtq.FP8_DEFAULT_CFG}[algo]
+    model = mtq.quantize(model, cfg, lambda m: m(ids))
+    export_hf_checkpoint(model, dtype=torch.float32, export_dir=str(out))
+    _copy_tokenizer(base, out)
+    return out

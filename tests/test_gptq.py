@@ -154,7 +154,10 @@ def test_a_singular_hessian_raises_the_dampening_and_says_so(caplog):
 
 
 def test_specs_parse_and_refuse_in_one_sentence():
-    assert str(parse_spec("gptq:int4:g128:asym:act")) == "gptq:int4:g128:asym:act"
+    # act-order (static groups) is the default, as in llm-compressor's GPTQModifier
+    assert str(parse_spec("gptq:int4:g128:asym:act")) == "gptq:int4:g128:asym"
+    assert parse_spec("gptq:int4").act and not parse_spec("gptq:int4:noact").act
+    assert str(parse_spec("gptq:int4:g128:noact")) == "gptq:int4:g128:noact"
     assert str(parse_spec("gptq:int3:damp0.05")) == "gptq:int3:damp0.05"
     assert str(parse_spec("sparsegpt:2:4")) == "sparsegpt:2:4"
     assert parse_spec("gptq:int3:g64").llama_cpp_type() == "q3_K"

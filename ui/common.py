@@ -110,6 +110,15 @@ def checkpoint_info(source, preset, spec, checkpoint) -> str:
                      + [f"- {plain_text(line[2:])}" for line in lines[1:]])
 
 
+def format_help() -> str:
+    """The Custom spec box's help: the deployed formats' spec forms (from the registry)."""
+    from dtm_core.compression.methods import METHODS
+    from dtm_core.compression.methods.formats import FormatMethod
+
+    forms = [f for cls in METHODS.values() if issubclass(cls, FormatMethod) for f in cls.forms]
+    return "e.g. int4:g64:asym; formats: " + ", ".join(forms)
+
+
 def component_help(source):
     """The Components box's help line for the dense model's family (from its config only)."""
     from dtm_core.models.families import family_for_type, kinds_help

@@ -301,8 +301,18 @@ def first_ranked_bars(table, top: int = 20) -> go.Figure:
 
 
 def level_figure(table, method: str) -> go.Figure:
+    from dtm_core.analysis.levels import FORMATS
+
+    across = str(method).strip().lower() == FORMATS
+    table = table.sort_values(["kind", "level"])
     fig = px.line(table, x="level", y="fdt_mean", color="kind", markers=True,
-                  title=f"Mean FDT against {method} level, one line per kind (all layers)")
+                  hover_data=["spec"], text="spec" if across else None,
+                  title=("Mean FDT against bits per weight across formats, one line per kind "
+                         "(all layers)" if across else
+                         f"Mean FDT against {method} level, one line per kind (all layers)"))
+    if across:
+        fig.update_traces(textposition="top center")
+        fig.update_xaxes(title="bits per weight (scales included)")
     fig.update_layout(height=320)
     return fig
 

@@ -14,7 +14,7 @@ from dtm_core.measure.exports import write_table
 from dtm_core.models.generation import encode_prompts
 from dtm_core.compression.intactkv import IntactKV
 from dtm_core.jobs import CalibrationSetting, plan_from_sweep, sweep_variants
-from dtm_core.analysis.levels import level_curves
+from dtm_core.analysis.levels import DEFAULT_FORMATS, FORMATS, level_curves
 from dtm_core.compression.methods import level_methods, parse_spec
 from dtm_core.measure.prompts import builtin_names
 from dtm_core.analysis.sweep import heatmap_metrics
@@ -307,8 +307,10 @@ def build(pair: PairForm, intactkv: gr.Dropdown) -> SensitivityTab:
     budget_ui.build(model, upload, builtin, chat, new_tokens, layers, kinds, pair.calib)
     gr.Markdown("### Level curves: a metric against sparsity or bit width, one line per kind")
     with gr.Row():
-        methods = level_methods()
-        method = gr.Dropdown(methods, value=methods[0], label="Method", elem_id="lvl-method")
+        methods = level_methods() + [FORMATS]
+        method = gr.Dropdown(methods, value=methods[0], label="Method", elem_id="lvl-method",
+                             info=f"'{FORMATS}': the levels are specs, placed at their bits, "
+                                  f"e.g. {DEFAULT_FORMATS}")
         levels = gr.Textbox(value="0.1,0.3,0.5,0.7,0.9", label="Levels (sparsities or bits)",
                             elem_id="lvl-levels")
         lvl_kinds = gr.Textbox(value="q,down", label="Kinds", elem_id="lvl-kinds")

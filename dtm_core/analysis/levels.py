@@ -8,14 +8,36 @@ from dtm_core.compression.recipe import Recipe
 from dtm_core.measure.divergence import divergence, reference_continuations
 from dtm_core.errors import DTMError
 from dtm_core.models.generation import encode_prompts
-from dtm_core.compression.methods import level_spec
+from dtm_core.compression.methods import level_spec, parse_spec
 from dtm_core.models.load import LoadedModel
 from dtm_core.compression.pair import make_pair
 
 
+FORMATS = "formats"    # a level curve across formats: the levels are specs, placed at their bits
+DEFAULT_FORMATS = "fp8,mxfp8,nvfp4,mxfp4,int4:g128,int3:g64"
+
+
 def level_specs(method: str, levels: str) -> list[tuple[float, str]]:
     """(level, spec) of each point: the method (e.g. ``magnitude``, ``int:g128``) at each level;
-    which methods have a level axis, and what it means, the methods registry says."""
+    which methods have a level axis, and what it means, the methods registry says. With
+    ``formats`` the levels are specs (any registered quantization, e.g. the default
+    ``fp8,mxfp8,nvfp4,mxfp4,int4:g128,int3:g64``), each placed at its bits per weight on a large
+    matrix (scales and global scales included)."""
+    if str(method).strip().lower() == FORMATS:
+        from dtm_core.compression.methods import parse_spec
+        from dtm_core.compression.methods.formats import nominal_bits
+
+        specs = [x.strip() for x in str(levels or DEFAULT_FORMATS).split(",") if x.strip()]
+        if not specs:
+            raise DTMError("Give at least one spec, e.g. " + DEFAULT_FORMATS + ".")
+        out = []
+        for sp in map(parse_spec, specs):
+            bits = nominal_bits(sp)
+            if bits != bits:
+                raise DTMError(f"'{sp}' has no size in bits; level curves across formats take "
+                               "quantization specs.")
+            out.append((bits, str(sp)))
+        return out
     try:
         values = [float(x) for x in str(levels).replace(" ", "").split(",") if x]
     except ValueError:
@@ -39,7 +61,7 @@ def level_curves(dense: LoadedModel, method: str, levels: str, kinds: str, promp
     ids = encode_prompts(dense.tokenizer, list(prompts), chat=chat)
     refs = reference_continuations(dense, ids, new_tokens)
     calib = None
-    if level_spec(method, specs[0][0]).needs_calibration:
+    if any(parse_spec(sp).needs_calibration for _, sp in specs):
         calib = calibration_from(dense, calibration if calibration is not None else ids)
     points = [(kind, level, spec) for kind in kinds_l for level, spec in specs]
 

@@ -68,6 +68,11 @@ register_statistic(Statistic(
     lambda s, x: (x.abs().sum(0) if s is None else s + x.abs().sum(0)),
     lambda s, n: s / max(n, 1)))
 register_statistic(Statistic(
+    "input_absmax", "max |x| of each input feature over every calibration token (static "
+    "activation scales: NVFP4 activations)",
+    lambda s, x: (x.abs().amax(0) if s is None else torch.maximum(s, x.abs().amax(0))),
+    lambda s, n: s))
+register_statistic(Statistic(
     "input_hessian", "H = 2/n sum x x^T of the module's inputs over n calibration tokens "
     "(GPTQ, SparseGPT)", _add_outer, lambda s, n: s * (2.0 / max(n, 1))))
 

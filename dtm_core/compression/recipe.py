@@ -225,6 +225,7 @@ def apply_recipe(model, recipe: Recipe, calibration=None, sequential: bool = Fal
                            "(fused or experts) kind instead.")
     applied = Applied()
     fresh: dict[tuple[int, str], torch.Tensor] = {}   # (module, param) -> this recipe's copy
+    fused = _fused_statistics(model, pairs)            # read before anything changes
     try:
         needs = sorted({c.layer for c, sp in pairs if sp.needs})
         if sequential and needs and not isinstance(calibration, dict) and \
@@ -233,19 +234,42 @@ def apply_recipe(model, recipe: Recipe, calibration=None, sequential: bool = Fal
 
             def compress_layer(n, layer_calib):
                 here = [(c, sp) for c, sp in pairs if c.layer == n]
-                _compress(here, gather_statistics(model, here, layer_calib), applied, fresh)
+                _compress(here, _merged(gather_statistics(model, here, layer_calib), fused),
+                          applied, fresh)
             # every layer up to the last calibrated one is compressed in order, so that what
             # comes after sees it; the layers after that need no statistics
             last = max(needs)
             layer_by_layer(calibration, model, sorted({c.layer for c, _ in pairs
                                                       if c.layer <= last}), compress_layer)
-            _compress([(c, sp) for c, sp in pairs if c.layer > last], {}, applied, fresh)
+            _compress([(c, sp) for c, sp in pairs if c.layer > last], fused, applied, fresh)
         else:
-            _compress(pairs, gather_statistics(model, pairs, calibration), applied, fresh)
+            _compress(pairs, _merged(gather_statistics(model, pairs, calibration), fused),
+                      applied, fresh)
     except BaseException:
         applied.restore()
         raise
     return applied
+
+
+def _fused_statistics(model, pairs) -> dict:
+    """``{(statistics key, spec): statistics}`` that specs read from the dense weights of the
+    modules deployed fused with a component (:meth:`Method.fused_stats`)."""
+    out = {}
+    for comp, spec in pairs:
+        st = spec.fused_stats(model, comp)
+        if st:
+            for sk in _stat_keys(comp):
+                out[(sk, spec)] = st
+    return out
+
+
+def _merged(stats: dict, fused: dict) -> dict:
+    if not fused:
+        return stats
+    out = dict(stats)
+    for k, st in fused.items():
+        out[k] = {**out.get(k, {}), **st}
+    return out
 
 
 def _compress(pairs, stats: dict, applied: Applied, fresh: dict) -> None:
@@ -269,7 +293,7 @@ def _compress(pairs, stats: dict, applied: Applied, fresh: dict) -> None:
         # each (out, in) matrix is compressed on its own (with its own statistics)
         for sk, m in zip(_stat_keys(comp), comp.matrices(full)):
             _compress_matrix(m, comp, spec, stats.get((sk, spec), {}))
-        hook = spec.runtime_hook_at(comp)
+        hook = spec.runtime_hook_for(comp, stats.get((_stat_keys(comp)[0], spec), {}))
         if hook is not None:
             applied._hooks.append(comp.module.register_forward_pre_hook(hook))
 

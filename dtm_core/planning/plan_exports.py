@@ -107,7 +107,11 @@ def llmcompressor_recipe(model, assignments: dict[str, str]) -> dict:
             mod = quant.setdefault(scheme["modifier"], {"ignore": ignore, "config_groups": {}})
             mod.update(scheme.get("modifier_args", {}))
             group = {"targets": targets, **scheme["group"]}
-            mod["config_groups"][f"group_{len(mod['config_groups'])}"] = group
+            # a scheme that is one of compressed-tensors' presets is named by it (NVFP4A16, ...)
+            key = scheme.get("preset")
+            if key is None or key in mod["config_groups"]:
+                key = f"group_{len(mod['config_groups'])}"
+            mod["config_groups"][key] = group
         else:
             stages[f"sparsity_stage_{len(stages)}"] = {"sparsity_modifiers": {
                 scheme["modifier"]: {"targets": targets, "ignore": ignore, **scheme["args"]}}}
@@ -142,8 +146,25 @@ import json
 import sys
 
 import torch
-from torchao.quantization import (FqnToConfig, Int8DynamicActivationInt8WeightConfig,
-                                  IntxWeightOnlyConfig, MappingType, PerAxis, PerGroup, quantize_)
+import torchao.quantization as tq
+from torchao.quantization import (FqnToConfig, IntxWeightOnlyConfig, MappingType, PerAxis,
+                                  PerGroup, quantize_)
+
+
+def float_config(entry):
+    """The FP8 / NVFP4 / MX configs (NVFP4 and MX live in torchao.prototype.mx_formats; their
+    kernels need a recent NVIDIA GPU)."""
+    name, kw = entry["config"], dict(entry["kwargs"])
+    if "granularity" in kw:
+        kw["granularity"] = {"PerRow": tq.PerRow, "PerTensor": tq.PerTensor}[
+            next(iter(kw["granularity"]))]()
+    for k in ("activation_dtype", "weight_dtype"):
+        if k in kw:
+            kw[k] = getattr(torch, kw[k])
+    if hasattr(tq, name):
+        return getattr(tq, name)(**kw)
+    import torchao.prototype.mx_formats as mx
+    return getattr(mx, name)(**kw)
 
 
 def plan_config(path="torchao_plan.json"):
@@ -153,8 +174,8 @@ def plan_config(path="torchao_plan.json"):
     for fqn, entry in entries.items():
         if entry is None:
             configs[fqn] = None
-        elif entry["config"] == "Int8DynamicActivationInt8WeightConfig":
-            configs[fqn] = Int8DynamicActivationInt8WeightConfig()
+        elif entry["config"] != "IntxWeightOnlyConfig":
+            configs[fqn] = float_config(entry)
         else:
             kw = entry["kwargs"]
             gran = kw["granularity"]

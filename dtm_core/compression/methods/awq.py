@@ -23,8 +23,9 @@ from typing import Mapping
 import torch
 
 from dtm_core.errors import DTMError
+from dtm_core.compression.methods.formats import format_grid_of
 from dtm_core.compression.methods.base import Method, need_stat
-from dtm_core.compression.methods.registry import register
+from dtm_core.compression.methods.registry import bad_spec, register
 from dtm_core.compression.methods.rtn import (OnGrid, grid_method_at_level, grid_options,
                                               grid_scheme, grid_suffix, leading_bits,
                                               quantize_weight)
@@ -46,16 +47,28 @@ def scales_at(absmean: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 def awq_quantize(w: torch.Tensor, s: torch.Tensor, bits: int, group: int | None,
-                 asym: bool) -> torch.Tensor:
+                 asym: bool, fmt=None, gscale: torch.Tensor | None = None) -> torch.Tensor:
     """Q(W diag(s)) diag(s)^-1: the weight a model with the scales folded into its norm
-    effectively uses."""
+    effectively uses (Q: the ``intB`` grid, or the format ``fmt`` under the global scale
+    ``gscale`` of the scaled weights)."""
+    if fmt is not None:
+        from dtm_core.compression.methods.formats import fake_quantize_weight
+        return fake_quantize_weight(w * s[None, :], fmt.weight_args(), gscale) / s[None, :]
     return quantize_weight(w * s[None, :], bits, group, asym) / s[None, :]
 
 
+def _scaled_global_scale(weights, s, fmt):
+    """NVFP4's global scale shared by the group's scaled weights (None for other grids)."""
+    if fmt is None or fmt.per_tensor_bits == 0:
+        return None
+    from dtm_core.compression.methods.formats import global_scale
+    return global_scale([w * s[None, :] for w in weights])
+
+
 def search_scales(weights: Mapping[str, torch.Tensor], absmean: torch.Tensor, h: torch.Tensor,
-                  bits: int, group: int | None, asym: bool) -> dict:
+                  bits: int, group: int | None, asym: bool, fmt=None) -> dict:
     """The group's best exponent on the grid: ``{"alpha", "scales", "errors"}`` (errors per
-    exponent, summed over the group's matrices)."""
+    exponent, summed over the group's matrices; with NVFP4 also the group's global scale)."""
     if not weights:
         raise DTMError("AWQ needs at least one weight matrix in a group.")
     h = h.to(next(iter(weights.values())).device)
@@ -64,12 +77,13 @@ def search_scales(weights: Mapping[str, torch.Tensor], absmean: torch.Tensor, h:
     for n in range(GRID):
         alpha = n / GRID
         s = scales_at(absmean, alpha).to(h.device)
-        err = sum(output_error(w, awq_quantize(w, s, bits, group, asym), h)
+        g = _scaled_global_scale(weights.values(), s, fmt)
+        err = sum(output_error(w, awq_quantize(w, s, bits, group, asym, fmt, g), h)
                   for w in weights.values())
         errors.append(err)
         if best is None or err < best[0]:
-            best = (err, alpha, s)
-    return {"alpha": best[1], "scales": best[2], "errors": errors}
+            best = (err, alpha, s, g)
+    return {"alpha": best[1], "scales": best[2], "errors": errors, "global_scale": best[3]}
 
 
 @register
@@ -78,8 +92,9 @@ class AWQ(OnGrid, Method):
     bits: int = 4
     group: int | None = None
     asym: bool = False
+    fmt: str | None = None            # a format's grid (nvfp4, mxfp4, fp8, ...) instead of intB
     name = "awq"
-    forms = ("awq:intB[:gG][:asym]",)
+    forms = ("awq:intB[:gG][:asym]", "awq:FORMAT")
     summary = ("AWQ: per-input-channel scales searched on calibration activations, shared by the "
                "linears that read the same input (needs calibration)")
     family = "quantization"
@@ -91,18 +106,45 @@ class AWQ(OnGrid, Method):
 
     @classmethod
     def parse(cls, head, options, spec):
+        fmt = format_grid_of(options[0] if options else "", spec)
+        if fmt is not None:
+            if options[1:]:
+                raise bad_spec(spec, "awq on a format takes no further options")
+            return cls(bits=fmt.element_bits, fmt=str(fmt))
         bits = leading_bits("awq", options, spec)
         group, asym = grid_options(options[1:], spec)
         return cls(bits=bits, group=group, asym=asym)
 
     def __str__(self) -> str:
-        return f"awq:int{self.bits}" + grid_suffix(self.group, self.asym)
+        return f"awq:{self.fmt}" if self.fmt else \
+            f"awq:int{self.bits}" + grid_suffix(self.group, self.asym)
+
+    @property
+    def format(self):
+        """The format whose grid this runs on, or None on the ``intB`` grid."""
+        return None if self.fmt is None else format_grid_of(self.fmt, str(self))
+
+    def storage_bits(self, cols, dtype_bits):
+        return self.format.storage_bits(cols, dtype_bits) if self.fmt else \
+            super().storage_bits(cols, dtype_bits)
+
+    @property
+    def per_tensor_bits(self) -> int:
+        return self.format.per_tensor_bits if self.fmt else 0
+
+    def llama_cpp_type(self):
+        return self.format.llama_cpp_type() if self.fmt else super().llama_cpp_type()
+
+    def torchao_config(self):
+        return self.format.torchao_config() if self.fmt else super().torchao_config()
 
     @property
     def level(self) -> float:
         return float(self.bits)
 
     def with_level(self, level: float) -> "AWQ":
+        if self.fmt:
+            return super().with_level(level)
         return AWQ(int(level), self.group, self.asym)
 
     @classmethod
@@ -110,6 +152,10 @@ class AWQ(OnGrid, Method):
         return grid_method_at_level(cls, level, options)
 
     def llmcompressor_scheme(self):
+        if self.fmt:
+            from dtm_core.compression.methods.formats import _args_dict
+            return {"modifier": "AWQModifier",
+                    "group": {"weights": _args_dict(self.format.weight_args())}}
         return {"modifier": "AWQModifier",
                 "group": {"weights": grid_scheme(self.bits, self.group, self.asym)}}
 
@@ -117,14 +163,15 @@ class AWQ(OnGrid, Method):
         """The scales of a group of (out, in) float32 matrices that read one input."""
         return search_scales(weights, need_stat(stats, "input_absmean", "awq"),
                              need_stat(stats, "input_hessian", "awq"), self.bits, self.group,
-                             self.asym)
+                             self.asym, self.format)
 
     def apply(self, w, stats, name=""):
         found = stats.get("group") if stats else None
         if found is None:      # alone: the group is this matrix
             found = self.prepare_group({name: w}, stats)
+        g = found.get("global_scale")
         return awq_quantize(w, found["scales"].to(w.device, w.dtype), self.bits, self.group,
-                            self.asym)
+                            self.asym, self.format, g)
 
 
 @torch.no_grad()

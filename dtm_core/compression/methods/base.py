@@ -150,6 +150,19 @@ class Method:
         None."""
         return None
 
+    def runtime_hook_for(self, component, stats: Mapping) -> Callable | None:
+        """:meth:`runtime_hook_at` given the component's calibration statistics (a static
+        activation scale from the calibration inputs, as NVFP4 activations have)."""
+        return self.runtime_hook_at(component)
+
+    def fused_stats(self, model, component) -> Mapping | None:
+        """Statistics this spec reads from the dense weights of the modules deployed fused with
+        ``component`` (NVFP4's global scale, shared by q/k/v and gate/up), taken before anything
+        of the recipe is compressed; None when it reads none."""
+        return None
+
+    per_tensor_bits: ClassVar[int] = 0   # bits stored once per tensor (a global scale)
+
 
 def need_stat(stats: Mapping[str, torch.Tensor], stat: str, method: str) -> torch.Tensor:
     """The statistic a method needs, or one sentence saying how to provide it."""

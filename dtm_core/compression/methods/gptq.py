@@ -16,25 +16,29 @@ from dataclasses import dataclass
 import torch
 
 from dtm_core.compression.methods.base import Method, need_stat
+from dtm_core.compression.methods.formats import format_grid_of
 from dtm_core.compression.methods.obs import BLOCK, inverse_hessian_factor, lazy_batch, prepare
 from dtm_core.compression.methods.registry import bad_spec, register
-from dtm_core.compression.methods.rtn import (OnGrid, grid_method_at_level, grid_params,
-                                              grid_scheme, grid_suffix, leading_bits, on_grid)
+from dtm_core.compression.methods.rtn import (IntGrid, OnGrid, grid_method_at_level,
+                                              grid_scheme, grid_suffix, leading_bits)
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group: int | None = None,
                   asym: bool = False, act_order: bool = False, damp: float = 0.01,
-                  name: str = "") -> torch.Tensor:
-    """GPTQ of a float (out, in) matrix with input Hessian ``h`` (in, in)."""
+                  name: str = "", grid=None) -> torch.Tensor:
+    """GPTQ of a float (out, in) matrix with input Hessian ``h`` (in, in), on the ``intB`` grid
+    (``bits``, ``group``, ``asym``) or on ``grid`` (a format's
+    :class:`~dtm_core.compression.methods.formats.FormatGrid`, with its own group size)."""
+    grid = grid if grid is not None else IntGrid(bits, group, asym)
     w, h = prepare(w, h)
     cols = w.shape[1]
-    group = group if group and group < cols else None
+    group = grid.group if grid.group and grid.group < cols else None
     perm = None
     static = None
     if act_order:
         perm = torch.argsort(torch.diag(h), descending=True)
         if group:   # static groups: each group's grid from the original weights, original order
-            static = [grid_params(w[:, g:g + group], bits, asym) for g in range(0, cols, group)]
+            static = [grid.params(w[:, g:g + group]) for g in range(0, cols, group)]
         w = w[:, perm]
         h = h[perm]           # one permutation at a time: never three Hessians at once
         h = h[:, perm]
@@ -43,16 +47,16 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group: int | None
 
     def fix(c, col, w1, i):
         if static is not None:
-            scale, zero = static[int(perm[c]) // group]
+            p = static[int(perm[c]) // group]
         elif group:
             if c % group == 0:      # a new group: its grid on the up-to-date weights
-                params[0] = grid_params(w1[:, i:i + group], bits, asym)
-            scale, zero = params[0]
+                params[0] = grid.params(w1[:, i:i + group])
+            p = params[0]
         else:
             if params[0] is None:
-                params[0] = grid_params(w, bits, asym)   # per channel, on the original rows
-            scale, zero = params[0]
-        return on_grid(col[:, None], scale, zero, bits, asym)[:, 0]
+                params[0] = grid.params(w)   # per channel (or tensor), on the original rows
+            p = params[0]
+        return grid.quantize(col, p)
 
     block = BLOCK if not group or static is not None else group * max(1, BLOCK // group)
     q = lazy_batch(w, u, fix, block)
@@ -67,12 +71,13 @@ class GPTQ(OnGrid, Method):
     bits: int = 4
     group: int | None = None
     asym: bool = False
-    act: bool = False
+    act: bool = True                  # act-order with static groups, llm-compressor's default
     damp: float = 0.01
+    fmt: str | None = None            # a format's grid (nvfp4, mxfp4, fp8, ...) instead of intB
     name = "gptq"
-    forms = ("gptq:intB[:gG][:asym][:act]",)
-    summary = ("GPTQ: column-by-column quantization with Hessian error feedback (needs "
-               "calibration)")
+    forms = ("gptq:intB[:gG][:asym][:noact]", "gptq:FORMAT[:noact]")
+    summary = ("GPTQ: column-by-column quantization with Hessian error feedback, act-order on "
+               "unless :noact (needs calibration); FORMAT: nvfp4, mxfp4, mxfp8, fp8")
     family = "quantization"
     needs = ("input_hessian",)
     level_axis = "bits"
@@ -81,20 +86,22 @@ class GPTQ(OnGrid, Method):
 
     @classmethod
     def parse(cls, head, options, spec):
-        bits = leading_bits("gptq", options, spec)
-        group, asym, act, damp = None, False, False, 0.01
+        fmt = format_grid_of(options[0] if options else "", spec)
+        bits = fmt.element_bits if fmt is not None else leading_bits("gptq", options, spec)
+        group, asym, act, damp = None, False, True, 0.01
         seen = set()
         for opt in options[1:]:
-            key = "g" if re.fullmatch(r"g\d+", opt) else "damp" if opt.startswith("damp") else opt
+            key = "g" if re.fullmatch(r"g\d+", opt) else "damp" if opt.startswith("damp") else \
+                "act" if opt in ("act", "noact") else opt
             if key in seen:
                 raise bad_spec(spec, f"option '{opt}' given twice")
             seen.add(key)
-            if key == "g" and int(opt[1:]) > 0:
+            if key == "g" and int(opt[1:]) > 0 and fmt is None:
                 group = int(opt[1:])
-            elif opt == "asym":
+            elif opt == "asym" and fmt is None:
                 asym = True
-            elif opt == "act":
-                act = True
+            elif opt in ("act", "noact"):
+                act = opt == "act"
             elif key == "damp":
                 try:
                     damp = float(opt[4:])
@@ -104,32 +111,66 @@ class GPTQ(OnGrid, Method):
                     raise bad_spec(spec, "dampening must lie in (0, 1)")
             else:
                 raise bad_spec(spec, f"unknown option '{opt}'")
-        return cls(bits=bits, group=group, asym=asym, act=act, damp=damp)
+        return cls(bits=bits, group=group, asym=asym, act=act, damp=damp,
+                   fmt=None if fmt is None else str(fmt))
 
     def __str__(self) -> str:
-        return (f"gptq:int{self.bits}" + grid_suffix(self.group, self.asym)
-                + (":act" if self.act else "") + (f":damp{self.damp:g}" if self.damp != 0.01
-                                                   else ""))
+        grid = self.fmt if self.fmt else f"int{self.bits}" + grid_suffix(self.group, self.asym)
+        return (f"gptq:{grid}" + ("" if self.act else ":noact")
+                + (f":damp{self.damp:g}" if self.damp != 0.01 else ""))
+
+    @property
+    def format(self):
+        """The format whose grid this runs on, or None on the ``intB`` grid."""
+        return None if self.fmt is None else format_grid_of(self.fmt, str(self))
 
     @property
     def level(self) -> float:
         return float(self.bits)
 
     def with_level(self, level: float) -> "GPTQ":
+        if self.fmt:
+            return super().with_level(level)
         return GPTQ(int(level), self.group, self.asym, self.act, self.damp)
 
     @classmethod
     def at_level(cls, level: float, options: str = "") -> "GPTQ":
         return grid_method_at_level(cls, level, options)
 
+    def storage_bits(self, cols, dtype_bits):
+        return self.format.storage_bits(cols, dtype_bits) if self.fmt else \
+            super().storage_bits(cols, dtype_bits)
+
+    @property
+    def per_tensor_bits(self) -> int:
+        return self.format.per_tensor_bits if self.fmt else 0
+
+    def llama_cpp_type(self):
+        return self.format.llama_cpp_type() if self.fmt else super().llama_cpp_type()
+
+    def torchao_config(self):
+        return self.format.torchao_config() if self.fmt else super().torchao_config()
+
     def llmcompressor_scheme(self):
-        weights = grid_scheme(self.bits, self.group, self.asym)
+        if self.fmt:
+            from dtm_core.compression.methods.formats import _args_dict
+            weights = _args_dict(self.format.weight_args())
+        else:
+            weights = grid_scheme(self.bits, self.group, self.asym)
         if self.act:
             weights["actorder"] = "static"     # act order with static groups, as ours
         return {"modifier": "GPTQModifier", "modifier_args": {"dampening_frac": self.damp},
                 "group": {"weights": weights}}
 
+    def fused_stats(self, model, component):
+        return self.format.fused_stats(model, component) if self.fmt else None
+
     def apply(self, w, stats, name=""):
         h = need_stat(stats, "input_hessian", "gptq")
+        grid = None
+        if self.fmt:
+            from dtm_core.compression.methods.formats import FormatGrid, global_scale
+            peers = stats.get("fused")
+            grid = FormatGrid(self.format.weight_args(), global_scale(peers or [w]))
         return gptq_quantize(w, h.to(w.device), self.bits, self.group, self.asym, self.act,
-                             self.damp, name)
+                             self.damp, name, grid=grid)

@@ -41,6 +41,20 @@ def on_grid(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
     return torch.clamp(torch.round(x / scale), -qmax - 1, qmax) * scale
 
 
+class IntGrid:
+    """The ``intB[:gG][:asym]`` grid for column-by-column methods (GPTQ): a group's (scale, zero)
+    from its current weights, and one column on that grid."""
+
+    def __init__(self, bits: int, group: int | None = None, asym: bool = False):
+        self.bits, self.group, self.asym = bits, group, asym
+
+    def params(self, x: torch.Tensor):
+        return grid_params(x, self.bits, self.asym)
+
+    def quantize(self, col: torch.Tensor, params) -> torch.Tensor:
+        return on_grid(col[:, None], *params, self.bits, self.asym)[:, 0]
+
+
 def _quant_rows(x: torch.Tensor, bits: int, asym: bool) -> torch.Tensor:
     """Round-to-nearest fake quantization of each row of x (rows are channels or groups)."""
     return on_grid(x, *grid_params(x, bits, asym), bits, asym)

@@ -31,6 +31,7 @@ from dtm_core.models.checkpoints.gptq import GPTQ, GPTQWeights, unpack_gptq
 from dtm_core.models.checkpoints.awq import AWQ, AWQWeights
 from dtm_core.models.checkpoints.bitsandbytes import BitsAndBytes, BnbWeights
 from dtm_core.models.checkpoints.torchao import TorchAO
+from dtm_core.models.checkpoints.modelopt import ModelOpt, ModelOptWeights
 from dtm_core.models.checkpoints.describe import fingerprint, inspect, resolve_source, stamp
 from dtm_core.models.checkpoints.loading import (config_differences, explain_load_error,
                                                  finish_load, load_dequantized,
@@ -38,7 +39,7 @@ from dtm_core.models.checkpoints.loading import (config_differences, explain_loa
 
 __all__ = ["AWQ", "AWQWeights", "BitsAndBytes", "BnbWeights", "CTWeights", "CheckpointInfo",
            "CheckpointWeights", "CompressedTensors", "FORMATS", "Format", "GPTQ", "GPTQWeights",
-           "LEGACY_SPARSE", "PackedWeights", "PlainWeights", "Shards", "TorchAO",
+           "LEGACY_SPARSE", "ModelOpt", "ModelOptWeights", "PackedWeights", "PlainWeights", "Shards", "TorchAO",
            "config_differences", "ct_schemes", "dequantized", "disk_size", "explain_load_error",
            "fingerprint", "finish_load", "inspect", "load_dequantized", "located", "meta_model",
            "quant_method", "read_config", "register_format", "resolve_source",

@@ -93,8 +93,17 @@ def disk_size(source: str | os.PathLike) -> int | None:
 
 
 def read_config(path: Path) -> dict:
+    """A checkpoint's config.json; an NVIDIA ModelOpt export that states its quantization only
+    in ``hf_quant_config.json`` gets it as ``quantization_config`` (``quant_method: modelopt``)."""
     try:
-        return json.loads((path / "config.json").read_text())
+        config = json.loads((path / "config.json").read_text())
+        extra = path / "hf_quant_config.json"
+        if "quantization_config" not in config and extra.is_file():
+            q = json.loads(extra.read_text())
+            config["quantization_config"] = {"quant_method": "modelopt",
+                                             **(q.get("quantization") or {}),
+                                             "producer": q.get("producer")}
+        return config
     except (OSError, json.JSONDecodeError) as exc:
         raise DTMError(f"Could not read the config.json of '{path}': {exc}") from exc
 

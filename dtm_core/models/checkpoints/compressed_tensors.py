@@ -39,8 +39,11 @@ class CompressedTensors(Format):
             w = scheme.weights
             a = scheme.input_activations
             n = sum(1 for s in schemes.values() if s is scheme or s == scheme)
+            named = float_scheme_words(w, a) if w is not None else None
             if w is None:
                 text = "activations only"
+            elif named is not None:
+                text = named
             else:
                 strat = str(getattr(w.strategy, "value", w.strategy))
                 group = w.group_size if strat == "group" else None
@@ -53,10 +56,7 @@ class CompressedTensors(Format):
                     words += f", act-order {getattr(w.actorder, 'value', w.actorder)}"
                 text = words
             if a is not None:
-                how = "dynamic" if a.dynamic else "static"
-                strat = str(getattr(a.strategy, "value", a.strategy))
-                atype = "int" if _is_int(a) else "fp"
-                acts.append(f"{atype}{a.num_bits} {how} per-{strat} input activations")
+                acts.append(activation_words(a))
             info.groups.append(f"{gname}: {text}, {n} linears")
         sp = (config.get("quantization_config") or {}).get("sparsity_config") or {}
         sparse_mods = [k[:-len(".bitmask")] for k in Shards(path).keys() if k.endswith(".bitmask")]
@@ -92,6 +92,106 @@ class CompressedTensors(Format):
 
     def reader(self, path, config):
         return CTWeights(path, config)
+
+
+def _value(x) -> str:
+    return str(getattr(x, "value", x))
+
+
+def float_scheme_words(w, a) -> str | None:
+    """A float scheme named as its maker names it (NVFP4, MXFP4, MXFP8, FP8 per channel / per
+    tensor / block RxC, W4AFP8), with what its scales are, and the compressed-tensors preset it
+    equals; None for the integer schemes the generic words describe."""
+    from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
+
+    strat, fp = _value(w.strategy), not _is_int(w)
+    scale = _value(w.scale_dtype) if getattr(w, "scale_dtype", None) is not None else ""
+    if fp and w.num_bits == 4 and strat == "tensor_group":
+        name = (f"NVFP4: FP4 E2M1 weights in groups of {w.group_size}, FP8 E4M3 group scales, "
+                "one FP32 global scale per tensor")
+    elif fp and strat == "group" and "uint8" in scale:
+        elem = {4: "FP4 E2M1", 6: "FP6 E2M3", 8: "FP8 E4M3"}.get(w.num_bits, f"FP{w.num_bits}")
+        name = (f"MXFP{w.num_bits}: {elem} weights in groups of {w.group_size}, power-of-two "
+                "(E8M0) scales")
+    elif fp and w.num_bits == 8 and strat == "block":
+        r, c = w.block_structure
+        name = f"FP8 block {r}x{c}: FP8 E4M3 weights, one scale per {r}x{c} block"
+    elif fp and w.num_bits == 8 and strat in ("channel", "tensor"):
+        name = f"FP8 per {strat}: FP8 E4M3 weights, one scale per {'output channel' if strat == 'channel' else 'tensor'}"
+    elif (not fp and w.num_bits == 4 and a is not None and not _is_int(a)
+          and a.num_bits == 8):
+        name = (f"W4AFP8: int4 weights in groups of {w.group_size}, FP8 activations")
+    else:
+        return None
+    same = [k for k, v in PRESET_SCHEMES.items() if _args_key(v.get("weights")) == _args_key(w)
+            and _args_key(v.get("input_activations")) == _args_key(a)]
+    return name + (f" (preset {same[0]})" if same else "")
+
+
+def _args_key(args) -> tuple | None:
+    """What makes two quantization arguments the same scheme (observers aside)."""
+    if args is None:
+        return None
+    return tuple(_value(getattr(args, k, None)) for k in (
+        "num_bits", "type", "symmetric", "strategy", "group_size", "block_structure", "dynamic",
+        "scale_dtype"))
+
+
+def activation_words(a) -> str:
+    """What happens to a module's input under a scheme's input-activation arguments."""
+    how = "dynamic" if a.dynamic is True else ("static" if not a.dynamic else
+                                               "dynamic group scales, static global scale")
+    strat = _value(a.strategy)
+    if not _is_int(a) and a.num_bits == 4 and strat == "tensor_group":
+        kind = "NVFP4"
+    elif not _is_int(a) and strat == "group" and "uint8" in _value(a.scale_dtype or ""):
+        kind = f"MXFP{a.num_bits}"
+    else:
+        kind = f"{'int' if _is_int(a) else 'fp'}{a.num_bits}"
+    per = (f"per group of {a.group_size}" if strat in ("group", "tensor_group") else
+           f"per-{strat}")
+    return f"{kind} {how} {per} input activations"
+
+
+FP4_COMPRESSORS = ("NVFP4PackedCompressor", "MXFP4PackedCompressor")
+
+
+def decompress(compressor, local: dict, scheme) -> torch.Tensor:
+    """One module's weight through its compressor. The FP4 compressors unpack into bfloat16
+    (their default), which rounds the format's exact values (FP4 x FP8 or E8M0 scale / global
+    scale); for those the library's own unpacking and ``dequantize`` run in float32 instead."""
+    cls = compressor if isinstance(compressor, type) else type(compressor)
+    if "weight_packed" in local and cls.__name__ in FP4_COMPRESSORS:
+        from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
+        from compressed_tensors.quantization.lifecycle.forward import dequantize
+
+        packed = local["weight_packed"]
+        m, n = packed.shape
+        q = unpack_fp4_from_uint8(packed, m, n * 2, dtype=torch.float32)
+        scale = compressor._decompress_scale(local["weight_scale"], torch.float32)
+        return dequantize(q, scale, args=scheme.weights,
+                          global_scale=local.get("weight_global_scale"), dtype=torch.float32)
+    return compressor.decompress(local, scheme)["weight"]
+
+
+def exact_fp4_weights(model) -> dict:
+    """Before transformers' compressed-tensors integration decompresses a loaded model: the exact
+    float32 weight of every FP4-packed module (see :func:`decompress`), by module."""
+    out = {}
+    for m in model.modules():
+        scheme = getattr(m, "quantization_scheme", None)
+        w = getattr(scheme, "weights", None)
+        if w is None or not hasattr(m, "weight_packed") or w.num_bits != 4 or _is_int(w):
+            continue
+        from compressed_tensors.compressors.base import BaseCompressor
+
+        name = "mxfp4-pack-quantized" if w.group_size == 32 and "uint8" in _value(
+            w.scale_dtype or "") else "nvfp4-pack-quantized"
+        comp = BaseCompressor.get_value_from_registry(name)
+        local = {k: getattr(m, k).data for k in ("weight_packed", "weight_scale",
+                                                  "weight_global_scale") if hasattr(m, k)}
+        out[m] = decompress(comp, local, scheme)
+    return out
 
 
 def _is_int(args) -> bool:
@@ -198,7 +298,7 @@ class CTWeights(CheckpointWeights):
             local["weight"] = self._sparse(mod)
         if not local:
             return None
-        return comp.decompress(local, scheme)["weight"].float()
+        return decompress(comp, local, scheme).float()
 
     def input_hook(self, module):
         scheme = self.schemes.get(module)

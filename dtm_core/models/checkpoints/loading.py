@@ -40,7 +40,20 @@ def finish_load(model) -> None:
         if any(str(getattr(m, "quantization_status", "")) == "QuantizationStatus.COMPRESSED"
                or getattr(getattr(m, "quantization_status", None), "value", None) == "compressed"
                for m in model.modules()):
+            from dtm_core.models.checkpoints.compressed_tensors import exact_fp4_weights
+
+            exact = exact_fp4_weights(model)
             comp.decompress_model(model)
+            for m, w in exact.items():       # FP4 weights as the format defines them
+                m.weight.data = w.to(m.weight.device)
+    # some decompressors (NVFP4's, MX's) hand back bfloat16 weights whatever the model's dtype
+    # is: the forward would mix dtypes, so they are cast (exactly) to the model's
+    dtype = model.get_input_embeddings().weight.dtype
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        if (getattr(m, "quantization_scheme", None) is not None and isinstance(w, torch.Tensor)
+                and w.is_floating_point() and w.dtype != dtype):
+            m.weight.data = w.data.to(dtype)
 
 
 def explain_load_error(source: str, config: dict, exc: BaseException) -> DTMError | None:

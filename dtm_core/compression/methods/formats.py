@@ -1,0 +1,329 @@
+"""The formats deployers ship on current GPUs (FP8, NVFP4, MXFP4, MXFP8, int4 with FP8
+activations), as compressed-tensors defines them, over one shared fake quantizer.
+
+A format's spec is a set of compressed-tensors ``QuantizationArgs`` (its preset scheme's:
+``FP8_DYNAMIC``, ``FP8_BLOCK``, ``NVFP4A16``, ``MXFP4A16``, ...). The weights go through what
+llm-compressor runs for that scheme: its memoryless min/max observer (per tensor, output channel,
+group or 128x128 block; llm-compressor's ``flatten_for_calibration``), compressed-tensors' own
+``calculate_qparams`` (FP8 E4M3 group scales under an FP32 global scale for NVFP4, power-of-two
+E8M0 scales for MX) and its ``fake_quantize``: a spec's weights are the checkpoint's, bit for bit
+(``tests/test_formats.py``). Written here only: the observer's reshapes (llm-compressor, which
+defines them, cannot be installed next to transformers 5.23), and two extensions the library
+refuses: a width that is not a multiple of the group size gets a shorter last group, quantized
+as the library quantizes that group padded with zeros (what its block strategy does to a partial
+block), and the fused global scale below.
+
+NVFP4's FP32 global scale is shared by the linears that deployed kernels fuse (q/k/v, gate/up,
+as llm-compressor's ``FUSED_LAYER_NAMES``; a slice of a fused weight shares its module's): it is
+computed from the dense weights of the whole group before anything is compressed
+(:meth:`FormatMethod.fused_stats`), so one component compressed alone equals the same component
+of a whole-model checkpoint.
+
+Activations (``fp8:dyn``, ``w4afp8``, ``nvfp4:a``) are fake-quantized at the module's input by a
+forward pre-hook with the scheme's input arguments: dynamic per-token (or per group of 128 for
+FP8 blocks) scales computed on the fly; NVFP4's activation global scale is static, from the
+calibration inputs' max |x| (llm-compressor's ``static_minmax`` observer), its group scales
+dynamic.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import ClassVar
+
+import torch
+
+from dtm_core.compression.methods.base import Method
+from dtm_core.compression.methods.registry import bad_spec
+
+# the linears deployed kernels fuse, which share NVFP4's global scale (llm-compressor's
+# FUSED_LAYER_NAMES)
+FUSED_LAYER_NAMES = (("gate_proj", "up_proj"), ("q_proj", "k_proj", "v_proj"),
+                     ("q_a_proj", "kv_a_proj_with_mqa"), ("w1", "w3"))
+
+SCALE_BITS = 16        # a channel's or block's FP8 scale is stored in the model's 16-bit dtype
+
+
+def _ct():
+    from dtm_core.models.checkpoints.base import _require
+
+    _require("compressed_tensors", "compressed-tensors==0.20.0", "The FP8/NVFP4/MX formats")
+    import compressed_tensors.quantization as q
+    return q
+
+
+def preset_args(preset: str, part: str = "weights"):
+    """A compressed-tensors preset scheme's quantization arguments (``part``: ``weights`` or
+    ``input_activations``), e.g. ``preset_args("NVFP4A16")``."""
+    from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
+
+    _ct()
+    return PRESET_SCHEMES[preset].get(part)
+
+
+def _pad_last(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    pad = (-x.shape[-1]) % multiple
+    return torch.nn.functional.pad(x, (0, pad)) if pad else x
+
+
+def observe(w: torch.Tensor, args) -> tuple[torch.Tensor, torch.Tensor]:
+    """llm-compressor's memoryless min/max of an (out, in) weight for ``args``' strategy: one
+    value per tensor, output channel, group or block (the scales' shape)."""
+    from compressed_tensors.quantization import QuantizationStrategy as S
+    from compressed_tensors.quantization.utils import maybe_pad_tensor_for_block_quant
+
+    if args.strategy == S.TENSOR:
+        flat = w.reshape(1, 1, -1)
+    elif args.strategy == S.CHANNEL:
+        flat = w.unsqueeze(-2).unsqueeze(0)
+    elif args.strategy in (S.GROUP, S.TENSOR_GROUP):
+        flat = w.unflatten(-1, (-1, args.group_size)).unsqueeze(0)
+    elif args.strategy == S.BLOCK:
+        bh, bw = args.block_structure
+        v = maybe_pad_tensor_for_block_quant(w, args.block_structure)
+        rows, cols = v.shape
+        flat = (v.reshape(rows // bh, bh, cols // bw, bw).transpose(1, 2).flatten(-2, -1)
+                .unsqueeze(0))
+    else:
+        raise ValueError(f"no weight observer for strategy {args.strategy}")
+    return torch.amin(flat, dim=(0, -1)), torch.amax(flat, dim=(0, -1))
+
+
+def global_scale(matrices: list[torch.Tensor]) -> torch.Tensor:
+    """NVFP4's FP32 global scale over one or more (fused) weights: compressed-tensors'
+    ``generate_gparam`` of their joint min and max."""
+    from compressed_tensors.quantization.utils import generate_gparam
+
+    lo = torch.stack([m.min() for m in matrices]).min().reshape(1, 1)
+    hi = torch.stack([m.max() for m in matrices]).max().reshape(1, 1)
+    return generate_gparam(lo, hi)
+
+
+def round_e2m1(x: torch.Tensor) -> torch.Tensor:
+    """Each value of ``x`` (already clamped to [-6, 6]) to its nearest FP4 E2M1 point, ties as
+    compressed-tensors' ``cast_to_fp4`` breaks them (0.25 -> 0, 0.75 -> 1, 1.25 -> 1, 1.75 -> 2,
+    2.5 -> 2, 3.5 -> 4, 5 -> 4): E2M1's points are spaced 0.5 below 2, 1 below 4 and 2 up to 6,
+    so rounding half to even in units of that spacing (exact: the spacings are powers of two)
+    is the library's rule, in a few passes instead of its eight masked assignments."""
+    a = x.abs()
+    step = torch.full_like(a, 0.5)
+    step[a >= 2.0] = 1.0
+    step[a >= 4.0] = 2.0
+    return (a / step).round_().mul_(step).mul_(torch.sign(x))
+
+
+def qdq(x: torch.Tensor, scale: torch.Tensor, args, gscale: torch.Tensor | None = None
+        ) -> torch.Tensor:
+    """compressed-tensors' ``_quantize_dequantize`` for symmetric arguments, operation for
+    operation (``x`` already shaped so that ``scale`` broadcasts), with the rounding done in one
+    vectorized step: the library's CPU fallbacks for FP4 take hundreds of times longer than
+    round-to-nearest. ``tests/test_formats.py`` holds it to the library bit for bit."""
+    from compressed_tensors.quantization import QuantizationType
+    from compressed_tensors.quantization.utils import calculate_range
+
+    q_min, q_max = calculate_range(args, x.device)
+    if gscale is not None:
+        scale = scale / gscale
+    scaled = torch.clamp(x / scale, q_min, q_max)
+    if args.type == QuantizationType.FLOAT:
+        if args.num_bits == 8:
+            rounded = scaled.to(torch.float8_e4m3fn).to(x.dtype)
+        elif args.num_bits == 4:
+            rounded = round_e2m1(scaled)
+        else:
+            raise NotImplementedError(f"FP{args.num_bits} is not a format here")
+    else:
+        rounded = torch.round(scaled)
+    return rounded.to(scale.dtype) * scale
+
+
+def fake_quantize_weight(w: torch.Tensor, args, gscale: torch.Tensor | None = None
+                         ) -> torch.Tensor:
+    """A float32 (out, in) weight quantized and de-quantized as the scheme ``args`` defines
+    (``gscale``: the tensor-group global scale, computed from ``w`` alone when not given)."""
+    q = _ct()
+    from compressed_tensors.quantization.utils import (calculate_qparams,
+                                                       maybe_pad_tensor_for_block_quant)
+
+    S = q.QuantizationStrategy
+    rows, cols = w.shape
+    grouped = args.strategy in (S.GROUP, S.TENSOR_GROUP)
+    x = _pad_last(w, args.group_size) if grouped else w
+    if args.strategy == S.TENSOR_GROUP and gscale is None:
+        gscale = global_scale([w])
+    if args.strategy != S.TENSOR_GROUP:
+        gscale = None
+    lo, hi = observe(x, args)
+    scale, _ = calculate_qparams(lo, hi, args, global_scale=gscale)
+    if grouped:
+        out = qdq(x.unflatten(-1, (-1, args.group_size)), scale.unsqueeze(-1), args, gscale)
+        return out.flatten(-2)[:, :cols]
+    if args.strategy == S.BLOCK:
+        bh, bw = args.block_structure
+        v = maybe_pad_tensor_for_block_quant(x, args.block_structure)
+        blocks = v.reshape(v.shape[0] // bh, bh, v.shape[1] // bw, bw).transpose(1, 2)
+        out = qdq(blocks, scale[..., None, None], args).transpose(1, 2).reshape(v.shape)
+        return out[:rows, :cols]
+    return qdq(x, scale, args)
+
+
+class FormatGrid:
+    """A format's weight grid for column-by-column methods (GPTQ): a group's scale from its
+    current weights (``params``, compressed-tensors' ``calculate_qparams`` under the global
+    scale) and one column on that grid (``quantize``, :func:`qdq`), as llm-compressor's GPTQ
+    quantizes with these schemes."""
+
+    def __init__(self, args, gscale: torch.Tensor | None = None):
+        from compressed_tensors.quantization import QuantizationStrategy as S
+
+        self.args = args
+        self.gscale = gscale if args.strategy == S.TENSOR_GROUP else None
+        self.group = args.group_size if args.strategy in (S.GROUP, S.TENSOR_GROUP) else None
+        self.whole = args.strategy == S.TENSOR      # one scale for the whole matrix
+
+    def params(self, x: torch.Tensor) -> torch.Tensor:
+        from compressed_tensors.quantization.utils import calculate_qparams
+
+        if self.whole:
+            lo, hi = x.amin().reshape(1, 1), x.amax().reshape(1, 1)
+        else:
+            lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+        return calculate_qparams(lo, hi, self.args, global_scale=self.gscale)[0]
+
+    def quantize(self, col: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return qdq(col[:, None], scale, self.args, self.gscale)[:, 0]
+
+
+def fake_quantize_activation(x: torch.Tensor, args, gscale: torch.Tensor | None = None
+                             ) -> torch.Tensor:
+    """Dynamic activation quantization as compressed-tensors' ``forward_quantize`` does it:
+    scales from the tensor itself by the library's ``compute_dynamic_scales_and_zp`` (per token,
+    or per group of the last dimension, a partial last group padded with zeros), ``gscale`` the
+    static global scale of tensor-group schemes, then :func:`qdq`."""
+    q = _ct()
+    from compressed_tensors.quantization.utils import compute_dynamic_scales_and_zp
+
+    shape, width = x.shape, x.shape[-1]
+    v = x.reshape(-1, 1, width) if x.dim() != 3 else x     # (batch, tokens, width)
+    grouped = args.strategy in (q.QuantizationStrategy.GROUP,
+                                q.QuantizationStrategy.TENSOR_GROUP)
+    if grouped:
+        v = _pad_last(v, args.group_size)
+    scale, _ = compute_dynamic_scales_and_zp(v, args, None, global_scale=gscale)
+    if grouped:
+        out = qdq(v.unflatten(-1, (-1, args.group_size)), scale.unsqueeze(-1), args,
+                  gscale).flatten(-2)
+    else:
+        out = qdq(v, scale, args, gscale)
+    return out[..., :width].reshape(shape).to(x.dtype)
+
+
+def activation_hook(args, gscale: torch.Tensor | None = None):
+    """A forward pre-hook fake-quantizing the module's input with ``args``."""
+    def hook(module, inputs):
+        g = gscale.to(inputs[0].device) if gscale is not None else None
+        return (fake_quantize_activation(inputs[0], args, g),) + tuple(inputs[1:])
+    return hook
+
+
+def fused_matrices(model, component) -> list[torch.Tensor] | None:
+    """The dense (out, in) weights that share ``component``'s NVFP4 global scale: a fused
+    weight's whole matrix for a slice of it, the q/k/v or gate/up siblings of its module, or
+    None (the matrix alone: an expert's matrix, a module fused with nothing)."""
+    if component.experts is not None:
+        return None
+    if component.rows is not None:
+        return component.matrices(component.weight.detach())
+    parent_path, _, leaf = component.path.rpartition(".")
+    for names in FUSED_LAYER_NAMES:
+        if leaf not in names:
+            continue
+        parent = model.get_submodule(parent_path) if parent_path else model
+        mods = [getattr(parent, n, None) for n in names]
+        if all(m is not None and hasattr(m, component.param) for m in mods):
+            return [getattr(m, component.param).detach().float()
+                    if not component.transposed else getattr(m, component.param).detach().float().t()
+                    for m in mods]
+    return None
+
+
+class FormatMethod(Method):
+    """What the float formats share: the scheme's weight and activation arguments
+    (:meth:`weight_args`, :meth:`input_args`), the llm-compressor preset that names the scheme,
+    storage, exports and the bits axis."""
+
+    family = "quantization"
+    level_axis = "bits"
+    preset: ClassVar[str | None] = None   # the compressed-tensors / llm-compressor preset name
+    element_bits: ClassVar[int] = 8       # bits of one stored value
+
+    def weight_args(self):
+        raise NotImplementedError
+
+    def input_args(self):
+        """The scheme's input-activation arguments, or None for a weight-only scheme."""
+        return None
+
+    @property
+    def bits(self) -> int:
+        return self.element_bits
+
+    @property
+    def level(self) -> float:
+        return float(self.element_bits)
+
+    def apply(self, w, stats, name=""):
+        peers = stats.get("fused") if stats else None
+        gscale = global_scale(peers) if peers else None
+        return fake_quantize_weight(w, self.weight_args(), gscale)
+
+    def runtime_hook(self):
+        args = self.input_args()
+        return None if args is None else activation_hook(args)
+
+    def llmcompressor_scheme(self):
+        group = {"weights": _args_dict(self.weight_args())}
+        if self.input_args() is not None:
+            group["input_activations"] = _args_dict(self.input_args())
+        out = {"modifier": "QuantizationModifier", "group": group}
+        if self.preset is not None:
+            out["preset"] = self.preset
+        return out
+
+
+def format_grid_of(head: str, spec: str):
+    """The weight-only format a grid-first method names (``gptq:nvfp4``): its spec, or None when
+    ``head`` is an integer grid."""
+    if re.fullmatch(r"int\d+", head or ""):
+        return None
+    from dtm_core.compression.methods.registry import METHODS
+
+    cls = METHODS.get(head)
+    if cls is None or not issubclass(cls, FormatMethod):
+        return None
+    fmt = cls.parse(head, [], head)
+    strategy = fmt.weight_args().strategy
+    if fmt.input_args() is not None or str(getattr(strategy, "value", strategy)) == "block":
+        raise bad_spec(spec, f"'{head}' quantizes activations; the grid-first methods take a "
+                             "weight-only format (nvfp4, mxfp4, mxfp8, fp8)")
+    return fmt
+
+
+def _args_dict(args) -> dict:
+    """Quantization arguments as llm-compressor's recipe YAML and a checkpoint's config write
+    them (the library's own serialization; its observers included), JSON-able."""
+    d = args.model_dump(mode="json", exclude_none=True)
+    return {k: v for k, v in d.items() if v != {}}
+
+
+def nominal_bits(method: Method, cols: int = 4096) -> float:
+    """Bits per weight of a large (cols x cols) matrix in this spec (the x axis of level curves
+    across formats)."""
+    bits = method.storage_bits(cols, 16)
+    extra = getattr(method, "per_tensor_bits", 0)
+    return float(bits + extra / (cols * cols)) if bits is not None else math.nan
+
+
+__all__ = ["FUSED_LAYER_NAMES", "FormatMethod", "activation_hook", "fake_quantize_activation",
+           "fake_quantize_weight", "format_grid_of", "fused_matrices", "global_scale", "nominal_bits",
+           "observe", "preset_args"]
