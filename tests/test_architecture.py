@@ -138,3 +138,22 @@ def test_engine_is_in_packages_by_concern():
                    "moved.py", "plugins.py", "progress.py", "registry.py"]
     packages = sorted(p.name for p in PKG.iterdir() if (p / "__init__.py").is_file())
     assert packages == ["analysis", "cli", "compression", "measure", "models", "planning"]
+
+
+LAYERS = ["models", "compression", "measure", "analysis", "planning"]
+
+
+def test_packages_import_only_the_packages_below_them():
+    """models < compression < measure < analysis < planning < jobs < cli: a package never
+    imports one above it (the shared top-level modules errors, progress, distributed, plugins
+    are below all of them), so a reader can walk the engine bottom up."""
+    graph = import_graph()
+
+    def rank(mod: str) -> int:
+        part = mod.split(".")[1] if mod.count(".") else ""
+        if part in LAYERS:
+            return LAYERS.index(part) + 1
+        return {"jobs": 10, "cli": 11, "__main__": 12, "registry": 11}.get(part, 0)
+    upward = [f"{m} -> {n}" for m, deps in graph.items() for n in deps
+              if rank(n) > rank(m)]
+    assert upward == []

@@ -23,12 +23,11 @@ from typing import Mapping
 import torch
 
 from dtm_core.errors import DTMError
-from dtm_core.compression.methods.formats import format_grid_of
+from dtm_core.compression.methods.formats import OnFormatOrGrid, format_grid_of
 from dtm_core.compression.methods.base import Method, need_stat
 from dtm_core.compression.methods.registry import bad_spec, register
 from dtm_core.compression.methods.rtn import (OnGrid, grid_method_at_level, grid_options,
-                                              grid_scheme, grid_suffix, leading_bits,
-                                              quantize_weight)
+                                              grid_suffix, leading_bits, quantize_weight)
 
 GRID = 20
 
@@ -88,7 +87,7 @@ def search_scales(weights: Mapping[str, torch.Tensor], absmean: torch.Tensor, h:
 
 @register
 @dataclass(frozen=True)
-class AWQ(OnGrid, Method):
+class AWQ(OnFormatOrGrid, OnGrid, Method):
     bits: int = 4
     group: int | None = None
     asym: bool = False
@@ -120,25 +119,6 @@ class AWQ(OnGrid, Method):
             f"awq:int{self.bits}" + grid_suffix(self.group, self.asym)
 
     @property
-    def format(self):
-        """The format whose grid this runs on, or None on the ``intB`` grid."""
-        return None if self.fmt is None else format_grid_of(self.fmt, str(self))
-
-    def storage_bits(self, cols, dtype_bits):
-        return self.format.storage_bits(cols, dtype_bits) if self.fmt else \
-            super().storage_bits(cols, dtype_bits)
-
-    @property
-    def per_tensor_bits(self) -> int:
-        return self.format.per_tensor_bits if self.fmt else 0
-
-    def llama_cpp_type(self):
-        return self.format.llama_cpp_type() if self.fmt else super().llama_cpp_type()
-
-    def torchao_config(self):
-        return self.format.torchao_config() if self.fmt else super().torchao_config()
-
-    @property
     def level(self) -> float:
         return float(self.bits)
 
@@ -152,12 +132,7 @@ class AWQ(OnGrid, Method):
         return grid_method_at_level(cls, level, options)
 
     def llmcompressor_scheme(self):
-        if self.fmt:
-            from dtm_core.compression.methods.formats import _args_dict
-            return {"modifier": "AWQModifier",
-                    "group": {"weights": _args_dict(self.format.weight_args())}}
-        return {"modifier": "AWQModifier",
-                "group": {"weights": grid_scheme(self.bits, self.group, self.asym)}}
+        return {"modifier": "AWQModifier", "group": {"weights": self.weight_scheme()}}
 
     def prepare_group(self, weights: Mapping[str, torch.Tensor], stats: Mapping) -> dict:
         """The scales of a group of (out, in) float32 matrices that read one input."""

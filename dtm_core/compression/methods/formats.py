@@ -102,14 +102,12 @@ def global_scale(matrices: list[torch.Tensor]) -> torch.Tensor:
 def round_e2m1(x: torch.Tensor) -> torch.Tensor:
     """Each value of ``x`` (already clamped to [-6, 6]) to its nearest FP4 E2M1 point, ties as
     compressed-tensors' ``cast_to_fp4`` breaks them (0.25 -> 0, 0.75 -> 1, 1.25 -> 1, 1.75 -> 2,
-    2.5 -> 2, 3.5 -> 4, 5 -> 4): E2M1's points are spaced 0.5 below 2, 1 below 4 and 2 up to 6,
-    so rounding half to even in units of that spacing (exact: the spacings are powers of two)
-    is the library's rule, in a few passes instead of its eight masked assignments."""
-    a = x.abs()
-    step = torch.full_like(a, 0.5)
-    step[a >= 2.0] = 1.0
-    step[a >= 4.0] = 2.0
-    return (a / step).round_().mul_(step).mul_(torch.sign(x))
+    2.5 -> 2, 3.5 -> 4, 5 -> 4). E2M1 has one mantissa bit and its smallest normal exponent is 0,
+    so the points near x are spaced 2^(max(floor(log2|x|), 0) - 1); rounding half to even in
+    units of that spacing (exact: the spacing is a power of two) is the library's rule, about
+    eight times faster than its masked assignments on CPU."""
+    step = torch.exp2(torch.floor(torch.log2(x.abs())).clamp_(min=0.0) - 1.0)
+    return torch.round(x / step) * step
 
 
 def qdq(x: torch.Tensor, scale: torch.Tensor, args, gscale: torch.Tensor | None = None
@@ -307,6 +305,38 @@ def format_grid_of(head: str, spec: str):
         raise bad_spec(spec, f"'{head}' quantizes activations; the grid-first methods take a "
                              "weight-only format (nvfp4, mxfp4, mxfp8, fp8)")
     return fmt
+
+
+class OnFormatOrGrid:
+    """What a grid-first method (GPTQ, AWQ: ``bits``, ``group``, ``asym``, ``fmt`` fields)
+    deploys as: a format's storage, types and scheme when ``fmt`` names one, the ``intB`` grid's
+    otherwise (:class:`~dtm_core.compression.methods.rtn.OnGrid`)."""
+
+    @property
+    def format(self):
+        """The format whose grid this runs on, or None on the ``intB`` grid."""
+        return None if self.fmt is None else format_grid_of(self.fmt, str(self))
+
+    def storage_bits(self, cols, dtype_bits):
+        return self.format.storage_bits(cols, dtype_bits) if self.fmt else \
+            super().storage_bits(cols, dtype_bits)
+
+    @property
+    def per_tensor_bits(self) -> int:
+        return self.format.per_tensor_bits if self.fmt else 0
+
+    def llama_cpp_type(self):
+        return self.format.llama_cpp_type() if self.fmt else super().llama_cpp_type()
+
+    def torchao_config(self):
+        return self.format.torchao_config() if self.fmt else super().torchao_config()
+
+    def weight_scheme(self) -> dict:
+        """The weights' quantization arguments as llm-compressor's recipe writes them."""
+        from dtm_core.compression.methods.rtn import grid_scheme
+
+        return _args_dict(self.format.weight_args()) if self.fmt else \
+            grid_scheme(self.bits, self.group, self.asym)
 
 
 def _args_dict(args) -> dict:

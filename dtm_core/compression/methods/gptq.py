@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import torch
 
 from dtm_core.compression.methods.base import Method, need_stat
-from dtm_core.compression.methods.formats import format_grid_of
+from dtm_core.compression.methods.formats import OnFormatOrGrid, format_grid_of
 from dtm_core.compression.methods.obs import BLOCK, inverse_hessian_factor, lazy_batch, prepare
 from dtm_core.compression.methods.registry import bad_spec, register
 from dtm_core.compression.methods.rtn import (IntGrid, OnGrid, grid_method_at_level,
-                                              grid_scheme, grid_suffix, leading_bits)
+                                              grid_suffix, leading_bits)
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group: int | None = None,
@@ -67,7 +67,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group: int | None
 
 @register
 @dataclass(frozen=True)
-class GPTQ(OnGrid, Method):
+class GPTQ(OnFormatOrGrid, OnGrid, Method):
     bits: int = 4
     group: int | None = None
     asym: bool = False
@@ -120,11 +120,6 @@ class GPTQ(OnGrid, Method):
                 + (f":damp{self.damp:g}" if self.damp != 0.01 else ""))
 
     @property
-    def format(self):
-        """The format whose grid this runs on, or None on the ``intB`` grid."""
-        return None if self.fmt is None else format_grid_of(self.fmt, str(self))
-
-    @property
     def level(self) -> float:
         return float(self.bits)
 
@@ -137,26 +132,8 @@ class GPTQ(OnGrid, Method):
     def at_level(cls, level: float, options: str = "") -> "GPTQ":
         return grid_method_at_level(cls, level, options)
 
-    def storage_bits(self, cols, dtype_bits):
-        return self.format.storage_bits(cols, dtype_bits) if self.fmt else \
-            super().storage_bits(cols, dtype_bits)
-
-    @property
-    def per_tensor_bits(self) -> int:
-        return self.format.per_tensor_bits if self.fmt else 0
-
-    def llama_cpp_type(self):
-        return self.format.llama_cpp_type() if self.fmt else super().llama_cpp_type()
-
-    def torchao_config(self):
-        return self.format.torchao_config() if self.fmt else super().torchao_config()
-
     def llmcompressor_scheme(self):
-        if self.fmt:
-            from dtm_core.compression.methods.formats import _args_dict
-            weights = _args_dict(self.format.weight_args())
-        else:
-            weights = grid_scheme(self.bits, self.group, self.asym)
+        weights = self.weight_scheme()
         if self.act:
             weights["actorder"] = "static"     # act order with static groups, as ours
         return {"modifier": "GPTQModifier", "modifier_args": {"dampening_frac": self.damp},

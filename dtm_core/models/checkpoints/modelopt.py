@@ -106,16 +106,26 @@ class ModelOptWeights(CheckpointWeights):
         key = f"{module}.input_scale"
         if key not in self.shards:
             return None
-        from dtm_core.compression.methods.formats import activation_hook, preset_args
-
         scale = self.shards.get(key).float().reshape(1)
-        if self.algo == "NVFP4":
-            return activation_hook(preset_args("NVFP4", "input_activations"),
-                                   (1.0 / scale).reshape(1, 1))
+        if self.algo == "NVFP4":     # compressed-tensors' own forward with the NVFP4 preset
+            from compressed_tensors.quantization import QuantizationStatus
+            from compressed_tensors.quantization.lifecycle.forward import forward_quantize
+            from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
 
-        def hook(m, inputs):
+            args = PRESET_SCHEMES["NVFP4"]["input_activations"]
+            holder = torch.nn.Module()
+            holder.quantization_status = QuantizationStatus.FROZEN
+            holder.input_global_scale = (1.0 / scale).reshape(1, 1)
+
+            def nvfp4(m, inputs):
+                x = inputs[0]
+                holder.input_global_scale = holder.input_global_scale.to(x.device)
+                return (forward_quantize(holder, x, "input", args),) + tuple(inputs[1:])
+            return nvfp4
+
+        def fp8(m, inputs):
             x = inputs[0]
             s = scale.to(x.device)
             q = (x.float() / s).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).float() * s
             return (q.to(x.dtype),) + tuple(inputs[1:])
-        return hook
+        return fp8
