@@ -601,3 +601,41 @@ def test_mixed_plan_pareto_chart_holdout_table_and_exports(browser, app_url, tmp
                            ".includes('recipe.yaml')", timeout=WAIT_MS)
     href = page.locator("#mplan-files a").first.get_attribute("href")
     assert href and "recipe.yaml" in href
+
+
+def test_level_curves_across_formats_and_format_presets(browser, app_url, tmp_path):
+    """The deployed formats in the page: fp8, nvfp4 and mxfp4 among the presets, the Custom
+    spec's help listing every format, and level curves across formats (each spec a point at its
+    bits per weight, labelled)."""
+    f = tmp_path / "two.txt"
+    f.write_text("The capital of France is\nWater boils at\n")
+    page = browser.new_page()
+    page.goto(app_url)
+    page.locator("#preset input").first.click()
+    for preset in ("fp8", "nvfp4", "mxfp4"):
+        assert page.get_by_role("option", name=preset, exact=True).count() == 1
+    page.keyboard.press("Escape")
+    assert "nvfp4:a" in page.locator("#spec").inner_text() and "w4afp8" in \
+        page.locator("#spec").inner_text()
+    page.get_by_role("tab", name="Sensitivity").click()
+    page.locator("#sens-upload input[type=file]").set_input_files(str(f))
+    fill(page, "sens-new-tokens", 6)
+    page.locator("#lvl-method input").first.click()
+    page.get_by_role("option", name="formats", exact=True).click()
+    fill(page, "lvl-levels", "fp8,nvfp4,mxfp4")
+    fill(page, "lvl-kinds", "q")
+    page.locator("#lvl-run").click()
+    page.wait_for_function("document.querySelector('#lvl-status').innerText.includes('Done')",
+                           timeout=WAIT_MS)
+    page.wait_for_selector("#lvl-plot .js-plotly-plot", timeout=WAIT_MS)
+    # the plot as drawn (plotly's decoded full data)
+    traces = page.evaluate("""() => document.querySelector('#lvl-plot .js-plotly-plot')._fullData
+                              .map(t => ({x: Array.from(t.x), text: Array.from(t.text || [])}))""")
+    assert len(traces) == 1, traces
+    pts = dict(zip(traces[0]["text"], traces[0]["x"]))
+    assert set(pts) == {"fp8", "nvfp4", "mxfp4"}
+    assert pts["mxfp4"] == pytest.approx(4.25) and pts["nvfp4"] == pytest.approx(4.5, abs=1e-3)
+    assert "bits per weight" in page.evaluate(
+        "() => document.querySelector('#lvl-plot .js-plotly-plot')._fullLayout.xaxis.title.text")
+    page.locator("#lvl-plot").scroll_into_view_if_needed()
+    shot(page, "level_curves_formats")

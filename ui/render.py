@@ -310,9 +310,12 @@ def level_figure(table, method: str) -> go.Figure:
                   title=("Mean FDT against bits per weight across formats, one line per kind "
                          "(all layers)" if across else
                          f"Mean FDT against {method} level, one line per kind (all layers)"))
-    if across:
-        fig.update_traces(textposition="top center")
+    if across:   # each point labelled with its spec, room kept above the highest label
+        fig.update_traces(textposition="top center", cliponaxis=False)
         fig.update_xaxes(title="bits per weight (scales included)")
+        lo, hi = float(table.fdt_mean.min()), float(table.fdt_mean.max())
+        pad = max(0.5, 0.15 * (hi - lo))
+        fig.update_yaxes(range=[lo - pad, hi + 2 * pad])
     fig.update_layout(height=320)
     return fig
 
