@@ -19,7 +19,7 @@ import torch
 from dtm_core.models.generation import (check_lengths, encode_prompts, greedy_generate, pad_id_of,
                                         plan_batches, teacher_forced_logits, vocab_size)
 from dtm_core.compression.intactkv import IntactKV, teacher_forced_pair
-from dtm_core.measure.metrics import (TokenMetrics, aggregate, metric_columns, perplexity,
+from dtm_core.measure.metrics import (ACCEPT_K, TokenMetrics, aggregate, metric_columns, perplexity,
                                       survival_curve, token_metrics)
 from dtm_core.models.load import LoadedModel, eos_ids
 from dtm_core.compression.pair import Pair
@@ -28,9 +28,11 @@ Progress = Callable[[float, str], None]
 
 # the built-in metrics' columns in their documented order; a registered metric's columns come
 # after them, before the texts
-COLUMNS = ["prompt_index", "fdt", "sdt", "kl_mean", "kl_max", "top1_agree", "dp_ref_mean",
-           "ppl_dense", "ppl_compressed", "ppl_prompt_dense", "ppl_prompt_compressed",
-           "n_tokens", "ended_eos", "dense_self_agree", "prompt", "dense_text", "compressed_text"]
+COLUMNS = (["prompt_index", "fdt", "sdt", "kl_mean", "kl_max", "top1_agree", "dp_ref_mean",
+            "ppl_dense", "ppl_compressed", "ppl_prompt_dense", "ppl_prompt_compressed",
+            "n_tokens", "ended_eos", "dense_self_agree"]
+           + [f"accept_len_k{k}" for k in ACCEPT_K] + [f"accept_rate_k{k}" for k in ACCEPT_K]
+           + ["prompt", "dense_text", "compressed_text"])
 
 
 def table_columns() -> list[str]:

@@ -204,6 +204,60 @@ register_metric(TokenMetric(
     description="the dense teacher-forced argmax reproduces the reference"))
 
 
+ACCEPT_K = (1, 2, 4, 8, 16)
+
+
+def acceptance(agree, k: int) -> tuple[int, int, int]:
+    """(accepted, proposed, steps) when the compressed model drafts ``k`` tokens at a time for the
+    dense one under greedy verification, from the teacher-forced agreement of each reference
+    position (``agree``: the compressed argmax on the dense prefix equals the dense token).
+
+    The output is the dense continuation; at each step the draft proposes min(k, tokens left) from
+    the dense prefix (its proposals are its teacher-forced argmaxes as long as they are accepted),
+    the verifier accepts the leading proposals equal to the dense tokens and adds its own token
+    (not counted as accepted); steps go on until the continuation is complete."""
+    ok = agree.tolist() if hasattr(agree, "tolist") else list(agree)
+    n, p = len(ok), 0
+    accepted = proposed = steps = 0
+    while p < n:
+        m = min(k, n - p)
+        a = 0
+        while a < m and ok[p + a]:
+            a += 1
+        accepted, proposed, steps = accepted + a, proposed + m, steps + 1
+        p += a + 1
+    return accepted, proposed, steps
+
+
+def _accept_len(k):
+    def f(v, t):
+        a, _, steps = acceptance(v, k)
+        return a / steps
+    return f
+
+
+def _accept_rate(k):
+    def f(v, t):
+        a, prop, _ = acceptance(v, k)
+        return a / prop
+    return f
+
+
+register_metric(TokenMetric(
+    "accept", lambda t: t.comp_argmax == t.ref,
+    tuple(Column(f"accept_len_k{k}", _accept_len(k), 0.0,
+                 f"mean accepted draft tokens per step, drafting {k}") for k in ACCEPT_K)
+    + tuple(Column(f"accept_rate_k{k}", _accept_rate(k), 0.0,
+                   f"share of {k}-token drafts' tokens accepted") for k in ACCEPT_K),
+    tuple(Aggregate(f"accept_len_k{k}_mean", _mean(f"accept_len_k{k}"),
+                    f"accepted per step (K={k})", (f"accept_len_k{k}",), True) for k in ACCEPT_K)
+    + tuple(Aggregate(f"accept_rate_k{k}_mean", _mean(f"accept_rate_k{k}"),
+                      f"acceptance rate (K={k})", (f"accept_rate_k{k}",), True)
+            for k in ACCEPT_K),
+    description="self-speculative decoding with the compressed model as the draft: exact "
+                "greedy acceptance of K-token drafts, from the teacher-forced agreement"))
+
+
 def kl_per_position(d_logp: torch.Tensor, c_logp: torch.Tensor) -> torch.Tensor:
     """KL(P_d || P_c) = sum_v p_d (log p_d - log p_c) for each row of two log-softmax tensors."""
     p = d_logp.exp()
