@@ -410,6 +410,20 @@ def test_a_modelopt_export_is_read_as_modelopt_defines_it(tmp_path, algo):
     pair = build_pair(dense, PairRequest(model=str(base), compressed_model=str(ck)))
     hooks = sum(len(m._forward_pre_hooks) for m in pair.compressed.modules())
     assert hooks == 14            # every quantized linear quantizes its input
+    # the activation quantization: FP8 x -> fp8(x / input_scale) x input_scale; NVFP4 the spec's
+    # activation path under the global scale 1 / input_scale
+    from dtm_core.compression.methods.formats import fake_quantize_activation, preset_args
+
+    name = "model.layers.1.mlp.down_proj"
+    s_in = f.get_tensor(name + ".input_scale").float()
+    x = torch.randn(2, 5, 256) * 3
+    got = reader.input_hook(name)(None, (x,))[0]
+    if algo == "FP8":
+        want = (x / s_in).clamp(-448, 448).to(torch.float8_e4m3fn).float() * s_in
+    else:
+        want = fake_quantize_activation(x, preset_args("NVFP4", "input_activations"),
+                                        (1.0 / s_in).reshape(1, 1))
+    assert torch.equal(got, want)
     ids = encode_prompts(dense.tokenizer, ["The capital of France is"])
     res = divergence(pair, prompt_ids=ids, new_tokens=6)
     assert 0 <= res.summary["fdt_mean"] <= 6 and res.summary["kl_mean"] > 0

@@ -173,9 +173,7 @@ def choice_table(dense_model, tables: dict[str, pd.DataFrame], new_tokens: int, 
             c = comps[name]
             mats = c.matrices(c.weight)
             rows = len(c.rows) if c.rows is not None else mats[0].shape[0]
-            per = sp.storage_bits(mats[0].shape[1], dtype_bits)
-            if per is not None and sp.per_tensor_bits:
-                per += sp.per_tensor_bits / mats[0].numel()
+            per = sp.bits_per_weight(*mats[0].shape, dtype_bits)
             if per is None:
                 raise DTMError(f"'{spec}' has no known storage size, so no budget can count it; "
                                "give quantization or pruning specs such as int4:g128 or "

@@ -163,6 +163,12 @@ class Method:
 
     per_tensor_bits: ClassVar[int] = 0   # bits stored once per tensor (a global scale)
 
+    def bits_per_weight(self, rows: int, cols: int, dtype_bits: int) -> float | None:
+        """:meth:`storage_bits` of an (rows, cols) matrix with what is stored once per tensor
+        spread over its weights; None when unknown."""
+        bits = self.storage_bits(cols, dtype_bits)
+        return None if bits is None else bits + self.per_tensor_bits / (rows * cols)
+
 
 def need_stat(stats: Mapping[str, torch.Tensor], stat: str, method: str) -> torch.Tensor:
     """The statistic a method needs, or one sentence saying how to provide it."""

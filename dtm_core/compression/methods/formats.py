@@ -349,9 +349,8 @@ def _args_dict(args) -> dict:
 def nominal_bits(method: Method, cols: int = 4096) -> float:
     """Bits per weight of a large (cols x cols) matrix in this spec (the x axis of level curves
     across formats)."""
-    bits = method.storage_bits(cols, 16)
-    extra = getattr(method, "per_tensor_bits", 0)
-    return float(bits + extra / (cols * cols)) if bits is not None else math.nan
+    bits = method.bits_per_weight(cols, cols, 16)
+    return float(bits) if bits is not None else math.nan
 
 
 __all__ = ["FUSED_LAYER_NAMES", "FormatMethod", "activation_hook", "fake_quantize_activation",

@@ -184,10 +184,10 @@ def exact_fp4_weights(model) -> dict:
         if w is None or not hasattr(m, "weight_packed") or w.num_bits != 4 or _is_int(w):
             continue
         from compressed_tensors.compressors.base import BaseCompressor
+        from compressed_tensors.compressors.format import infer_module_format
 
-        name = "mxfp4-pack-quantized" if w.group_size == 32 and "uint8" in _value(
-            w.scale_dtype or "") else "nvfp4-pack-quantized"
-        comp = BaseCompressor.get_value_from_registry(name)
+        comp = BaseCompressor.get_value_from_registry(
+            _value(infer_module_format(torch.nn.Linear, scheme)))
         local = {k: getattr(m, k).data for k in ("weight_packed", "weight_scale",
                                                   "weight_global_scale") if hasattr(m, k)}
         out[m] = decompress(comp, local, scheme)

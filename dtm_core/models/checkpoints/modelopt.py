@@ -103,29 +103,31 @@ class ModelOptWeights(CheckpointWeights):
         return (q.reshape(q.shape[0], -1, group) * (scale[..., None] * s2)).reshape(q.shape)
 
     def input_hook(self, module):
+        """The module's static activation quantization by compressed-tensors' own forward: the
+        NVFP4 preset's input arguments under the global scale 1 / input_scale (group scales on
+        the fly), or the FP8 preset's static per-tensor ones with input_scale."""
         key = f"{module}.input_scale"
         if key not in self.shards:
             return None
-        scale = self.shards.get(key).float().reshape(1)
-        if self.algo == "NVFP4":     # compressed-tensors' own forward with the NVFP4 preset
-            from compressed_tensors.quantization import QuantizationStatus
-            from compressed_tensors.quantization.lifecycle.forward import forward_quantize
-            from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
+        from compressed_tensors.quantization import QuantizationStatus
+        from compressed_tensors.quantization.lifecycle.forward import forward_quantize
+        from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
 
+        scale = self.shards.get(key).float()
+        holder = torch.nn.Module()
+        holder.quantization_status = QuantizationStatus.FROZEN
+        if self.algo == "NVFP4":
             args = PRESET_SCHEMES["NVFP4"]["input_activations"]
-            holder = torch.nn.Module()
-            holder.quantization_status = QuantizationStatus.FROZEN
             holder.input_global_scale = (1.0 / scale).reshape(1, 1)
+        else:
+            args = PRESET_SCHEMES["FP8"]["input_activations"]
+            holder.input_scale = scale.reshape(1)
 
-            def nvfp4(m, inputs):
-                x = inputs[0]
-                holder.input_global_scale = holder.input_global_scale.to(x.device)
-                return (forward_quantize(holder, x, "input", args),) + tuple(inputs[1:])
-            return nvfp4
-
-        def fp8(m, inputs):
+        def hook(m, inputs):
             x = inputs[0]
-            s = scale.to(x.device)
-            q = (x.float() / s).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).float() * s
-            return (q.to(x.dtype),) + tuple(inputs[1:])
-        return fp8
+            for name in ("input_global_scale", "input_scale"):
+                t = getattr(holder, name, None)
+                if t is not None and t.device != x.device:
+                    setattr(holder, name, t.to(x.device))
+            return (forward_quantize(holder, x, "input", args),) + tuple(inputs[1:])
+        return hook
