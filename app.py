@@ -70,9 +70,10 @@ def pair_row(default_model: str) -> tuple[common.PairForm, common.IntactKVForm]:
         calib_samples = gr.Number(value=0, precision=0, minimum=0, label="Samples",
                                   info="use the first M sequences; 0: all",
                                   elem_id="calib-samples")
-        sequential = gr.Checkbox(value=False, label="Sequential",
-                                 info="each layer calibrated on the outputs of the compressed "
-                                      "layers before it (whole-model GPTQ)",
+        sequential = gr.Checkbox(value=True, label="Sequential",
+                                 info="gptq, sparsegpt, wanda and awq calibrate each layer on the "
+                                      "outputs of the compressed layers before it, as "
+                                      "llm-compressor does; off: every layer on dense inputs",
                                  elem_id="sequential")
     return (common.PairForm(model, preset, spec, components, checkpoint, calibration,
                             calibration_file, calib_ctx, calib_samples, sequential),

@@ -159,7 +159,9 @@ class PairRequest:
     compressed_model: str | None = None
     calibration: CalibrationSetting = field(default_factory=CalibrationSetting)
     chat: bool = False
-    sequential: bool = False      # statistics of each layer on the compressed layers' outputs
+    # statistics of each layer on the compressed layers' outputs; None: as the recipe's methods
+    # default (layer by layer for GPTQ, SparseGPT, Wanda and AWQ, as llm-compressor runs them)
+    sequential: bool | None = None
 
     def validate(self) -> None:
         """Every check that needs no model: one compressed side, a spec that parses."""

@@ -78,7 +78,7 @@ def test_awq_weights_are_the_folded_quantized_model():
     prompts = random_prompts(6, seed=3, lo=6, hi=14)
     calib = calibration_from(lm, prompts)
     spec = parse_spec("awq:int4:g16")
-    pair = make_pair(lm, Recipe.single(spec), calibration=calib)
+    pair = make_pair(lm, Recipe.single(spec), calibration=calib, sequential=False)
     pairs = [(c, spec) for c in resolve(lm.model, "*.*")]
     stats = gather_statistics(lm.model, pairs, calib)
     deployed = copy.deepcopy(lm.model)

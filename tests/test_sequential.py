@@ -46,8 +46,9 @@ def test_sequential_equals_compressing_layer_by_layer(family, spec):
         torch.testing.assert_close(got[name], w, atol=1e-5, rtol=1e-5, msg=name)
         changed += not torch.equal(w, dict(lm.model.named_parameters())[name])
     assert changed
-    # and it is not the default (dense inputs everywhere): later layers differ
-    plain = weights(make_pair(lm, Recipe.single(spec), calibration=prompts).compressed)
+    # and it is not --no-sequential (dense inputs everywhere): later layers differ
+    plain = weights(make_pair(lm, Recipe.single(spec), calibration=prompts,
+                              sequential=False).compressed)
     last = [n for n in want if f".{layers - 1}." in n and n in plain]
     assert any(not torch.allclose(plain[n], got[n]) for n in last)
     first = [n for n in want if ".0." in n and n in plain]
@@ -64,7 +65,7 @@ def test_layers_without_calibration_count_for_the_layers_after():
     want = weights(slow_sequential(lm, [("int3", "0.*", 0), ("gptq:int4", "1.*", 1)], prompts))
     for name, w in want.items():
         torch.testing.assert_close(weights(pair.compressed)[name], w, atol=1e-5, rtol=1e-5)
-    plain = weights(make_pair(lm, recipe, calibration=prompts).compressed)
+    plain = weights(make_pair(lm, recipe, calibration=prompts, sequential=False).compressed)
     assert not torch.allclose(plain["model.layers.1.mlp.down_proj.weight"],
                               weights(pair.compressed)["model.layers.1.mlp.down_proj.weight"])
 
@@ -75,6 +76,42 @@ def test_one_layer_recipes_are_the_same_either_way():
     calib = calibration_from(lm, prompts)
     for sel in ("1.q", "1.*"):
         a = make_pair(lm, Recipe.single("gptq:int3", sel), calibration=calib, sequential=True)
-        b = make_pair(lm, Recipe.single("gptq:int3", sel), calibration=calib)
+        b = make_pair(lm, Recipe.single("gptq:int3", sel), calibration=calib, sequential=False)
         for name, w in weights(b.compressed).items():
             torch.testing.assert_close(weights(a.compressed)[name], w, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("spec,default", [("gptq:int3:g16", True), ("sparsegpt:0.6", True),
+                                          ("wanda:0.5", True), ("awq:int3", True),
+                                          ("nvfp4:a", False), ("int4:g16", False)])
+def test_the_default_is_llm_compressors(spec, default):
+    """A whole-model pair of GPTQ, SparseGPT, Wanda or AWQ is calibrated layer by layer unless
+    --no-sequential (as llm-compressor's sequential pipeline runs them); other methods are not."""
+    lm = make_tiny("llama", scale=4.0)
+    prompts = random_prompts(6, seed=11, lo=6, hi=16)
+    calib = calibration_from(lm, prompts)
+    recipe = Recipe.single(spec)
+    assert recipe.sequential_default is default
+    got = weights(make_pair(lm, recipe, calibration=calib).compressed)
+    want = weights(make_pair(lm, recipe, calibration=calib, sequential=default).compressed)
+    other = weights(make_pair(lm, recipe, calibration=calib, sequential=not default).compressed)
+    for name, w in want.items():
+        torch.testing.assert_close(got[name], w, atol=0, rtol=0, msg=name)
+    if recipe.needs_calibration and default:
+        assert any(not torch.equal(got[n], other[n]) for n in got)
+
+
+def test_cli_and_page_flags():
+    from dtm_core.cli import build_parser
+    from dtm_core.cli.options import pair_request
+    from ui.common import pair_request as page_request
+
+    parse = build_parser().parse_args
+    base = ["divergence", "--compress", "gptq:int4", "--prompts", "x"]
+    assert pair_request(parse(base)).sequential is None
+    assert pair_request(parse(base + ["--sequential"])).sequential is True
+    assert pair_request(parse(base + ["--no-sequential"])).sequential is False
+    ticked = page_request("default", "custom spec", "gptq:int4", "*.*", None)
+    assert ticked.sequential is None
+    assert page_request("default", "custom spec", "gptq:int4", "*.*", None,
+                        sequential=False).sequential is False

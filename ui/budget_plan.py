@@ -31,7 +31,7 @@ def budget_of(kind: str, value) -> Budget | None:
 
 def run_budget_plan(model, upload, builtin, chat, new_tokens, layers, kinds, specs, kind, value,
                     target, holdout, planner, calibration=None, calibration_file=None,
-                    calib_ctx=None, calib_samples=None, sequential=False,
+                    calib_ctx=None, calib_samples=None, sequential=True,
                     request: gr.Request = None, progress=gr.Progress()):
     """Status, Pareto chart, held-out table, plan JSON, the state the exports read and the
     per-kind curves of the cells."""

@@ -148,8 +148,10 @@ def calibration_setting(choice, upload=None, ctx=None, samples=None) -> Calibrat
 
 def pair_request(model, preset, spec, components, checkpoint, chat=False, calibration=None,
                  calibration_file=None, calib_ctx=None, calib_samples=None,
-                 sequential=False) -> PairRequest:
-    """The pair the form describes, validated before any model work."""
+                 sequential=True) -> PairRequest:
+    """The pair the form describes, validated before any model work. ``sequential``: the
+    page's box; ticked (its default) leaves each method its own default (layer by layer for
+    GPTQ, SparseGPT, Wanda and AWQ), unticked calibrates every layer on dense inputs."""
     source = (model or "default").strip()
     setting = calibration_setting(calibration, calibration_file, calib_ctx, calib_samples)
     if preset == CHECKPOINT:
@@ -161,7 +163,8 @@ def pair_request(model, preset, spec, components, checkpoint, chat=False, calibr
         raise DTMError("Give a compression spec, e.g. int4:g128.")
     req = PairRequest(model=source, compress=str(parse_spec(text)),
                       components=(components or "").strip() or "*.*", calibration=setting,
-                      chat=bool(chat), sequential=bool(sequential))
+                      chat=bool(chat),
+                      sequential=None if sequential is None or sequential else False)
     req.validate()
     return req
 

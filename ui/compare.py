@@ -32,7 +32,7 @@ class CompareTab:
 
 def compare(model, preset, spec, components, checkpoint, prompt, chat, new_tokens,
             ikv_text="off", ikv_cal=False, calib_steps=50, calibration=None,
-            calibration_file=None, calib_ctx=None, calib_samples=None, sequential=False,
+            calibration_file=None, calib_ctx=None, calib_samples=None, sequential=True,
             request: gr.Request = None, progress=gr.Progress()):
     """Generator: stream both generations, then finalize with the engine's teacher-forced pass.
 
@@ -114,7 +114,7 @@ def compare(model, preset, spec, components, checkpoint, prompt, chat, new_token
 
 def run_sinks(model, preset, spec, components, checkpoint, ikv_text, prompt, chat, k,
               calibration=None, calibration_file=None, calib_ctx=None, calib_samples=None,
-              sequential=False):
+              sequential=True):
     from dtm_core.compression.intactkv import IntactKV
 
     try:

@@ -26,7 +26,7 @@ GRANULARITIES = {"component": "component", "whole layer": "layer"}
 def run_explain(model, preset, spec, components, checkpoint, prompt, chat, new_tokens,
                 position=-1, scope="every position up to it", granularity="component",
                 calibration=None, calibration_file=None, calib_ctx=None, calib_samples=None,
-                sequential=False, progress=gr.Progress()):
+                sequential=True, progress=gr.Progress()):
     """The lens plot, the restoring-power heatmap, the ranked table, the ranking sentence and
     the table as CSV, for the Compare tab's pair and prompt."""
     none = (None, None, None)

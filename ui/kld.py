@@ -18,7 +18,7 @@ from .render import friendly, kld_figures
 
 
 def run_kld(model, preset, spec, components, checkpoint, text_file, ctx, calibration=None,
-            calibration_file=None, calib_ctx=None, calib_samples=None, sequential=False,
+            calibration_file=None, calib_ctx=None, calib_samples=None, sequential=True,
             progress=gr.Progress()):
     try:
         path = common.upload_path(text_file)

@@ -39,7 +39,7 @@ WORST_HEADERS = ["#", "line", "FDT (tokens)", "mean KL (nats)", "prompt", "… t
 
 def run_set(model, preset, spec, components, checkpoint, upload, builtin, chat, new_tokens,
             ikv_text="off", ikv_cal=False, calib_steps=50, calibration=None,
-            calibration_file=None, calib_ctx=None, calib_samples=None, sequential=False,
+            calibration_file=None, calib_ctx=None, calib_samples=None, sequential=True,
             request: gr.Request = None, progress=gr.Progress()):
     """Evaluate a prompt set on the current pair; returns table, cards, plots, files, message."""
     nothing = (None, "", None, None, None, None, None)

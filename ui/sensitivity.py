@@ -36,7 +36,7 @@ class SensitivityTab:
 
 def run_sweep(model, spec, upload, builtin, chat, new_tokens, layers, kinds, metric,
               ikv_text="off", view="IntactKV", calibration=None, calibration_file=None,
-              calib_ctx=None, calib_samples=None, sequential=False, whole=False,
+              calib_ctx=None, calib_samples=None, sequential=True, whole=False,
               request: gr.Request = None, progress=gr.Progress()):
     try:
         parse_spec(spec)
@@ -120,7 +120,7 @@ def torchrun_command(model, spec, prompts, chat, new_tokens, layers, kinds, cali
 
 def sweep_note(model, spec, upload, builtin, chat, new_tokens, layers, kinds,
                calibration=None, calibration_file=None, calib_ctx=None, calib_samples=None,
-               sequential=False):
+               sequential=True):
     """A note when the sweep is larger than this machine does in reasonable time: the estimate
     and the exact torchrun command (after which Run sweep opens the merged cells from the
     store)."""

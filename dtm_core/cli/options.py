@@ -21,10 +21,12 @@ def model_args(p: argparse.ArgumentParser) -> None:
     side.add_argument("--compressed-model", metavar="PATH",
                       help="a second checkpoint of the same base instead of --compress")
     calibration_arg(p)
-    p.add_argument("--sequential", action="store_true",
+    p.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=None,
                    help="a whole-model recipe gathers each layer's calibration statistics on the "
                         "outputs of the layers before it as already compressed (full-model "
-                        "GPTQ); default: every component sees the dense model's inputs")
+                        "GPTQ); default: on for gptq, sparsegpt, wanda and awq (as llm-compressor "
+                        "runs them), off otherwise; --no-sequential: every component sees the "
+                        "dense model's inputs")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, "
                                                     "bfloat16, float16")
@@ -98,7 +100,7 @@ def pair_request(args):
                       compressed_model=args.compressed_model,
                       calibration=calibration_setting(args),
                       chat=getattr(args, "chat", False),
-                      sequential=getattr(args, "sequential", False))
+                      sequential=getattr(args, "sequential", None))
     req.validate()
     return req
 

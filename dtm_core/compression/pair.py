@@ -42,7 +42,7 @@ def shared_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def make_pair(dense: LoadedModel, recipe: Recipe, calibration=None, chat: bool = False,
-              sequential: bool = False) -> Pair:
+              sequential: bool | None = None) -> Pair:
     """The dense model and a shared copy compressed by ``recipe``.
 
     ``calibration`` feeds the statistics that the recipe's methods need (wanda's input norms, ...):
@@ -51,13 +51,17 @@ def make_pair(dense: LoadedModel, recipe: Recipe, calibration=None, chat: bool =
     modules have the same paths as the copy's, and shared with every other user of the same
     calibration prompts (:func:`~dtm_core.compression.calibration.calibration_for`). ``sequential``: each
     layer's statistics on the outputs of the layers before it as compressed (see
-    :func:`~dtm_core.compression.recipe.apply_recipe`).
+    :func:`~dtm_core.compression.recipe.apply_recipe`); None (the default): as the recipe's methods
+    are run by llm-compressor (:attr:`Recipe.sequential_default`: layer by layer for GPTQ,
+    SparseGPT, Wanda and AWQ).
     """
     recipe.components(dense.model)  # validate selections before copying anything
     calib = None
     if recipe.needs_calibration:
         names = ", ".join(sorted({i.spec.name for i in recipe.items if i.spec.needs}))
         calib = calibration_from(dense, calibration, chat, names)
+    if sequential is None:
+        sequential = recipe.sequential_default
     comp = shared_copy(dense.model)
     applied = apply_recipe(comp, recipe, calib, sequential=sequential)
     label = str(recipe) + (" (sequential)" if sequential and calib is not None else "")

@@ -108,6 +108,12 @@ class Recipe:
     def needs_calibration(self) -> bool:
         return any(i.spec.needs_calibration for i in self.items)
 
+    @property
+    def sequential_default(self) -> bool:
+        """Whether a pair of this recipe is calibrated layer by layer unless told otherwise:
+        when one of its methods is (GPTQ, SparseGPT, Wanda, AWQ, as llm-compressor runs them)."""
+        return any(i.spec.sequential and i.spec.needs_calibration for i in self.items)
+
     def components(self, model) -> list[tuple[Component, Method]]:
         """(component, spec) in application order; validates every selection first."""
         return [(c, item.spec) for item in self.items for c in resolve(model, item.selection)]
@@ -228,8 +234,10 @@ def apply_recipe(model, recipe: Recipe, calibration=None, sequential: bool = Fal
     fused = _fused_statistics(model, pairs)            # read before anything changes
     try:
         needs = sorted({c.layer for c, sp in pairs if sp.needs})
+        # layer by layer only changes something when a compressed layer comes before a
+        # calibrated one; otherwise the shared statistics of the dense inputs are the same
         if sequential and needs and not isinstance(calibration, dict) and \
-                calibration is not None:
+                calibration is not None and min(c.layer for c, _ in pairs) < max(needs):
             from dtm_core.compression.calibration import sequential as layer_by_layer
 
             def compress_layer(n, layer_calib):

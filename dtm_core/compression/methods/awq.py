@@ -98,6 +98,7 @@ class AWQ(OnFormatOrGrid, OnGrid, Method):
                "linears that read the same input (needs calibration)")
     family = "quantization"
     needs = ("input_absmean", "input_hessian")
+    sequential = True
     shares_input = True
     level_axis = "bits"
     presets = ("awq:int4:g128",)

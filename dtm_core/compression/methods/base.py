@@ -32,6 +32,10 @@ class Method:
     # the engine calls prepare_group once per group and hands its result to apply as
     # stats["group"]
     shares_input: ClassVar[bool] = False
+    # True: a recipe of this method over several layers is calibrated layer by layer by default
+    # (each layer's statistics on the outputs of the layers before it as already compressed),
+    # as llm-compressor's sequential pipeline runs its GPTQ, SparseGPT, Wanda and AWQ modifiers
+    sequential: ClassVar[bool] = False
 
     # -- parsing ----------------------------------------------------------------------------
     @classmethod

@@ -80,6 +80,7 @@ class GPTQ(OnFormatOrGrid, OnGrid, Method):
                "unless :noact (needs calibration); FORMAT: nvfp4, mxfp4, mxfp8, fp8")
     family = "quantization"
     needs = ("input_hessian",)
+    sequential = True
     level_axis = "bits"
     presets = ("gptq:int4:g128",)
     level_methods = ("gptq:int", "gptq:int:g128")

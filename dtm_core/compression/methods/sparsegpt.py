@@ -58,6 +58,7 @@ class SparseGPT(Method):
     summary = "SparseGPT: OBS pruning with an adaptive mask and error feedback (needs calibration)"
     family = "pruning"
     needs = ("input_hessian",)
+    sequential = True
     level_axis = "sparsity"
     presets = ("sparsegpt:0.5",)
     level_methods = ("sparsegpt",)

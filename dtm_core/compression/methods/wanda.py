@@ -30,6 +30,7 @@ class Wanda(SparsityMethod):
     forms = ("wanda:S",)
     summary = "pruning by |w| x input-activation norm per output row (needs calibration)"
     needs = ("input_norms",)
+    sequential = True
     presets = ("wanda:0.5",)
     llmcompressor_modifier = "WandaPruningModifier"
     level_methods = ("wanda",)
