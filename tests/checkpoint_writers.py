@@ -34,6 +34,11 @@ def base_model(folder: Path, seed: int = 0, layers: int = 2, scale: float = 4.0,
               bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
     if family == "qwen3_moe":
         kw.update(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, head_dim=16)
+    if family == "gpt_oss":
+        kw.update(intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, head_dim=16,
+                  sliding_window=8, layer_types=["sliding_attention", "full_attention"] * layers,
+                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+        kw["layer_types"] = kw["layer_types"][:layers]
     cfg = AutoConfig.for_model(family, **kw)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -392,5 +397,51 @@ def write_modelopt(base: Path, out: Path, algo: str = "NVFP4", seed: int = 0) ->
     cfg = {"NVFP4": mtq.NVFP4_DEFAULT_CFG, "FP8": mtq.FP8_DEFAULT_CFG}[algo]
     model = mtq.quantize(model, cfg, lambda m: m(ids))
     export_hf_checkpoint(model, dtype=torch.float32, export_dir=str(out))
+    _copy_tokenizer(base, out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# transformers' MXFP4 (gpt-oss)
+
+
+def write_transformers_mxfp4(base: Path, out: Path) -> Path:
+    """A gpt-oss style MXFP4 checkpoint of the gpt-oss model in ``base``: every experts parameter
+    quantized by compressed-tensors' MXFP4 preset (per 32 inputs: calculate_qparams on min/max,
+    quantize, the library's pack_fp4_to_uint8 and compress_mx_scale) and laid out as transformers'
+    Mxfp4 integration reads it (``*_blocks`` (experts, out, in / 32, 16), ``*_scales``
+    (experts, out, in / 32)); transformers' own writer needs triton's kernels."""
+    from compressed_tensors.compressors.mx_utils import compress_mx_scale
+    from compressed_tensors.compressors.nvfp4.helpers import pack_fp4_to_uint8
+    from compressed_tensors.quantization.lifecycle.forward import quantize
+    from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    args = PRESET_SCHEMES["MXFP4A16"]["weights"]
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    state = {}
+    for name, t in model.state_dict().items():
+        if not name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            state[name] = t.contiguous()
+            continue
+        blocks, scales = [], []
+        for w in t.transpose(1, 2):                       # each expert's (out, in)
+            v = w.reshape(w.shape[0], -1, args.group_size)
+            scale, zp = calculate_qparams(v.amin(-1), v.amax(-1), args)
+            q = quantize(w, scale, zp, args)
+            blocks.append(pack_fp4_to_uint8(q).reshape(w.shape[0], -1, args.group_size // 2))
+            scales.append(compress_mx_scale(scale, torch.uint8))
+        state[f"{name}_blocks"] = torch.stack(blocks).contiguous()
+        state[f"{name}_scales"] = torch.stack(scales).contiguous()
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((base / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                   "model.embed_tokens", "lm_head"]}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
     _copy_tokenizer(base, out)
     return out

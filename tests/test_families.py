@@ -65,12 +65,18 @@ def config(family: str):
         return tf.Qwen2MoeConfig(**COMMON, num_experts=4, num_experts_per_tok=2,
                                  moe_intermediate_size=32, shared_expert_intermediate_size=32,
                                  decoder_sparse_step=1)
+    if family == "gpt_oss":
+        return tf.GptOssConfig(**{**COMMON, "intermediate_size": 32}, head_dim=16,
+                               num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW,
+                               layer_types=["sliding_attention", "full_attention",
+                                            "sliding_attention"],
+                               rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     raise ValueError(family)
 
 
 FAMILIES = ["mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt_neox", "mixtral",
-            "qwen3_moe", "qwen2_moe"]
-SLIDING = {"mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "mixtral"}
+            "qwen3_moe", "qwen2_moe", "gpt_oss"]
+SLIDING = {"mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "mixtral", "gpt_oss"}
 
 
 def make(family: str, seed: int = 0, scale: float = 4.0) -> LoadedModel:

@@ -92,7 +92,8 @@ def _component(fam: Family, model, layer_obj, i: int, kind: str, expert: int | N
         experts = (expert,) if expert is not None else tuple(range(w.shape[0]))
     rows = k.rows(model.config) if k.rows is not None else None
     name = f"e{expert}.{kind}" if expert is not None else kind
-    return Component(i, name, f"{fam.layers}.{i}.{k.path}", mod, fam.transposed, k.param, rows,
+    transposed = fam.transposed if k.transposed is None else k.transposed
+    return Component(i, name, f"{fam.layers}.{i}.{k.path}", mod, transposed, k.param, rows,
                      experts)
 
 

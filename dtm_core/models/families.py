@@ -39,6 +39,7 @@ class Kind:
     param: str = "weight"
     rows: Callable[[object], torch.Tensor] | None = None
     experts: bool = False
+    transposed: bool | None = None      # held as (in, out); None: as the family's weights are
 
 
 def _kind(k: "str | Kind") -> Kind:
@@ -187,6 +188,22 @@ def moe_expert_input(module, x: torch.Tensor, e: int, param: str) -> torch.Tenso
     return module.act_fn(gate) * up
 
 
+def gpt_oss_expert_input(module, x: torch.Tensor, e: int, param: str) -> torch.Tensor:
+    """gpt-oss experts: ``gate_up_proj[e]`` (in, out) reads the routed hidden states,
+    ``down_proj[e]`` reads the clamped SwiGLU of their gate/up projection (bias included)."""
+    if param == "gate_up_proj":
+        return x
+    gate_up = x @ module.gate_up_proj[e].to(x.dtype) + module.gate_up_proj_bias[e].to(x.dtype)
+    return module._apply_gate(gate_up)
+
+
+def _interleaved_rows(part: int):
+    """gpt-oss's gate (0) and up (1) rows alternate in its fused gate_up projection."""
+    def rows(c):
+        return torch.arange(part, 2 * c.intermediate_size, 2)
+    return rows
+
+
 def _head_dim(c) -> int:
     return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
 
@@ -315,6 +332,17 @@ register_family(Family(
     tail=("model.norm",), model_types=("qwen2_moe",), gguf={**_LLAMA_GGUF, **_MOE_GGUF},
     examples="Qwen2-MoE", sliding_layers=layer_types_sliding, norms=_ATTN_NORMS,
     expert_input=moe_expert_input))
+
+register_family(Family(
+    "gpt_oss", "model.layers", {
+        **_ATTN, "router": "mlp.router",
+        "experts.gate": Kind("mlp.experts", "gate_up_proj", _interleaved_rows(0), experts=True,
+                             transposed=True),
+        "experts.up": Kind("mlp.experts", "gate_up_proj", _interleaved_rows(1), experts=True,
+                           transposed=True),
+        "experts.down": Kind("mlp.experts", "down_proj", experts=True, transposed=True)},
+    tail=("model.norm",), model_types=("gpt_oss",), gguf=_MOE_GGUF, examples="gpt-oss",
+    sliding_layers=layer_types_sliding, norms=_ATTN_NORMS, expert_input=gpt_oss_expert_input))
 
 
 def family_for_type(model_type: str | None) -> Family | None:

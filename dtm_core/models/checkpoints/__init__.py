@@ -5,7 +5,8 @@ A checkpoint is a transformers folder whose ``config.json`` carries a ``quantiza
 (llm-compressor's compressed-tensors, GPTQModel/AutoGPTQ, AutoAWQ, bitsandbytes, torchao) or a
 GGUF file. Each format is one :class:`Format` in :data:`FORMATS`, found by the config's
 ``quant_method``, in a module of its own here (:mod:`.compressed_tensors`, :mod:`.gptq`,
-:mod:`.awq`, :mod:`.bitsandbytes`, :mod:`.torchao`); it knows the packages it needs, how to
+:mod:`.awq`, :mod:`.bitsandbytes`, :mod:`.torchao`, :mod:`.modelopt`,
+:mod:`.mxfp4`); it knows the packages it needs, how to
 describe its scheme, whether transformers can load it here, and how to read one module's weight
 de-quantized to float32 (:class:`CheckpointWeights`, what ``from:PATH`` uses). :mod:`.base` holds
 what they share, :mod:`.describe` says what a checkpoint is without loading it, and
@@ -32,6 +33,7 @@ from dtm_core.models.checkpoints.awq import AWQ, AWQWeights
 from dtm_core.models.checkpoints.bitsandbytes import BitsAndBytes, BnbWeights
 from dtm_core.models.checkpoints.torchao import TorchAO
 from dtm_core.models.checkpoints.modelopt import ModelOpt, ModelOptWeights
+from dtm_core.models.checkpoints.mxfp4 import MXFP4Weights, TransformersMXFP4
 from dtm_core.models.checkpoints.describe import fingerprint, inspect, resolve_source, stamp
 from dtm_core.models.checkpoints.loading import (config_differences, explain_load_error,
                                                  finish_load, load_dequantized,
@@ -39,8 +41,8 @@ from dtm_core.models.checkpoints.loading import (config_differences, explain_loa
 
 __all__ = ["AWQ", "AWQWeights", "BitsAndBytes", "BnbWeights", "CTWeights", "CheckpointInfo",
            "CheckpointWeights", "CompressedTensors", "FORMATS", "Format", "GPTQ", "GPTQWeights",
-           "LEGACY_SPARSE", "ModelOpt", "ModelOptWeights", "PackedWeights", "PlainWeights", "Shards", "TorchAO",
+           "LEGACY_SPARSE", "MXFP4Weights", "ModelOpt", "ModelOptWeights", "PackedWeights", "PlainWeights", "Shards", "TorchAO",
            "config_differences", "ct_schemes", "dequantized", "disk_size", "explain_load_error",
            "fingerprint", "finish_load", "inspect", "load_dequantized", "located", "meta_model",
            "quant_method", "read_config", "register_format", "resolve_source",
-           "shape_differences", "stamp", "unpack_bits", "unpack_gptq"]
+           "shape_differences", "stamp", "TransformersMXFP4", "unpack_bits", "unpack_gptq"]
