@@ -9,7 +9,6 @@ round-to-nearest int4:g128 (the ratio; target <= 2x), measured in this run.
     .venv/bin/python bench/bench_formats.py [--prompts 16] [--new-tokens 32]
 """
 import argparse
-import statistics
 import time
 
 import torch
@@ -65,9 +64,11 @@ def table(dense: LoadedModel, prompts: list[str], n: int, components: str) -> No
 
 
 def timing(dense: LoadedModel) -> None:
-    w = dense.model.model.layers[0].mlp.down_proj.weight.detach().float()
-
-    def med(spec, reps=9):
+    """Fake-quantizing one component, against RTN int4:g128 and against RTN on the same group
+    size (what a format's scales are computed over), on the default model's down_proj and on a
+    7B-sized one (4096 x 11008): best of several runs, each format right after its baselines
+    so that all see the same machine load."""
+    def best(spec, w, reps):
         sp = parse_spec(spec)
         sp.apply(w, {})
         out = []
@@ -75,23 +76,34 @@ def timing(dense: LoadedModel) -> None:
             t = time.perf_counter()
             sp.apply(w, {})
             out.append(time.perf_counter() - t)
-        return statistics.median(out)
+        return min(out)
 
-    print(f"\nfake-quantizing one component ({tuple(w.shape)}), median of 9, each format timed "
-          "right after RTN (int4:g128) so both see the same machine load:")
-    for spec in ["fp8", "fp8:block128", "mxfp8", "nvfp4", "mxfp4", "w4afp8"]:
-        base, t = med("int4:g128"), med(spec)
-        print(f"  {spec:>13}: {t * 1e3:7.2f} ms against RTN {base * 1e3:.2f} ms = "
-              f"{t / base:5.2f}x RTN")
+    torch.manual_seed(0)
+    mats = [("default model down_proj", dense.model.model.layers[0].mlp.down_proj.weight.detach()
+             .float(), 25), ("7B-sized", torch.randn(4096, 11008) * 0.02, 3)]
+    same = {"fp8": "int8", "fp8:tensor": "int8", "fp8:block128": "int8:g128", "mxfp8": "int8:g32",
+            "nvfp4": "int4:g16", "mxfp4": "int4:g32", "w4afp8": "int4:g128"}
+    for label, w, reps in mats:
+        print(f"\nfake-quantizing one component, {label} {tuple(w.shape)}, best of {reps}:")
+        print("| spec | ms | RTN int4:g128 ms | ratio | RTN, same groups | ms | ratio |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for spec, base_spec in same.items():
+            base, grp, t = best("int4:g128", w, reps), best(base_spec, w, reps), best(spec, w, reps)
+            print(f"| {spec} | {t * 1e3:.2f} | {base * 1e3:.2f} | {t / base:.2f}x | {base_spec} | "
+                  f"{grp * 1e3:.2f} | {t / grp:.2f}x |")
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--timing-only", action="store_true", help="only the fake-quantization times")
     args = ap.parse_args()
     prompts = load_prompts("general").prompts[:args.prompts]
     dense = load_model("default")
+    if args.timing_only:
+        timing(dense)
+        return
     print(f"## default model ({dense.source}), every linear of every layer, "
           f"{len(prompts)} 'general' prompts, N={args.new_tokens}\n")
     table(dense, prompts, args.new_tokens, "*")

@@ -437,8 +437,37 @@ def test_e2m1_rounding_breaks_ties_as_the_library():
     torch.manual_seed(3)
     ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, 0.0, 2.0, 4.0, 1.9999999,
                          3.9999998, 0.4999999, 0.2500001, 4.9999995, 5.0000005])
-    x = torch.cat([ties, -ties, (torch.randn(10000) * 3).clamp(-6, 6)])
-    assert torch.equal(round_e2m1(x), cast_to_fp4(x.clone()))
+    x = torch.cat([ties, -ties, (torch.randn(10000) * 3).clamp(-6, 6),
+                   (torch.randn(10000) * 1e-3), torch.tensor([1e-30, -1e-30, 1e-45])])
+    got = round_e2m1(x)
+    want = cast_to_fp4(x.clone())
+    assert torch.equal(got, want)
+    # bit for bit but for the sign of a negative value rounded to zero (+0 here, -0 in the
+    # library), which no product or sum can tell apart
+    assert torch.equal(got.signbit() | (want == 0), want.signbit() | (want == 0))
+    assert torch.equal(round_e2m1(x.bfloat16()), cast_to_fp4(x.bfloat16().clone()))
+
+
+def test_e4m3_rounding_equals_the_float8_cast():
+    """The FP8 rounding of the weights and activations (two float32 additions per value) is
+    PyTorch's float8_e4m3fn cast: every E4M3 value, every midpoint between two (ties to even),
+    a value just either side of each midpoint, subnormals, zeros and a wide random range."""
+    from dtm_core.compression.methods.formats import round_e4m3
+
+    vals = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    vals = vals[torch.isfinite(vals)].unique()
+    mids = (vals[1:] + vals[:-1]) / 2
+    near = torch.cat([torch.nextafter(mids, mids + 1), torch.nextafter(mids, mids - 1)])
+    g = torch.Generator().manual_seed(5)
+    rand = torch.cat([torch.randn(200000, generator=g) * s for s in (1e-4, 1e-2, 1, 100)])
+    x = torch.cat([vals, mids, near, rand, torch.tensor([0.0, -0.0, 1e-38, 2.0 ** -10])])
+    x = torch.cat([x, -x]).clamp(-448, 448)
+    want = x.to(torch.float8_e4m3fn).float()
+    got = round_e4m3(x)
+    assert torch.equal(got, want)
+    assert torch.equal(got.signbit() | (want == 0), want.signbit() | (want == 0))
+    t = x[:1000].reshape(40, 25).t()            # a strided view, as block scales produce
+    assert torch.equal(round_e4m3(t), t.to(torch.float8_e4m3fn).float())
 
 
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4", "fp8"])
