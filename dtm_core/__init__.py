@@ -22,6 +22,6 @@ from dtm_core.errors import DTMError
 _moved.install()
 
 __version__ = "0.1.0"
-METRIC_VERSION = 3  # bump when a metric's definition or precision changes (keys cached results)
+METRIC_VERSION = 4  # bump when a metric's definition or precision changes (keys cached results)
 
 __all__ = ["DTMError", "__version__", "METRIC_VERSION"]

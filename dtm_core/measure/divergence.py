@@ -19,7 +19,7 @@ import torch
 from dtm_core.models.generation import (check_lengths, encode_prompts, greedy_generate, pad_id_of,
                                         plan_batches, teacher_forced_logits, vocab_size)
 from dtm_core.compression.intactkv import IntactKV, teacher_forced_pair
-from dtm_core.measure.metrics import (ACCEPT_K, TokenMetrics, aggregate, metric_columns, perplexity,
+from dtm_core.measure.metrics import (ACCEPT_K, TOP_K, TokenMetrics, aggregate, metric_columns, perplexity,
                                       survival_curve, token_metrics)
 from dtm_core.models.load import LoadedModel, eos_ids
 from dtm_core.compression.pair import Pair
@@ -32,6 +32,8 @@ COLUMNS = (["prompt_index", "fdt", "sdt", "kl_mean", "kl_max", "top1_agree", "dp
             "ppl_dense", "ppl_compressed", "ppl_prompt_dense", "ppl_prompt_compressed",
             "n_tokens", "ended_eos", "dense_self_agree"]
            + [f"accept_len_k{k}" for k in ACCEPT_K] + [f"accept_rate_k{k}" for k in ACCEPT_K]
+           + [f"top{k}_hit" for k in TOP_K] + [f"top{k}_overlap" for k in TOP_K]
+           + ["reverse_kl_mean", "js_mean"]
            + ["prompt", "dense_text", "compressed_text"])
 
 

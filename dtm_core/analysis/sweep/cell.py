@@ -16,7 +16,8 @@ from dtm_core.models.families import family_of
 
 
 CELL_COLUMNS = ["layer", "kind", "component", "params", "fdt_mean", "fdt_median", "fdt_p25",
-                "sdt_mean", "kl_mean", "ppl_change", "weight_error", "seconds"]
+                "sdt_mean", "kl_mean", "ppl_change", "weight_error", "output_sqnr_db",
+                "output_cos_error", "seconds"]
 WHOLE = "__all__"     # the store's name for every selected component compressed at once
 
 
@@ -46,7 +47,9 @@ def heatmap_metrics() -> dict[str, str]:
     """Aggregate key -> label, for every value a cell has (from the metric registry), and the
     component's relative weight error."""
     return {**{k: a.label for k, a in aggregates().items()},
-            "weight_error": "relative weight error ||W - W'|| / ||W||"}
+            "weight_error": "relative weight error ||W - W'|| / ||W||",
+            "output_sqnr_db": "output SQNR (dB) of the component",
+            "output_cos_error": "output cosine error of the component"}
 
 
 ROW_CHUNK = 128  # LM-head rows per step: each chunk's logits are reduced while still in cache
@@ -67,6 +70,7 @@ def _chunk_tokens(model, fam, ctx: SweepContext, b: int, h: torch.Tensor, sl: sl
             c = torch.where(piv[:, None], d, c)
             arg = torch.where(piv, d_arg, arg)
         return run_metrics(primitives(d, c, ref, ctx.new_tokens, d_arg, arg), distributions=True)
+    comp_top = logits.topk(ctx.dense_top[b].shape[-1], -1).indices
     z_ref = logits.gather(-1, ref[:, None])[:, 0].double()
     # exp and its (cascade) sum in float32 are accurate to ~1e-7 for terms <= 1; the KL below is
     # a difference of terms the size of the logits, so it is formed in float64
@@ -76,18 +80,20 @@ def _chunk_tokens(model, fam, ctx: SweepContext, b: int, h: torch.Tensor, sl: sl
         dot = dot + ctx.dense_pb[b][sl]
     kl = (ctx.dense_negent[b][sl] - dot + lse).clamp(min=0)
     lp_d, lp_c = ctx.dense_lp_ref[b][sl], z_ref - lse
-    d_arg = ctx.dense_argmax[b][sl]
+    d_arg, d_top = ctx.dense_argmax[b][sl], ctx.dense_top[b][sl]
     if piv is not None:       # positions inside the pivot span are the dense model's
         arg = torch.where(piv, d_arg, arg)
         kl = torch.where(piv, torch.zeros_like(kl), kl)
         lp_c = torch.where(piv, lp_d, lp_c)
+        comp_top = torch.where(piv[:, None], d_top, comp_top)
     return TokenMetrics(ref=ref.cpu(), dense_argmax=d_arg.cpu(), comp_argmax=arg.cpu(),
                         kl=kl.float().cpu(), lp_dense=lp_d.cpu(), lp_comp=lp_c.cpu(),
-                        n_new=ctx.new_tokens)
+                        n_new=ctx.new_tokens, dense_top=d_top.cpu(), comp_top=comp_top.cpu(),
+                        lp_dense_top=ctx.dense_lp_top[b][sl].cpu())
 
 
 @torch.no_grad()
-def cell_table(model, ctx: SweepContext, start: int) -> pd.DataFrame:
+def cell_table(model, ctx: SweepContext, start: int, on_batch=None) -> pd.DataFrame:
     """Per-prompt metric columns of ``model`` (compressed at layer ``start`` or later) against the
     dense model: the registered metrics on the same primitives as :func:`token_metrics`.
 
@@ -101,6 +107,8 @@ def cell_table(model, ctx: SweepContext, start: int) -> pd.DataFrame:
     fam = family_of(model)
     rows = []
     for b, idx in enumerate(ctx.batches):
+        if on_batch is not None:      # e.g. the output error's scored positions of this batch
+            on_batch(b)
         hidden = continuation_hidden(model, ctx, b, start)
         tm = concat([_chunk_tokens(model, fam, ctx, b, hidden[s:s + ROW_CHUNK],
                                    slice(s, s + ROW_CHUNK))

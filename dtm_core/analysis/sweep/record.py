@@ -12,7 +12,7 @@ import torch
 
 from dtm_core.compression.intactkv import IntactKV, PivotCache, RecordingCache, pivot_source, right_pad_mask
 from dtm_core.measure.divergence import reference_continuations
-from dtm_core.measure.metrics import needs_distributions
+from dtm_core.measure.metrics import TOPK, needs_distributions
 from dtm_core.models import hooks
 from dtm_core.models.components import decoder_layers, tail_modules
 from dtm_core.models.families import family_of
@@ -37,6 +37,8 @@ class SweepContext:
     dense_negent: list = field(default_factory=list)  # sum_v p log p per position (fast path)
     dense_lp_ref: list = field(default_factory=list)  # log p_dense(reference), float64
     dense_argmax: list = field(default_factory=list)  # the dense argmax per position
+    dense_top: list = field(default_factory=list)     # (sum L, TOPK) the dense top tokens
+    dense_lp_top: list = field(default_factory=list)  # log p of the dense argmax, float64
     dense_logits: list | None = None   # per batch (sum L, V): kept when the fast path cannot serve
     refs: list = field(default_factory=list)        # per batch: (sum L,) reference tokens
     head_weight: torch.Tensor = None  # the LM head weight the expectations were taken with
@@ -112,6 +114,8 @@ def prepare(dense: LoadedModel, prompt_ids: Sequence[Sequence[int]], new_tokens:
         d = torch.log_softmax(z.double(), -1)   # float64: see token_metrics
         ref = torch.cat([torch.tensor(refs[i], dtype=torch.long) for i in idx]).to(dev)
         ctx.dense_argmax.append(z.argmax(-1))
+        ctx.dense_top.append(z.topk(min(TOPK, z.shape[-1]), -1).indices)
+        ctx.dense_lp_top.append(d.max(-1).values)
         ctx.dense_lp_ref.append(d.gather(-1, ref[:, None])[:, 0])
         ctx.refs.append(ref)
         if fast:

@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 import pandas as pd
 
 from dtm_core import METRIC_VERSION
+from dtm_core.analysis.sweep.output_error import OutputError, measuring
 from dtm_core.analysis.sweep.cell import WHOLE, cell_columns, cell_table, summarize_cell, weight_error
 from dtm_core.analysis.sweep.record import SweepContext, prepare
 from dtm_core.analysis.sweep.store import CellStore, sweep_key
@@ -179,11 +180,19 @@ def _whole_cell(dense, sp, comps, prompt_ids, new_tokens, cells, ctx, ikv, calib
 def _cell_row(dense, work, ctx, sp, comp, calib) -> dict:
     """One cell: ``comp`` alone compressed with ``sp`` in ``work`` (restored after)."""
     t0 = time.perf_counter()
-    with apply_recipe(work, Recipe.single(sp, comp.name), calib):
-        summary = summarize_cell(cell_table(work, ctx, comp.layer))
+    acc = OutputError()
+
+    def scored(b):
+        acc.rows, acc.pos = ctx.rows[b], ctx.pos[b]
+        args, kwargs = ctx.layer_inputs[b][comp.layer]
+        acc.batch_shape = tuple((args[0] if args else kwargs["hidden_states"]).shape[:2])
+
+    with apply_recipe(work, Recipe.single(sp, comp.name), calib), \
+            measuring(dense.model, work, comp.name, acc):
+        summary = summarize_cell(cell_table(work, ctx, comp.layer, on_batch=scored))
         werr = weight_error(dense.model, work, comp.name)
     return {"layer": comp.layer, "kind": comp.kind, "component": comp.name,
-            "params": comp.params, **summary, "weight_error": werr,
+            "params": comp.params, **summary, "weight_error": werr, **acc.values(),
             "seconds": time.perf_counter() - t0}
 
 
