@@ -103,6 +103,11 @@ def test_stream_highlight_matches_engine_and_stop(browser, app_url, default_mode
                         ["The capital of France is"], 40)
     assert shown == int(engine.table.fdt[0])
     assert shown < 40, "this prompt and spec diverge inside the window"
+    # the acceptance card: the engine's accept_len_k4 of the same pair and prompt
+    page.wait_for_function("document.querySelector('#accept').innerText.trim() !== '–'",
+                           timeout=WAIT_MS)
+    assert page.locator("#accept").inner_text().strip() == \
+        f"{engine.table.accept_len_k4[0]:.2f}"
     for col in ("#dense-output", "#compressed-output"):
         marked = page.locator(f"{col} .first-divergent")
         assert marked.count() == 1
@@ -183,6 +188,11 @@ def test_prompt_set_upload_table_plots_and_row_to_compare(browser, app_url, tmp_
         page.wait_for_selector(f"{plot} .js-plotly-plot", timeout=WAIT_MS)
     summary = page.locator("#set-summary").inner_text()
     assert "Mean FDT" in summary and "McNemar p" in summary and "Flips" in summary
+    assert "Accepted per step as a draft" in summary and "Jensen-Shannon" in summary
+    # KL by the dense model's confidence: a table of buckets and its plot
+    conf = page.locator("#set-confidence").inner_text()
+    assert "0.99-1" in conf and "share of KL (%)" in conf
+    page.wait_for_selector("#set-confidence-plot .js-plotly-plot", timeout=WAIT_MS)
     assert page.locator("#set-csv a, #set-csv [download]").count() >= 1
     assert page.locator("#set-parquet a, #set-parquet [download]").count() >= 1
     shot(page, "prompt-sets")
@@ -306,6 +316,10 @@ def test_kld_report_from_uploaded_text(browser, app_url):
         else:
             doc = json.loads(data)
     assert doc["config"]["ctx"] == 128
+    buckets = doc["kl_by_confidence"]
+    assert sum(b["positions"] for b in buckets) == doc["statistics"]["positions"]
+    assert "0.99-1" in page.locator("#kld-confidence").inner_text()
+    page.wait_for_selector("#kld-confidence-plot .js-plotly-plot", timeout=WAIT_MS)
     shot(page, "kld-report")
     assert stats["kld_mean"] == doc["statistics"]["kld_mean"]
 

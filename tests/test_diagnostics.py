@@ -12,7 +12,8 @@ import torch
 from dtm_core.compression.pair import make_pair
 from dtm_core.compression.recipe import Recipe
 from dtm_core.measure.divergence import divergence
-from dtm_core.measure.metrics import (CONFIDENCE_EDGES, kl_by_confidence, tokens_by_confidence)
+from dtm_core.measure.diagnostics import (CONFIDENCE_EDGES, kl_by_confidence,
+                                          tokens_by_confidence)
 from dtm_core.models.generation import teacher_forced_logits
 from test_families import make, prompts
 

@@ -114,3 +114,9 @@ def test_two_gguf_files_as_a_pair(tmp_path):
     assert results["same"]["kld_mean"] < 1e-6 and results["same"]["same_top_p"] == 100
     assert results["q4"]["kld_mean"] > 0.01 and results["q4"]["same_top_p"] < 95
     assert results["q4"]["chunks"] == results["same"]["chunks"] > 10
+    # KL by the base model's confidence: the buckets cover every scored position, and the
+    # report prints them
+    buckets = results["q4"]["kl_by_confidence"]
+    assert sum(b["positions"] for b in buckets) == results["q4"]["positions"]
+    assert sum(b["kl_share"] for b in buckets) == pytest.approx(1.0)
+    assert "KL by the base model's top-token probability" in r.stdout

@@ -17,8 +17,9 @@ from dtm_core.measure.streaming import stream_pair
 
 from . import common
 from .common import STOPS, IntactKVForm, PairForm
-from .render import (FDT_HINT, N_TOKENS, SDT_HINT, TokenTexts, card_head, card_sub, fdt_badge,
-                     friendly, position_plot, render_column, render_sdt_map, sink_figures)
+from .render import (ACCEPT_HINT, FDT_HINT, N_TOKENS, SDT_HINT, TokenTexts,
+                     accept_from_sdt_map, card_head, card_sub, fdt_badge, friendly,
+                     position_plot, render_column, render_sdt_map, sink_figures)
 
 UPDATE_EVERY_S = 0.04  # throttle for streamed page updates (each carries both columns)
 
@@ -163,6 +164,11 @@ def build(pair: PairForm, ikv: IntactKVForm) -> CompareTab:
             gr.HTML(card_head("Share of divergent tokens (SDT)", SDT_HINT))
             sdt = gr.HTML("–", elem_id="sdt")
             gr.HTML(card_sub(f"of the positions up to N = {N_TOKENS}"))
+        with gr.Column(elem_classes="metric-card"):
+            gr.HTML(card_head("Accepted per step as a draft (K = 4)", ACCEPT_HINT))
+            accept = gr.HTML("–", elem_id="accept")
+            gr.HTML(card_sub("of 4 draft tokens, per verification step (when the run "
+                             "finishes)"))
     with gr.Row():
         with gr.Column():
             gr.Markdown("### Dense")
@@ -178,7 +184,9 @@ def build(pair: PairForm, ikv: IntactKVForm) -> CompareTab:
     # later inputs last: API clients written before them keep working (defaults: off)
     generate.click(compare, pair.side + [prompt, chat, new_tokens] + ikv.inputs + pair.calib,
                    [dense_out, comp_out, fdt, sdt, plot, sdt_map, status],
-                   concurrency_id="model", api_name="compare")
+                   concurrency_id="model", api_name="compare"
+                   ).then(accept_from_sdt_map, [sdt_map], [accept], queue=False,
+                          show_progress="hidden")
     with gr.Accordion("Attention sinks and massive activations", open=False,
                       elem_id="sinks-panel"):
         gr.Markdown("How much attention later tokens put on the first K tokens of this prompt, "

@@ -14,7 +14,8 @@ from dtm_core.measure.prompts import read_text_file
 
 from . import common
 from .common import PairForm
-from .render import friendly, kld_figures
+from .charts import confidence_figure, confidence_rows, kld_figures
+from .render import friendly
 
 
 def run_kld(model, preset, spec, components, checkpoint, text_file, ctx, calibration=None,
@@ -33,18 +34,21 @@ def run_kld(model, preset, spec, components, checkpoint, text_file, ctx, calibra
         pair = common.CACHE.open(req, [ln for ln in text.splitlines() if ln.strip()][:64])
         stats, values = score_text(pair, text, int(ctx), progress=lambda f, m: progress(f, desc=m))
     except Exception as exc:  # noqa: BLE001 - every failure becomes a message
-        return friendly(exc), None, None, None, None
+        return friendly(exc), None, None, None, None, None, None
     kld, dp = kld_figures(values)
+    conf = values.by_confidence()
     folder = Path(tempfile.mkdtemp(prefix="dtm-kld-"))
     config = {"model": pair.dense.source, "pair": pair.label, "text": Path(path).name,
               "ctx": int(ctx)}
     csv_path, json_path = folder / "kld_statistics.csv", folder / "kld_statistics.json"
     write_table(statistics_table(stats), csv_path, config)
-    json_path.write_text(json.dumps({"config": config, "statistics": stats}, indent=2),
-                         encoding="utf-8")
+    json_path.write_text(json.dumps({"config": config, "statistics": stats,
+                                     "kl_by_confidence": conf.to_dict(orient="records")},
+                                    indent=2), encoding="utf-8")
     report = (f"{pair.dense.source} vs {pair.label}, ctx {int(ctx)} (the second half of each "
               f"chunk scored)\n" + format_report(stats))
-    return report, kld, dp, str(csv_path), str(json_path)
+    return (report, kld, dp, str(csv_path), str(json_path), confidence_rows(conf),
+            confidence_figure(conf, "same top token"))
 
 
 def build(pair: PairForm) -> None:
@@ -62,7 +66,16 @@ def build(pair: PairForm) -> None:
         dp_plot = gr.Plot(label="Histogram of Δp of the next token (after scoring)",
                           elem_id="kld-dp")
     with gr.Row():
+        conf_table = gr.Dataframe(label="KL by the base model's confidence in its top token "
+                                        "(after scoring)",
+                                  headers=["dense p(top)", "positions (%)", "mean KL (nats)",
+                                           "share of KL (%)", "agreement (%)"],
+                                  elem_id="kld-confidence", interactive=False)
+        conf_plot = gr.Plot(label="KL by base confidence (after scoring)",
+                            elem_id="kld-confidence-plot")
+    with gr.Row():
         kld_csv = gr.File(label="Statistics CSV", elem_id="kld-csv")
         kld_json = gr.File(label="Statistics JSON", elem_id="kld-json")
     kld_btn.click(run_kld, pair.side + [text_file, ctx] + pair.calib,
-                  [kld_report, kld_plot, dp_plot, kld_csv, kld_json], concurrency_id="model")
+                  [kld_report, kld_plot, dp_plot, kld_csv, kld_json, conf_table, conf_plot],
+                  concurrency_id="model")

@@ -15,6 +15,7 @@ from dtm_core.measure.prompts import builtin_names
 
 from . import common
 from .common import FIRST, STOPS, IntactKVForm, PairForm
+from .charts import confidence_figure, confidence_rows
 from .render import friendly, readable_table, set_plots, significant, summary_cards
 
 TABLE_COLUMNS = ["prompt_index", "line", "fdt", "sdt", "kl_mean", "top1_agree", "ppl_dense",
@@ -59,7 +60,7 @@ def run_set(model, preset, spec, components, checkpoint, upload, builtin, chat, 
             res = evaluate(pair, pset, n, chat=bool(chat), stop=stop, intactkv=ikv,
                            progress=lambda f, m: progress(f, desc=m))
     except Exception as exc:  # noqa: BLE001 - every failure becomes a message
-        return nothing + (friendly(exc), None, None, None, None)
+        return nothing + (friendly(exc), None, None, None, None, None, None)
     out_dir = Path(tempfile.mkdtemp(prefix="dtm-export-"))
     csv_path, json_path = out_dir / "dtm_results.csv", out_dir / "dtm_results.json"
     parquet_path = out_dir / "dtm_results.parquet"
@@ -104,8 +105,11 @@ def run_set(model, preset, spec, components, checkpoint, upload, builtin, chat, 
                      "uncalibrated": f"IntactKV {ikv.label.replace('+cal', '')} (uncalibrated)",
                      "delta": "Δ (IntactKV − plain)"})
     worst = readable_table(res.worst(10, "fdt"))
+    conf = res.confidence
     return (table, summary_cards(res), *set_plots(res, n), str(csv_path), str(json_path), msg,
-            state, comparison, str(parquet_path), worst)
+            state, comparison, str(parquet_path), worst,
+            None if conf is None else confidence_rows(conf),
+            None if conf is None else confidence_figure(conf))
 
 
 def open_in_compare(run_state, evt: gr.SelectData):
@@ -150,6 +154,14 @@ def build(pair: PairForm, ikv: IntactKVForm) -> SetsTab:
                        elem_id="set-survival")
         scat = gr.Plot(label="Perplexity change against FDT, one dot per prompt (after a run)",
                        elem_id="set-scatter")
+    with gr.Row():
+        conf_table = gr.Dataframe(label="KL by the dense model's confidence in its top token "
+                                        "(after a run): where the damage sits",
+                                  headers=["dense p(top)", "positions (%)", "mean KL (nats)",
+                                           "share of KL (%)", "agreement (%)"],
+                                  elem_id="set-confidence", interactive=False)
+        conf_plot = gr.Plot(label="KL by dense confidence (after a run)",
+                            elem_id="set-confidence-plot")
     worst = gr.Dataframe(label="Worst prompts: lowest FDT first (select one to open it in "
                                "Compare)", elem_id="set-worst", headers=WORST_HEADERS, interactive=False, wrap=True,
                          max_height=360)
@@ -162,7 +174,7 @@ def build(pair: PairForm, ikv: IntactKVForm) -> SetsTab:
     run_state = gr.State(None)
     run.click(run_set, pair.side + [upload, builtin, chat, new_tokens] + ikv.inputs + pair.calib,
               [results, cards, hist, surv, scat, csv_file, json_file, status, run_state,
-               comparison, parquet_file, worst], concurrency_id="model")
+               comparison, parquet_file, worst, conf_table, conf_plot], concurrency_id="model")
     stop.click(STOPS.stopper("set", "Stopping after the current chunk…"), None, [status],
                queue=False)
     return SetsTab(results=results, run_state=run_state, worst=worst)

@@ -72,7 +72,26 @@ FDT_HINT = ("First divergent token: how many tokens the compressed model reprodu
             "its greedy output first differs from the dense model's (N when it never does).")
 SDT_HINT = ("Share of divergent tokens: the share of positions where the compressed model's "
             "argmax, given the dense prefix, differs from the dense token.")
+ACCEPT_HINT = ("The compressed model as a self-speculative draft for the dense one: drafting "
+               "4 tokens at a time from the dense prefix, the mean number the dense model "
+               "accepts per verification step under greedy verification (exact, from the "
+               "teacher-forced agreement).")
 N_TOKENS = '<span class="n-tokens">N</span>'
+
+
+def accept_from_sdt_map(sdt_map: str | None, k: int = 4) -> str:
+    """The acceptance card from the finished run's SDT map (its tokens in order, each marked
+    agree or disagree: the engine's teacher-forced agreement): accepted draft tokens per
+    verification step when the compressed model drafts ``k`` (exact, as ``accept_len_k4``)."""
+    import re
+
+    from dtm_core.measure.metrics import acceptance
+
+    ok = [m == "agree" for m in re.findall(r'class="tok (agree|disagree)"', sdt_map or "")]
+    if not ok:
+        return "–"
+    a, _, steps = acceptance(ok, k)
+    return f"{a / steps:.2f}"
 
 
 def render_column(tokenizer, state: StreamState, side: str, fdt: int | None,
@@ -146,6 +165,14 @@ def summary_cards(res: EvalResult) -> str:
     cards = [("Mean FDT", f"{s['fdt_mean']:.2f}"), ("Median FDT", f"{s['fdt_median']:.1f}"),
              ("Mean SDT", f"{s['sdt_mean']:.1%}"), ("Mean KL", f"{s['kl_mean']:.4f}"),
              ("Perplexity change", f"{s.get('ppl_change', float('nan')):+.1%}")]
+    if "accept_len_k4_mean" in s:
+        cards.append(("Accepted per step as a draft, K = 4 / 8",
+                      f"{s['accept_len_k4_mean']:.2f} / {s['accept_len_k8_mean']:.2f}"))
+    if "top5_hit_mean" in s:
+        cards.append(("Dense token in compressed top 5", f"{s['top5_hit_mean']:.1%}"))
+    if "js_mean" in s:
+        cards.append(("Jensen-Shannon / reverse KL",
+                      f"{s['js_mean']:.4f} / {s['reverse_kl_mean']:.4f}"))
     if "accuracy_dense" in s:
         cards.append(("Accuracy dense → compressed",
                       f"{s['accuracy_dense']:.1%} → {s['accuracy_compressed']:.1%}"))
@@ -388,19 +415,6 @@ def cells_figure(cells: pd.DataFrame) -> go.Figure:
                   labels={"bits_per_weight": "bits per weight", "fdt_mean": "mean FDT (tokens)"})
     fig.update_layout(height=320)
     return fig
-
-
-def kld_figures(values) -> tuple[go.Figure, go.Figure]:
-    import numpy as np
-
-    kld = px.histogram(x=np.asarray(values.kld), nbins=60, log_y=True,
-                       title="KL divergence per scored position", labels={"x": "KLD (nats)"})
-    dp = px.histogram(x=np.exp(values.logp_comp) - np.exp(values.logp_base), nbins=60,
-                      log_y=True, title="Δp: change in the probability of the real next token",
-                      labels={"x": "Δp"})
-    for fig in (kld, dp):
-        fig.update_layout(height=300)
-    return kld, dp
 
 
 # --------------------------------------------------------------------------------------------

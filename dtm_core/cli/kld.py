@@ -26,7 +26,7 @@ def run(args) -> int:
     text = read_text_file(args.text)
     pair = opt.load_pair(args, [line for line in text.splitlines() if line.strip()][:64])
     store, rank = opt.join_world(pair)
-    stats, _ = score_text(pair, text, args.ctx, progress=opt.stderr_progress, store=store)
+    stats, values = score_text(pair, text, args.ctx, progress=opt.stderr_progress, store=store)
     if rank != 0:       # torchrun: rank 0 reports the merged result
         return 0
     if args.out:
@@ -35,9 +35,23 @@ def run(args) -> int:
         write_table(statistics_table(stats), args.out,
                     {"command": "kld", "model": pair.dense.source, "pair": pair.label,
                      "text": args.text, "ctx": args.ctx})
+    conf = values.by_confidence()
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump(stats, fh, indent=2)
+            json.dump({**stats, "kl_by_confidence": conf.to_dict(orient="records")}, fh,
+                      indent=2)
     print(f"pair: {pair.dense.source} vs {pair.label}   ctx: {args.ctx}")
     print(format_report(stats))
+    print("\n" + confidence_report(conf))
     return 0
+
+
+def confidence_report(conf) -> str:
+    """The KL-by-confidence table as text lines."""
+    lines = ["KL by the base model's top-token probability:",
+             f"{'p(top)':>10} {'positions':>10} {'share':>7} {'mean KL':>10} {'KL share':>9} "
+             f"{'same top':>9}"]
+    for r in conf.itertuples():
+        lines.append(f"{r.bucket:>10} {r.positions:>10d} {r.share:>7.1%} {r.kl_mean:>10.5f} "
+                     f"{r.kl_share:>9.1%} {r.agree:>9.1%}")
+    return "\n".join(lines)

@@ -19,7 +19,8 @@ import torch
 from dtm_core.models.generation import (check_lengths, encode_prompts, greedy_generate, pad_id_of,
                                         plan_batches, teacher_forced_logits, vocab_size)
 from dtm_core.compression.intactkv import IntactKV, teacher_forced_pair
-from dtm_core.measure.metrics import (ACCEPT_K, TOP_K, TokenMetrics, aggregate, metric_columns, perplexity,
+from dtm_core.measure.diagnostics import TOP_K
+from dtm_core.measure.metrics import (ACCEPT_K, TokenMetrics, aggregate, metric_columns, perplexity,
                                       survival_curve, token_metrics)
 from dtm_core.models.load import LoadedModel, eos_ids
 from dtm_core.compression.pair import Pair

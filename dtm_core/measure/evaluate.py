@@ -22,6 +22,7 @@ from dtm_core import METRIC_VERSION, __version__
 from dtm_core.errors import DTMError
 from dtm_core.models.generation import encode_prompts
 from dtm_core.compression.intactkv import IntactKV
+from dtm_core.measure.diagnostics import confidence_arrays, kl_by_confidence
 from dtm_core.measure.metrics import aggregate, metric_columns, survival_curve
 from dtm_core.models.load import max_positions
 from dtm_core.compression.pair import Pair
@@ -99,6 +100,9 @@ class EvalResult:
     references: list = field(default_factory=list, repr=False)   # and the dense continuation
     divergent: list = field(default_factory=list, repr=False)    # compressed token at FDT
     tokenizer: object = field(default=None, repr=False)
+    # KL by the dense model's top-token probability over every scored position
+    # (:func:`dtm_core.measure.metrics.kl_by_confidence`)
+    confidence: pd.DataFrame | None = None
 
     def worst(self, k: int = 5, by: str = "fdt") -> pd.DataFrame:
         """The k prompts that diverge first (``by="fdt"``: lowest FDT, then highest KL) or most
@@ -110,6 +114,8 @@ class EvalResult:
     def to_json(self) -> str:
         extra = {} if self.comparison is None else {
             "intactkv_comparison": json.loads(self.comparison.to_json(orient="records"))}
+        if self.confidence is not None:
+            extra["kl_by_confidence"] = json.loads(self.confidence.to_json(orient="records"))
         if self.tokenizer is not None and len(self.table):
             extra.update({f"worst_{by}": json.loads(self.worst(WORST_K, by).to_json(
                 orient="records")) for by in ("fdt", "kl")})
@@ -264,7 +270,7 @@ def evaluate(pair: Pair, pset: PromptSet, new_tokens: int = 32, *, chat: bool = 
         # the compressed model's token where it first leaves the reference (None: it never does)
         div = [int(tm.comp_argmax[f]) if f < len(r) else None
                for tm, f, r in zip(res.tokens, res.table.fdt, res.references)]
-        return t, res.prompt_ids, res.references, div
+        return t, res.prompt_ids, res.references, div, confidence_arrays(res.tokens)
 
     if store is not None:     # torchrun: chunks over the ranks, merged on rank 0 in order
         from dtm_core.distributed import shared_map
@@ -285,11 +291,13 @@ def evaluate(pair: Pair, pset: PromptSet, new_tokens: int = 32, *, chat: bool = 
             got.append(one(k))
             done = min(starts[k] + chunk, len(keep))
             note(done / len(keep), meter.line(done))
-    for t, p_ids, refs, div in got:
+    conf = []
+    for t, p_ids, refs, div, c in got:
         parts.append(t)
         done_ids += p_ids
         done_refs += refs
         done_div += div
+        conf.append(c)
     if not parts:
         raise DTMError("Stopped before any prompt was evaluated.")
     table = pd.concat(parts, ignore_index=True)
@@ -344,4 +352,5 @@ def evaluate(pair: Pair, pset: PromptSet, new_tokens: int = 32, *, chat: bool = 
                       survival=survival_curve(table.fdt, new_tokens),
                       config=config, rejected=rejected, stopped=stopped, comparison=comparison,
                       prompt_ids=done_ids, references=done_refs, divergent=done_div,
-                      tokenizer=tok)
+                      tokenizer=tok, confidence=kl_by_confidence(
+                          *(np.concatenate([c[j] for c in conf]) for j in range(3))))

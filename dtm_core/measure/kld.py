@@ -25,6 +25,7 @@ import torch
 
 from dtm_core.errors import DTMError
 from dtm_core.models.generation import model_device
+from dtm_core.measure.diagnostics import kl_by_confidence
 from dtm_core.measure.metrics import kl_per_position
 from dtm_core.compression.pair import Pair
 
@@ -51,12 +52,20 @@ class KLDValues:
     logp_base: list[float] = field(default_factory=list)
     logp_comp: list[float] = field(default_factory=list)
     same_top: list[bool] = field(default_factory=list)
+    p_top_base: list[float] = field(default_factory=list)   # the base's top-token probability
 
-    def extend(self, kld, lb, lc, same):
+    def extend(self, kld, lb, lc, same, p_top=None):
         self.kld.extend(kld.tolist())
         self.logp_base.extend(lb.tolist())
         self.logp_comp.extend(lc.tolist())
         self.same_top.extend(same.tolist())
+        if p_top is not None:
+            self.p_top_base.extend(p_top.tolist())
+
+    def by_confidence(self):
+        """KL by the base model's top-token probability
+        (:func:`dtm_core.measure.metrics.kl_by_confidence`), agreement = same top token."""
+        return kl_by_confidence(self.kld, self.p_top_base, self.same_top)
 
 
 def _mean_unc(x: np.ndarray) -> tuple[float, float]:
@@ -150,7 +159,8 @@ def score_text(pair: Pair, text: str, ctx: int = 512,
         lb = torch.log_softmax(pair.dense.model(input_ids=x).logits[0, pos].double(), -1)
         lc = torch.log_softmax(pair.compressed(input_ids=x).logits[0, pos].double(), -1)
         return (kl_per_position(lb, lc).cpu(), lb.gather(-1, tgt[:, None])[:, 0].cpu(),
-                lc.gather(-1, tgt[:, None])[:, 0].cpu(), (lb.argmax(-1) == lc.argmax(-1)).cpu())
+                lc.gather(-1, tgt[:, None])[:, 0].cpu(), (lb.argmax(-1) == lc.argmax(-1)).cpu(),
+                lb.max(-1).values.exp().cpu())
 
     from dtm_core.distributed import shared_map
 
