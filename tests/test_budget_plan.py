@@ -495,7 +495,7 @@ def test_cli_plan_with_specs_and_a_bits_budget_writes_plan_json_and_exports(tmp_
 
 
 def test_cell_curves_are_per_kind_means_of_the_cells(planned):
-    from ui.render import cell_curves, cells_figure
+    from ui.charts import cell_curves, cells_figure
 
     _, _, plan, _ = planned
     curves = cell_curves(plan.cells)
@@ -507,3 +507,80 @@ def test_cell_curves_are_per_kind_means_of_the_cells(planned):
         assert row.fdt_mean == pytest.approx(sum(r.fdt_mean for r in mine) / 3)
     assert [t.name for t in cells_figure(plan.cells).data] == ["q", "k", "v", "o", "gate", "up",
                                                                 "down"]
+
+
+# -- draft plans (issue 29): the mixed planner with acceptance as its objective ---------------
+
+def test_draft_plan_verifies_acceptance_and_reports_the_expected_speed_up(tmp_path):
+    """A draft plan (objective accept_len_k4) is verified by the exact acceptance of its own
+    pair on the fit prompts, reaches a target accepted length as the cheapest plan the
+    evaluations find, and its held-out table carries each row's acceptance and the expected
+    speed-up (accept + 1) / (K cost + 1) with cost = bits over the dense model's or as given."""
+    from dtm_core.planning.budget_plan import DRAFT_COLUMNS, BudgetPlan
+    from dtm_core.planning.draft_plan import ceiling, speedup
+
+    m = tiny_llama()
+    pset = number_set(10)
+    p = make_budget_plan(m, "int8,int4:g16,int3:g16", pset, 10, budget=Budget("bits", 5.0),
+                         cache_dir=tmp_path, planner="fdt", objective="accept_len_k4")
+    ids = [[int(w) for w in pset.prompts[i].split()] for i in p.fit_prompts]
+    refs = reference_continuations(m, ids, 10)
+    again = divergence(make_pair(m, p.recipe), prompt_ids=ids, references=refs, new_tokens=10)
+    assert p.fdt_mean == pytest.approx(float(again.table.accept_len_k4.mean()))
+    assert p.objective == "accept_len_k4" and p.measure["avg_bits"] <= 5.0
+    assert "draft plan" in p.summary_line() and "accepted per step drafting 4" in p.summary_line()
+    cells = p.cells
+    top = ceiling(refs, 4)
+    assert (cells[cells.spec == KEEP].accept_len_k4_mean == top).all() and 2 < top <= 4
+    t = p.holdout
+    assert list(t.columns[-3:]) == DRAFT_COLUMNS
+    sub = PromptSet("h", [pset.records[i] for i in p.holdout_prompts])
+    ev = evaluate(make_pair(m, p.recipe), sub, 10)
+    row = t.iloc[0]
+    assert row.accept_len == pytest.approx(ev.summary["accept_len_k4_mean"])
+    assert row.draft_cost == pytest.approx(row.avg_bits / 32)
+    assert row.speedup == pytest.approx((row.accept_len + 1) / (4 * row.draft_cost + 1))
+    dense = t[t.config == "dense"].iloc[0]
+    assert dense.draft_cost == 1 and dense.speedup == pytest.approx(speedup(dense.accept_len,
+                                                                            4, 1.0))
+    data = json.loads(json.dumps(p.to_json()))
+    assert "fdt_mean" not in data and data["accept_len_k4_mean"] == p.fdt_mean
+    assert BudgetPlan.from_json(data).objective == "accept_len_k4"
+
+    # a target accepted length: the cheapest plan reaching it; a given draft cost
+    q = make_budget_plan(m, "int8,int4:g16,int3:g16", pset, 10, cache_dir=tmp_path, holdout=0.3,
+                         objective="accept_len_k4", target_accept=0.9 * top, max_evals=6,
+                         draft_cost=0.25)
+    assert q.fdt_mean >= 0.9 * top and q.measure["avg_bits"] < 32
+    assert q.holdout.draft_cost.eq(0.25).all()
+    for bad, kw in (("target is --target-accept", dict(target_fdt=0.5)),
+                    ("between 0 and the draft length 4", dict(target_accept=5.0)),
+                    ("Unknown objective", dict(objective="accept_len_k3", target_accept=1))):
+        with pytest.raises(DTMError, match=bad):
+            make_budget_plan(m, "int8", pset, 10, cache_dir=tmp_path,
+                             **{"objective": "accept_len_k4", **kw})
+    with pytest.raises(DTMError, match="draft plan's target"):
+        make_budget_plan(m, "int8", pset, 10, cache_dir=tmp_path, target_accept=2.0)
+
+
+def test_the_mixed_plan_tab_makes_a_draft_plan(tmp_path, monkeypatch):
+    """The page's handler with the Objective set to draft acceptance: the status states the
+    held-out acceptance and speed-up, the table carries them, the JSON names the objective."""
+    from dtm_core.jobs import PairCache
+    from ui import budget_plan as page, common
+
+    m = tiny_llama()
+    monkeypatch.setattr(common, "CACHE", PairCache())
+    common.CACHE._dense = ("tiny", m)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    f = tmp_path / "numbers.txt"
+    f.write_text("\n".join(number_set(10).prompts))
+    out = page.run_budget_plan("tiny", str(f), "general", False, 10, "", "", "int8,int4:g16",
+                               "bits per weight", 6.0, 0, 0.3, "fdt",
+                               objective="accept_len_k4", draft_cost=0.5,
+                               progress=lambda *a, **k: None)
+    status, chart, table, path, state, curves = out
+    assert "accepted per step on the held-out prompts" in status, status
+    assert "speed-up" in status and state["objective"] == "accept_len_k4"
+    assert {"accept_len", "speedup"} <= set(table.columns) or \
+        any("speed" in c for c in table.columns)

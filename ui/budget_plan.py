@@ -15,7 +15,8 @@ from dtm_core.jobs import plan_under_budget
 from dtm_core.planning.plan_exports import EXPORTS, export_plan
 
 from . import common
-from .render import cells_figure, friendly, pareto_figure, readable_table
+from .charts import cells_figure
+from .render import friendly, pareto_figure, readable_table
 
 BUDGET_KINDS = {"bits per weight": "bits", "sparsity (share of weights)": "sparsity",
                 "size (GiB)": "bytes"}
@@ -31,8 +32,8 @@ def budget_of(kind: str, value) -> Budget | None:
 
 def run_budget_plan(model, upload, builtin, chat, new_tokens, layers, kinds, specs, kind, value,
                     target, holdout, planner, calibration=None, calibration_file=None,
-                    calib_ctx=None, calib_samples=None, sequential=True,
-                    request: gr.Request = None, progress=gr.Progress()):
+                    calib_ctx=None, calib_samples=None, sequential=True, objective="fdt",
+                    draft_cost=0, request: gr.Request = None, progress=gr.Progress()):
     """Status, Pareto chart, held-out table, plan JSON, the state the exports read and the
     per-kind curves of the cells."""
     last = [0.0]
@@ -46,13 +47,19 @@ def run_budget_plan(model, upload, builtin, chat, new_tokens, layers, kinds, spe
                                              calib_samples)
         budget = budget_of(kind, value)
         tgt = float(target) if target not in (None, "") and float(target) > 0 else None
+        draft = (objective or "fdt") != "fdt"
         if budget is None and tgt is None:
-            raise DTMError("Give a budget above 0 or a target FDT share above 0.")
+            raise DTMError("Give a budget above 0 or a target above 0.")
+        cost = float(draft_cost) if draft_cost not in (None, "") and float(draft_cost) > 0 \
+            else None
         progress(0, desc="loading the model")
         dense = common.CACHE.dense(model)
         with common.STOPS.running("mixed-plan", request) as stop:
             plan = plan_under_budget(dense, specs, pset, int(new_tokens), budget=budget,
-                                     target_fdt=tgt, holdout=float(holdout), planner=planner,
+                                     target_fdt=None if draft else tgt,
+                                     target_accept=tgt if draft else None,
+                                     objective=objective or "fdt", draft_cost=cost,
+                                     holdout=float(holdout), planner=planner,
                                      chat=bool(chat), calibration=setting,
                                      layers=(layers or "").strip() or None,
                                      kinds=(kinds or "").strip() or None, progress=tell,
@@ -70,6 +77,12 @@ def run_budget_plan(model, upload, builtin, chat, new_tokens, layers, kinds, spe
     msg += (f" On the {len(plan.holdout_prompts)} held-out prompts the plan keeps mean FDT "
             f"{plan.holdout.fdt_mean.iloc[0]:.2f}; FDT − plan below is each row minus the plan, "
             "with its paired 95 % interval.")
+    if plan.objective != "fdt":
+        r = plan.holdout.iloc[0]
+        msg += (f" As a draft drafting {plan.objective.rsplit('k', 1)[1]} tokens: "
+                f"{r.accept_len:.2f} accepted per step on the held-out prompts, expected "
+                f"speed-up {r.speedup:.2f}x at a draft cost of {r.draft_cost:.3g} of a dense "
+                "forward.")
     fig = pareto_figure(plan.holdout, plan.new_tokens,
                         plan.budget.value if plan.budget and plan.budget.kind == "bits" else None)
     return msg, fig, readable_table(held), str(path), plan.to_json(), cells_figure(plan.cells)
@@ -105,14 +118,23 @@ def build(model, upload, builtin, chat, new_tokens, layers, kinds, calib) -> Non
         kind = gr.Dropdown(list(BUDGET_KINDS), value="bits per weight", label="Budget",
                            elem_id="mplan-budget-kind")
         value = gr.Number(value=4.5, label="Budget value", elem_id="mplan-budget")
-        target = gr.Number(value=0, label="Target mean FDT share (0: none)",
-                           elem_id="mplan-target")
+        target = gr.Number(value=0, label="Target (FDT: share of N; draft: accepted per "
+                                          "step; 0: none)", elem_id="mplan-target")
     with gr.Row():
         holdout = gr.Slider(0, 0.5, value=0.3, step=0.05, label="Held-out share",
                             elem_id="mplan-holdout")
         planner = gr.Radio([("best, verified", "auto"), ("FDT knapsack", "fdt"),
                             ("DTM threshold", "dtm")], value="auto", label="Planner",
                            elem_id="mplan-planner")
+        objective = gr.Dropdown([("first divergent token (FDT)", "fdt")]
+                                + [(f"draft acceptance, K = {k}", f"accept_len_k{k}")
+                                   for k in (2, 4, 8)], value="fdt", label="Objective",
+                                elem_id="mplan-objective",
+                                info="a draft plan: the compressed model as a self-speculative "
+                                     "draft, the mean drafted tokens accepted per step")
+        draft_cost = gr.Number(value=0, label="Draft cost (0: its bits over the dense "
+                                              "model's)", elem_id="mplan-draft-cost")
+    with gr.Row():
         run = gr.Button("Make mixed plan", variant="primary", elem_id="mplan-run")
         stop = gr.Button("Stop", variant="stop", elem_id="mplan-stop")
     status = common.StatusText("", elem_id="mplan-status")
@@ -133,7 +155,8 @@ def build(model, upload, builtin, chat, new_tokens, layers, kinds, calib) -> Non
     export_status = common.StatusText("", elem_id="mplan-export-status")
     state = gr.State(None)
     run.click(run_budget_plan, [model, upload, builtin, chat, new_tokens, layers, kinds, specs,
-                                kind, value, target, holdout, planner] + calib,
+                                kind, value, target, holdout, planner] + calib
+              + [objective, draft_cost],
               [status, chart, table, plan_file, state, curves], concurrency_id="model")
     stop.click(common.STOPS.stopper("mixed-plan", "Stopping after the current cell…"), None,
                [status], queue=False)

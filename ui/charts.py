@@ -1,7 +1,8 @@
-"""The reports' charts and tables: the KLD report's histograms and the KL-by-confidence view
-(Prompt sets and KLD report)."""
+"""The reports' charts and tables: the KLD report's histograms, the KL-by-confidence view
+(Prompt sets and KLD report) and a mixed plan's per-kind curves of its cells."""
 from __future__ import annotations
 
+import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
@@ -54,3 +55,40 @@ def confidence_rows(table):
     return out.rename(columns={"bucket": "dense p(top)", "share": "positions (%)",
                                "kl_mean": "mean KL (nats)", "kl_share": "share of KL (%)",
                                "agree": "agreement (%)"})
+
+
+def _objective_column(cells: pd.DataFrame) -> str:
+    """The plan's objective in its cells: fdt_mean, or a draft plan's accept_len_kK_mean."""
+    return next((c for c in cells.columns if c.startswith("accept_len_k")), "fdt_mean")
+
+
+def cell_curves(cells: pd.DataFrame) -> pd.DataFrame:
+    """The level curves inside a mixed plan's cells: per kind and candidate, the mean over
+    layers of the single-component fit mean FDT, against bits per weight (kept choices left
+    out)."""
+    from dtm_core.planning.allocation import KEEP
+
+    t = cells[cells.spec != KEEP].copy()
+    t["kind"] = t.component.str.split(".", n=1).str[1]
+    value = _objective_column(cells)
+    out = t.groupby(["kind", "spec"], sort=False).agg(
+        bits_per_weight=("bits_per_weight", "mean"), sparsity=("sparsity", "mean"),
+        **{value: (value, "mean")}, kl_mean=("kl_mean", "mean")).reset_index()
+    order = {k: i for i, k in enumerate(dict.fromkeys(t.kind))}     # kinds in model order
+    out["_order"] = out.kind.map(order)
+    return out.sort_values(["_order", "bits_per_weight"], kind="stable").drop(
+        columns="_order").reset_index(drop=True)
+
+
+def cells_figure(cells: pd.DataFrame) -> go.Figure:
+    """:func:`cell_curves` as one line per kind."""
+    curves = cell_curves(cells)
+    value = _objective_column(cells)
+    fig = px.line(curves, x="bits_per_weight", y=value, color="kind", markers=True,
+                  hover_data=["spec", "sparsity", "kl_mean"],
+                  title="Each kind alone (mean over layers of its cells, fit prompts)",
+                  labels={"bits_per_weight": "bits per weight", "fdt_mean": "mean FDT (tokens)",
+                          value: value.replace("_mean", "").replace(
+                              "accept_len_k", "accepted per step, drafting ")})
+    fig.update_layout(height=320)
+    return fig

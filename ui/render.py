@@ -389,34 +389,6 @@ def pareto_figure(holdout: pd.DataFrame, new_tokens: int | None = None,
     return fig
 
 
-def cell_curves(cells: pd.DataFrame) -> pd.DataFrame:
-    """The level curves inside a mixed plan's cells: per kind and candidate, the mean over
-    layers of the single-component fit mean FDT, against bits per weight (kept choices left
-    out)."""
-    from dtm_core.planning.allocation import KEEP
-
-    t = cells[cells.spec != KEEP].copy()
-    t["kind"] = t.component.str.split(".", n=1).str[1]
-    out = t.groupby(["kind", "spec"], sort=False).agg(
-        bits_per_weight=("bits_per_weight", "mean"), sparsity=("sparsity", "mean"),
-        fdt_mean=("fdt_mean", "mean"), kl_mean=("kl_mean", "mean")).reset_index()
-    order = {k: i for i, k in enumerate(dict.fromkeys(t.kind))}     # kinds in model order
-    out["_order"] = out.kind.map(order)
-    return out.sort_values(["_order", "bits_per_weight"], kind="stable").drop(
-        columns="_order").reset_index(drop=True)
-
-
-def cells_figure(cells: pd.DataFrame) -> go.Figure:
-    """:func:`cell_curves` as one line per kind."""
-    curves = cell_curves(cells)
-    fig = px.line(curves, x="bits_per_weight", y="fdt_mean", color="kind", markers=True,
-                  hover_data=["spec", "sparsity", "kl_mean"],
-                  title="Each kind alone (mean over layers of its cells, fit prompts)",
-                  labels={"bits_per_weight": "bits per weight", "fdt_mean": "mean FDT (tokens)"})
-    fig.update_layout(height=320)
-    return fig
-
-
 # --------------------------------------------------------------------------------------------
 # Tables as people read them (exports keep the raw columns and full precision)
 

@@ -32,6 +32,18 @@ def add_parser(sub) -> None:
     g.add_argument("--target-fdt", type=float, metavar="T",
                    help="mean FDT >= T x N on the fit prompts: alone, the smallest plan "
                         "that reaches it; with a budget, a plan below it is repaired")
+    g.add_argument("--objective", default="fdt", metavar="OBJECTIVE",
+                   help="what the plan optimizes: fdt (default), or accept_len_kK (K = 1, 2, 4, "
+                        "8, 16) for a draft plan: the compressed model as a self-speculative "
+                        "draft, the mean number of its K drafted tokens the dense model accepts "
+                        "per verification step")
+    g.add_argument("--target-accept", type=float, metavar="A",
+                   help="a draft plan's target: the cheapest plan whose mean accepted length "
+                        "reaches A (with a budget, a plan below it is repaired)")
+    g.add_argument("--draft-cost", type=float, metavar="C",
+                   help="a draft plan's cost of one draft forward over one dense forward, for "
+                        "the expected speed-up (default: the draft's bits over the dense "
+                        "model's)")
     g.add_argument("--holdout", type=float, default=0.3, metavar="SHARE",
                    help="share of the prompts held out for the comparison table "
                         "(default 0.3; 0: none)")
@@ -71,9 +83,9 @@ def budget_plan(args) -> int:
 
     opt.check_common(args)
     budget = _budget_of(args)
-    if budget is None and args.target_fdt is None:
+    if budget is None and args.target_fdt is None and args.target_accept is None:
         raise DTMError("Give a budget (--budget-bits, --budget-sparsity or --budget-bytes) or "
-                       "a target (--target-fdt).")
+                       "a target (--target-fdt, or --target-accept for a draft plan).")
     pset = load_prompts(args.prompts)
     dense = opt.pair_cache(args).dense(args.model)
     from dtm_core.distributed import init, world as world_of
@@ -85,7 +97,8 @@ def budget_plan(args) -> int:
                              planner=args.planner, chat=args.chat, cache_dir=args.cache_dir,
                              max_evals=args.max_evals, calibration=opt.calibration_setting(args),
                              batch_size=args.batch_size, layers=args.layers, kinds=args.kinds,
-                             rank=rank, world=world, store=store,
+                             rank=rank, world=world, store=store, objective=args.objective,
+                             target_accept=args.target_accept, draft_cost=args.draft_cost,
                              progress=opt.stderr_progress if rank == 0 else None)
     if plan is None:
         return 0
@@ -102,7 +115,7 @@ def budget_plan(args) -> int:
     print(plan.summary_line())
     for e in plan.evaluations:
         print(f"  evaluation {e['step']} ({e['why']}): {e['avg_bits']:.3f} bits, "
-              f"{e['sparsity']:.1%} sparsity: mean FDT {e['fdt_mean']:.2f}")
+              f"{e['sparsity']:.1%} sparsity: mean {plan.objective} {e['fdt_mean']:.3f}")
     if plan.holdout is not None:
         print(f"held out ({len(plan.holdout_prompts)} prompts; fdt_vs_plan = row - plan, "
               "paired 95 % interval):")

@@ -31,6 +31,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from dtm_core.planning.draft_plan import draft_columns
 from dtm_core.planning.allocation import (KEEP, Budget, ChoiceTable, choice_table, closest_uniform,
                                           dtm_allocation, knapsack, losses, random_allocation,
                                           recipe_of)
@@ -50,6 +51,7 @@ HOLDOUT_COLUMNS = ["config", "planner", "avg_bits", "sparsity", "bytes", "fdt_me
                    "sdt_mean", "kl_mean", "fdt_vs_plan", "fdt_vs_plan_ci95_low",
                    "fdt_vs_plan_ci95_high", "accuracy", "accuracy_vs_plan",
                    "accuracy_vs_plan_ci95_low", "accuracy_vs_plan_ci95_high"]
+DRAFT_COLUMNS = ["accept_len", "draft_cost", "speedup"]    # draft plans' held-out extras
 
 
 def parse_specs(text) -> list[str]:
@@ -98,6 +100,10 @@ class BudgetPlan:
     note: str = ""
     threshold: float | None = None       # the DTM planner's FDT threshold
     cells: pd.DataFrame | None = None    # every (component, choice) on the fit prompts
+    # what the plan optimizes: "fdt", or "accept_len_k{K}" (a draft plan: ``fdt_mean`` then
+    # holds the verified mean accepted length, ``target_fdt`` the target accepted length)
+    objective: str = "fdt"
+    draft_cost: float | None = None      # one draft forward over a dense one, when given
 
     @property
     def recipe(self) -> Recipe:
@@ -124,8 +130,12 @@ class BudgetPlan:
                 "specs": self.specs, "planner": self.planner,
                 "budget": None if self.budget is None else {"kind": self.budget.kind,
                                                             "value": self.budget.value},
-                "target_fdt": self.target_fdt, **self.measure,
-                "fdt_mean": self.fdt_mean, "new_tokens": self.new_tokens,
+                "target_fdt": self.target_fdt if self.objective == "fdt" else None,
+                **self.measure, "objective": self.objective,
+                **({"fdt_mean": self.fdt_mean} if self.objective == "fdt" else
+                   {f"{self.objective}_mean": self.fdt_mean, "target": self.target_fdt,
+                    "draft_cost": self.draft_cost}),
+                "new_tokens": self.new_tokens,
                 "family": self.family, "dtype_bits": self.dtype_bits,
                 "fit_prompts": self.fit_prompts, "holdout_prompts": self.holdout_prompts,
                 "evaluations": self.evaluations, "threshold": self.threshold, "note": self.note,
@@ -146,15 +156,18 @@ class BudgetPlan:
             held = data.get("holdout")
             return cls(assignments=dict(data["assignments"]), specs=list(data["specs"]),
                        budget=Budget(b["kind"], float(b["value"])) if b else None,
-                       target_fdt=data.get("target_fdt"), planner=data["planner"],
+                       target_fdt=data.get("target_fdt", data.get("target")),
+                       planner=data["planner"],
                        measure={k: data[k] for k in ("avg_bits", "sparsity", "bytes")},
-                       fdt_mean=float(data["fdt_mean"]), new_tokens=int(data["new_tokens"]),
+                       fdt_mean=float(data["fdt_mean"] if "fdt_mean" in data else
+                                      data[f"{data['objective']}_mean"]),
+                       new_tokens=int(data["new_tokens"]),
+                       objective=data.get("objective", "fdt"), draft_cost=data.get("draft_cost"),
                        family=data["family"], dtype_bits=int(data["dtype_bits"]),
                        fit_prompts=list(data["fit_prompts"]),
                        holdout_prompts=list(data["holdout_prompts"]),
                        evaluations=list(data.get("evaluations") or []),
-                       holdout=None if held is None else pd.DataFrame(held,
-                                                                      columns=HOLDOUT_COLUMNS),
+                       holdout=None if held is None else pd.DataFrame(held),
                        note=data.get("note") or "", threshold=data.get("threshold"),
                        cells=None if data.get("cells") is None else pd.DataFrame(data["cells"]))
         except (KeyError, TypeError, ValueError) as exc:
@@ -164,11 +177,18 @@ class BudgetPlan:
     def summary_line(self) -> str:
         counts = ", ".join(f"{n} {s}" for s, n in self.counts().items() if n)
         bud = f" within {self.budget}" if self.budget is not None else ""
-        tgt = "" if self.target_fdt is None else f", target {self.target_fdt:g} x N"
-        return (f"plan ({self.planner}{bud}{tgt}): {counts}; {self.measure['avg_bits']:.3f} bits "
+        draft = self.objective != "fdt"
+        tgt = "" if self.target_fdt is None else (
+            f", target {self.target_fdt:g} accepted per step" if draft
+            else f", target {self.target_fdt:g} x N")
+        value = (f"mean accepted per step drafting {self.objective.rsplit('k', 1)[1]} "
+                 f"{self.fdt_mean:.3f}" if draft else
+                 f"mean FDT {self.fdt_mean:.2f} of {self.new_tokens}")
+        return (f"{'draft ' if draft else ''}plan ({self.planner}{bud}{tgt}): {counts}; "
+                f"{self.measure['avg_bits']:.3f} bits "
                 f"per weight, {self.measure['sparsity']:.1%} sparsity, "
-                f"{self.measure['bytes'] / 2 ** 20:.1f} MiB; mean FDT {self.fdt_mean:.2f} of "
-                f"{self.new_tokens} on the {len(self.fit_prompts)} fit prompts"
+                f"{self.measure['bytes'] / 2 ** 20:.1f} MiB; {value} on the "
+                f"{len(self.fit_prompts)} fit prompts"
                 + (f" ({self.note})" if self.note else ""))
 
 
@@ -180,9 +200,9 @@ class _Verifier:
     the numbers of :func:`~dtm_core.measure.divergence.divergence` of the plan's pair (tested), without
     the dense pass or the layers before."""
 
-    def __init__(self, dense, table, ctx, calib, note):
+    def __init__(self, dense, table, ctx, calib, note, column: str = "fdt"):
         self.dense, self.table, self.ctx, self.calib = dense, table, ctx, calib
-        self.note = note
+        self.note, self.column = note, column
         self.work = None
         self.done: dict[tuple, float] = {}
         self.log: list[dict] = []
@@ -202,12 +222,13 @@ class _Verifier:
                      for c in resolve(self.work, item.selection)]
             with apply_recipe(self.work, recipe, self.calib):
                 t = cell_table(self.work, self.ctx, min((c.layer for c in comps), default=0))
-            self.done[key] = float(t.fdt.mean())
+            self.done[key] = float(t[self.column].mean())
             m = self.table.measure(assign)
             self.log.append({"step": len(self.log) + 1, "why": why, **m,
                              "fdt_mean": self.done[key]})
             self.note(None, f"verified ({why}): {m['avg_bits']:.3f} bits, "
-                            f"{m['sparsity']:.1%} sparsity: mean FDT {self.done[key]:.2f}")
+                            f"{m['sparsity']:.1%} sparsity: mean {self.column} "
+                            f"{self.done[key]:.3f}")
         return self.done[key]
 
     @property
@@ -261,23 +282,40 @@ def make_budget_plan(dense: LoadedModel, specs, pset: PromptSet, new_tokens: int
                      calibration=None, batch_size: int = 16, layers: str | None = None,
                      kinds: str | None = None, rank: int = 0, world: int = 1,
                      store=None, progress: Callable[[float | None, str], None] | None = None,
-                     stop=None) -> BudgetPlan | None:
+                     stop=None, objective: str = "fdt", target_accept: float | None = None,
+                     draft_cost: float | None = None) -> BudgetPlan | None:
     """A plan of one spec per component (see the module docstring). ``calibration``: texts or a
     Calibration for methods that need statistics (default: the fit prompts, as the sweeps).
     Under torchrun (``world`` > 1 with the c10d ``store``) the ranks share the sweeps' cells and
     rank 0 plans, verifies and reports; the other ranks return None. ``layers`` / ``kinds``
     restrict the plan to some components (as for a sweep): the others stay as they are, and the
     bits and sparsity budgets count the selected components only. ``stop`` (a threading.Event)
-    ends the sweeps after the current cell (their finished cells stay stored)."""
+    ends the sweeps after the current cell (their finished cells stay stored).
+    ``objective="accept_len_k{K}"`` makes it a draft plan (:mod:`dtm_core.planning.draft_plan`):
+    ``target_accept`` a mean accepted length per step to reach, ``draft_cost`` one draft forward
+    over a dense one for the expected speed-up (default: bits over the dense model's)."""
+    from dtm_core.planning.draft_plan import draft_length, objective_table
     from dtm_core.compression.calibration import calibration_from
     from dtm_core.analysis.sweep import prepare, sweep
 
     note = progress or (lambda f, m: None)
     specs = parse_specs(specs)
+    k_draft = draft_length(objective)
+    if k_draft is None and target_accept is not None:
+        raise DTMError("--target-accept is a draft plan's target: give --objective "
+                       "accept_len_kK too.")
+    if k_draft is not None:
+        if target_fdt is not None:
+            raise DTMError("A draft plan's target is --target-accept (a mean accepted length "
+                           "per step), not --target-fdt.")
+        if target_accept is not None and not 0 < target_accept <= k_draft:
+            raise DTMError(f"--target-accept is a mean accepted length per step, between 0 "
+                           f"and the draft length {k_draft}.")
+        target_fdt = target_accept      # the planner's target, in the objective's unit
     if budget is None and target_fdt is None:
         raise DTMError("Give a budget (--budget-bits, --budget-sparsity or --budget-bytes) or "
                        "a target (--target-fdt).")
-    if target_fdt is not None and not 0 < target_fdt <= 1:
+    if k_draft is None and target_fdt is not None and not 0 < target_fdt <= 1:
         raise DTMError("--target-fdt is a share of N in (0, 1], e.g. 0.9.")
     if planner not in PLANNERS:
         raise DTMError(f"Unknown planner '{planner}': use {' or '.join(PLANNERS)}.")
@@ -307,9 +345,11 @@ def make_budget_plan(dense: LoadedModel, specs, pset: PromptSet, new_tokens: int
         tables[spec] = res.table
     if rank != 0:
         return None
-    table = choice_table(dense.model, tables, new_tokens, len(ids))
-    verify = _Verifier(dense, table, ctx, calib, note)
-    want = None if target_fdt is None else target_fdt * new_tokens
+    table = objective_table(choice_table(dense.model, tables, new_tokens, len(ids)), tables,
+                            objective, refs)
+    verify = _Verifier(dense, table, ctx, calib, note, "fdt" if k_draft is None else objective)
+    want = None if target_fdt is None else (target_fdt if k_draft is not None
+                                            else target_fdt * new_tokens)
     threshold, why_note = None, ""
     if budget is not None:
         tried = []
@@ -338,7 +378,10 @@ def make_budget_plan(dense: LoadedModel, specs, pset: PromptSet, new_tokens: int
                       target_fdt=target_fdt, planner=planner, measure=measure, fdt_mean=real,
                       new_tokens=new_tokens, family=table.family, dtype_bits=table.dtype_bits,
                       fit_prompts=fit, holdout_prompts=held, evaluations=verify.log,
-                      note=why_note, threshold=threshold, cells=table.frame())
+                      note=why_note, threshold=threshold,
+                      cells=table.frame().rename(columns={"fdt_mean": f"{objective}_mean"}
+                                                 if k_draft is not None else {}),
+                      objective=objective, draft_cost=draft_cost)
     if held:
         plan.holdout = holdout_table(dense, table, plan, assign, pset, held, new_tokens, chat,
                                      calib, seed, note)
@@ -410,10 +453,12 @@ def holdout_table(dense, table: ChoiceTable, plan: BudgetPlan, assign, pset: Pro
         del pair
         per[name] = ev.table
         s = ev.summary
-        rows.append({"config": name, "planner": planner, **table.measure(a),
-                     "fdt_mean": s.get("fdt_mean"), "fdt_median": s.get("fdt_median"),
-                     "sdt_mean": s.get("sdt_mean"), "kl_mean": s.get("kl_mean"),
-                     "accuracy": s.get("accuracy_compressed")})
+        row = {"config": name, "planner": planner, **table.measure(a),
+               "fdt_mean": s.get("fdt_mean"), "fdt_median": s.get("fdt_median"),
+               "sdt_mean": s.get("sdt_mean"), "kl_mean": s.get("kl_mean"),
+               "accuracy": s.get("accuracy_compressed")}
+        rows.append({**row, **draft_columns(row, s, plan.objective, plan.draft_cost,
+                                            table.dtype_bits)})
     base = per["plan"]
     for row in rows:
         t = per[row["config"]]
@@ -427,4 +472,5 @@ def holdout_table(dense, table: ChoiceTable, plan: BudgetPlan, assign, pset: Pro
             d = lo = hi = None
         row.update(accuracy_vs_plan=d, accuracy_vs_plan_ci95_low=lo,
                    accuracy_vs_plan_ci95_high=hi)
-    return pd.DataFrame(rows, columns=HOLDOUT_COLUMNS)
+    return pd.DataFrame(rows, columns=HOLDOUT_COLUMNS
+                        + (DRAFT_COLUMNS if plan.objective != "fdt" else []))
