@@ -143,7 +143,7 @@ def divergence(pair: Pair, prompts: Sequence[str] | None = None, new_tokens: int
     table = pd.DataFrame(rows)
     cols = table_columns() + (["fdt_generated"] if comp_gen is not None else []) \
         + (["pivots"] if ks is not None else [])
-    table = table[cols]
+    table = table[[c for c in cols if c in table.columns]]   # a built-in metric unregistered
     return DivergenceResult(table=table, summary=aggregate(table),
                             survival=survival_curve(table["fdt"], new_tokens),
                             new_tokens=new_tokens, tokens=tms, references=references,
