@@ -615,6 +615,19 @@ def test_mixed_plan_pareto_chart_holdout_table_and_exports(browser, app_url, tmp
                            ".includes('recipe.yaml')", timeout=WAIT_MS)
     href = page.locator("#mplan-files a").first.get_attribute("href")
     assert href and "recipe.yaml" in href
+    # a draft plan: the same cells, acceptance at K = 4 as the objective, the speed-up
+    fill(page, "mplan-specs", "int8,int4:g64,int3:g64")
+    choose(page, "mplan-budget-kind", "bits per weight")
+    fill(page, "mplan-budget", 5)
+    choose(page, "mplan-objective", "draft acceptance, K = 4")
+    page.locator("#mplan-run").click()
+    page.wait_for_function("document.querySelector('#mplan-status').innerText"
+                           ".includes('expected speed-up')", timeout=WAIT_MS)
+    status = page.locator("#mplan-status").inner_text()
+    assert "Draft plan" in status and "accepted per step drafting 4" in status, status
+    assert "speedup" in page.locator("#mplan-table").inner_text()
+    page.locator("#mplan-status").scroll_into_view_if_needed()
+    shot(page, "draft_plan")
 
 
 def test_level_curves_across_formats_and_format_presets(browser, app_url, tmp_path):
