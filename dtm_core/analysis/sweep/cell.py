@@ -46,7 +46,11 @@ def weight_error(dense_model, model, name: str) -> float:
 def heatmap_metrics() -> dict[str, str]:
     """Aggregate key -> label, for every value a cell has (from the metric registry), and the
     component's relative weight error."""
-    return {**{k: a.label for k, a in aggregates().items()},
+    from dtm_core.measure.metrics import METRICS
+
+    # optional metrics (reverse KL, JS) are not in a fast-path sweep's cells: not offered
+    optional = {a.name for m in METRICS.values() if m.optional for a in m.aggregates}
+    return {**{k: a.label for k, a in aggregates().items() if k not in optional},
             "weight_error": "relative weight error ||W - W'|| / ||W||",
             "output_sqnr_db": "output SQNR (dB) of the component",
             "output_cos_error": "output cosine error of the component"}
