@@ -553,6 +553,8 @@ def test_draft_plan_verifies_acceptance_and_reports_the_expected_speed_up(tmp_pa
                          draft_cost=0.25)
     assert q.fdt_mean >= 0.9 * top and q.measure["avg_bits"] < 32
     assert q.holdout.draft_cost.eq(0.25).all()
+    back = BudgetPlan.from_json(json.loads(json.dumps(q.to_json())))     # the target survives
+    assert back.target_fdt == pytest.approx(0.9 * top) and back.draft_cost == 0.25
     for bad, kw in (("target is --target-accept", dict(target_fdt=0.5)),
                     ("between 0 and the draft length 4", dict(target_accept=5.0)),
                     ("Unknown objective", dict(objective="accept_len_k3", target_accept=1))):

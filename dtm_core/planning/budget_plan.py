@@ -156,7 +156,8 @@ class BudgetPlan:
             held = data.get("holdout")
             return cls(assignments=dict(data["assignments"]), specs=list(data["specs"]),
                        budget=Budget(b["kind"], float(b["value"])) if b else None,
-                       target_fdt=data.get("target_fdt", data.get("target")),
+                       target_fdt=data.get("target_fdt") if data.get("objective", "fdt") == "fdt"
+                       else data.get("target"),
                        planner=data["planner"],
                        measure={k: data[k] for k in ("avg_bits", "sparsity", "bytes")},
                        fdt_mean=float(data["fdt_mean"] if "fdt_mean" in data else
