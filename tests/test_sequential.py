@@ -79,6 +79,7 @@ def test_one_layer_recipes_are_the_same_either_way():
         b = make_pair(lm, Recipe.single("gptq:int3", sel), calibration=calib, sequential=False)
         for name, w in weights(b.compressed).items():
             torch.testing.assert_close(weights(a.compressed)[name], w, atol=1e-6, rtol=1e-6)
+        assert "sequential" not in a.label        # nothing was gathered layer by layer
 
 
 @pytest.mark.parametrize("spec,default", [("gptq:int3:g16", True), ("sparsegpt:0.6", True),

@@ -10,6 +10,7 @@ import gradio as gr
 
 from dtm_core.planning.allocation import Budget
 from dtm_core.planning.budget_plan import BudgetPlan
+from dtm_core.planning.draft_plan import draft_length
 from dtm_core.errors import DTMError
 from dtm_core.jobs import plan_under_budget
 from dtm_core.planning.plan_exports import EXPORTS, export_plan
@@ -79,7 +80,7 @@ def run_budget_plan(model, upload, builtin, chat, new_tokens, layers, kinds, spe
             "with its paired 95 % interval.")
     if plan.objective != "fdt":
         r = plan.holdout.iloc[0]
-        msg += (f" As a draft drafting {plan.objective.rsplit('k', 1)[1]} tokens: "
+        msg += (f" As a draft drafting {draft_length(plan.objective)} tokens: "
                 f"{r.accept_len:.2f} accepted per step on the held-out prompts, expected "
                 f"speed-up {r.speedup:.2f}x at a draft cost of {r.draft_cost:.3g} of a dense "
                 "forward.")

@@ -64,7 +64,7 @@ def make_pair(dense: LoadedModel, recipe: Recipe, calibration=None, chat: bool =
         sequential = recipe.sequential_default
     comp = shared_copy(dense.model)
     applied = apply_recipe(comp, recipe, calib, sequential=sequential)
-    label = str(recipe) + (" (sequential)" if sequential and calib is not None else "")
+    label = str(recipe) + (" (sequential)" if applied.layer_by_layer else "")
     return Pair(dense=dense, compressed=comp, label=label, recipe=recipe, applied=applied,
                 calibration=calib)
 

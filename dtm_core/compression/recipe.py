@@ -127,6 +127,7 @@ class Applied:
         self._hooks: list = []
         self.changed_bytes = 0
         self.changed_params = 0
+        self.layer_by_layer = False   # statistics gathered on the compressed layers' outputs
 
     def restore(self) -> None:
         for h in self._hooks:
@@ -239,6 +240,8 @@ def apply_recipe(model, recipe: Recipe, calibration=None, sequential: bool = Fal
         if sequential and needs and not isinstance(calibration, dict) and \
                 calibration is not None and min(c.layer for c, _ in pairs) < max(needs):
             from dtm_core.compression.calibration import sequential as layer_by_layer
+
+            applied.layer_by_layer = True
 
             def compress_layer(n, layer_calib):
                 here = [(c, sp) for c, sp in pairs if c.layer == n]

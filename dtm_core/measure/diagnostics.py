@@ -13,12 +13,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dtm_core.measure.metrics import (Aggregate, Column, TokenMetric, TokenMetrics,
+from dtm_core.measure.metrics import (Aggregate, Column, TokenMetric, TokenMetrics, _mean,
                                       kl_per_position, register_metric)
-
-
-def _mean(col):
-    return lambda t: float(t[col].mean())
 
 
 TOP_K = (1, 5, 10)
@@ -71,20 +67,22 @@ def _js(t: TokenMetrics) -> torch.Tensor:
         min=0)
 
 
-register_metric(TokenMetric(
-    "reverse_kl", _reverse_kl,
-    (Column("reverse_kl_mean", lambda v, t: v.mean(), 0.0, "mean reverse KL (nats)"),),
-    (Aggregate("reverse_kl_mean", _mean("reverse_kl_mean"), "reverse KL", ("reverse_kl_mean",)),),
-    needs_distributions=True, optional=True,
-    description="KL(compressed || dense): heavy where the compressed model is confident and the "
-                "dense one is not"))
-register_metric(TokenMetric(
-    "js", _js,
-    (Column("js_mean", lambda v, t: v.mean(), 0.0, "mean Jensen-Shannon divergence (nats)"),),
-    (Aggregate("js_mean", _mean("js_mean"), "Jensen-Shannon", ("js_mean",)),),
-    needs_distributions=True, optional=True,
-    description="Jensen-Shannon divergence of the two next-token distributions (symmetric, at "
-                "most ln 2)"))
+def _on_distributions(name: str, per_token, label: str, short: str, description: str) -> None:
+    """An optional metric of the two full distributions: per-prompt column ``{name}_mean`` and
+    its set mean of the same name."""
+    col = f"{name}_mean"
+    register_metric(TokenMetric(
+        name, per_token, (Column(col, lambda v, t: v.mean(), 0.0, label),),
+        (Aggregate(col, _mean(col), short, (col,)),), needs_distributions=True, optional=True,
+        description=description))
+
+
+_on_distributions("reverse_kl", _reverse_kl, "mean reverse KL (nats)", "reverse KL",
+                  "KL(compressed || dense): heavy where the compressed model is confident and "
+                  "the dense one is not")
+_on_distributions("js", _js, "mean Jensen-Shannon divergence (nats)", "Jensen-Shannon",
+                  "Jensen-Shannon divergence of the two next-token distributions (symmetric, "
+                  "at most ln 2)")
 
 
 CONFIDENCE_EDGES = (0.0, 0.3, 0.5, 0.7, 0.9, 0.99, 1.0)

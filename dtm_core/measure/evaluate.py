@@ -101,7 +101,7 @@ class EvalResult:
     divergent: list = field(default_factory=list, repr=False)    # compressed token at FDT
     tokenizer: object = field(default=None, repr=False)
     # KL by the dense model's top-token probability over every scored position
-    # (:func:`dtm_core.measure.metrics.kl_by_confidence`)
+    # (:func:`dtm_core.measure.diagnostics.kl_by_confidence`)
     confidence: pd.DataFrame | None = None
 
     def worst(self, k: int = 5, by: str = "fdt") -> pd.DataFrame:

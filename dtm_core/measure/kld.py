@@ -64,7 +64,7 @@ class KLDValues:
 
     def by_confidence(self):
         """KL by the base model's top-token probability
-        (:func:`dtm_core.measure.metrics.kl_by_confidence`), agreement = same top token."""
+        (:func:`dtm_core.measure.diagnostics.kl_by_confidence`), agreement = same top token."""
         return kl_by_confidence(self.kld, self.p_top_base, self.same_top)
 
 

@@ -31,7 +31,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from dtm_core.planning.draft_plan import draft_columns
+from dtm_core.planning.draft_plan import draft_columns, draft_length
 from dtm_core.planning.allocation import (KEEP, Budget, ChoiceTable, choice_table, closest_uniform,
                                           dtm_allocation, knapsack, losses, random_allocation,
                                           recipe_of)
@@ -182,7 +182,7 @@ class BudgetPlan:
         tgt = "" if self.target_fdt is None else (
             f", target {self.target_fdt:g} accepted per step" if draft
             else f", target {self.target_fdt:g} x N")
-        value = (f"mean accepted per step drafting {self.objective.rsplit('k', 1)[1]} "
+        value = (f"mean accepted per step drafting {draft_length(self.objective)} "
                  f"{self.fdt_mean:.3f}" if draft else
                  f"mean FDT {self.fdt_mean:.2f} of {self.new_tokens}")
         return (f"{'draft ' if draft else ''}plan ({self.planner}{bud}{tgt}): {counts}; "
@@ -295,7 +295,7 @@ def make_budget_plan(dense: LoadedModel, specs, pset: PromptSet, new_tokens: int
     ``objective="accept_len_k{K}"`` makes it a draft plan (:mod:`dtm_core.planning.draft_plan`):
     ``target_accept`` a mean accepted length per step to reach, ``draft_cost`` one draft forward
     over a dense one for the expected speed-up (default: bits over the dense model's)."""
-    from dtm_core.planning.draft_plan import draft_length, objective_table
+    from dtm_core.planning.draft_plan import objective_table
     from dtm_core.compression.calibration import calibration_from
     from dtm_core.analysis.sweep import prepare, sweep
 

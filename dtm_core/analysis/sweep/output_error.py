@@ -51,9 +51,9 @@ def _first_tensor(out):
     return next(t for t in out if isinstance(t, torch.Tensor))
 
 
-def _scored(y: torch.Tensor, acc: OutputError, batch_shape) -> torch.Tensor:
+def _scored(y: torch.Tensor, acc: OutputError) -> torch.Tensor:
     """The rows of a module output at the scored positions, as (n, features)."""
-    b, t = batch_shape
+    b, t = acc.batch_shape
     if y.dim() >= 3 and y.shape[0] == b and y.shape[1] == t:
         return y[acc.rows, acc.pos].reshape(len(acc.rows), -1)
     if y.dim() == 2 and y.shape[0] == b * t:            # experts: tokens flattened
@@ -84,8 +84,7 @@ def measuring(dense_model, work, name: str, acc: OutputError):
         finally:
             setattr(m, comp.param, cur)
         y_c = _first_tensor(out)
-        lead = acc.batch_shape
-        y, y_c = _scored(ref, acc, lead), _scored(y_c, acc, lead)
+        y, y_c = _scored(ref, acc), _scored(y_c, acc)
         if comp.rows is not None and comp.experts is None:
             y, y_c = y[:, comp.rows.to(y.device)], y_c[:, comp.rows.to(y.device)]
         acc.add(y, y_c)

@@ -204,9 +204,8 @@ def fake_quantize_weight(w: torch.Tensor, args, gscale: torch.Tensor | None = No
         return out.flatten(-2)[:, :cols]
     if args.strategy == S.BLOCK:
         bh, bw = args.block_structure
-        v = x
-        blocks = v.reshape(v.shape[0] // bh, bh, v.shape[1] // bw, bw)    # a view, no copy
-        out = qdq(blocks, scale[:, None, :, None], args).reshape(v.shape)
+        blocks = x.reshape(x.shape[0] // bh, bh, x.shape[1] // bw, bw)    # a view, no copy
+        out = qdq(blocks, scale[:, None, :, None], args).reshape(x.shape)
         return out[:rows, :cols]
     return qdq(x, scale, args)
 
