@@ -44,17 +44,31 @@ def confidence_figure(table, agree_label: str = "top-1 agreement") -> go.Figure:
     return fig
 
 
+CONFIDENCE_HEADERS = {"bucket": "dense p(top)", "positions": "positions",
+                      "share": "positions (%)", "kl_mean": "mean KL (nats)",
+                      "kl_share": "share of KL (%)", "agree": "agreement (%)"}
+
+
 def confidence_rows(table):
     """The KL-by-confidence table as people read it (shares in %)."""
-    out = table[["bucket", "positions", "share", "kl_mean", "kl_share"]
-                + (["agree"] if "agree" in table else [])].copy()
+    out = table[[c for c in CONFIDENCE_HEADERS if c in table]].copy()
     for c in ("share", "kl_share", "agree"):
         if c in out:
             out[c] = (100 * out[c]).round(1)
     out["kl_mean"] = out["kl_mean"].map(lambda v: significant(v))
-    return out.rename(columns={"bucket": "dense p(top)", "share": "positions (%)",
-                               "kl_mean": "mean KL (nats)", "kl_share": "share of KL (%)",
-                               "agree": "agreement (%)"})
+    return out.rename(columns=CONFIDENCE_HEADERS)
+
+
+def confidence_view(elem_id: str, table_label: str, plot_label: str):
+    """The KL-by-confidence table and plot side by side (``#ELEM_ID``, ``#ELEM_ID-plot``), as
+    Prompt sets and the KLD report show them."""
+    import gradio as gr
+
+    with gr.Row():
+        table = gr.Dataframe(label=table_label, headers=list(CONFIDENCE_HEADERS.values()),
+                             elem_id=elem_id, interactive=False)
+        plot = gr.Plot(label=plot_label, elem_id=f"{elem_id}-plot")
+    return table, plot
 
 
 def _objective_column(cells: pd.DataFrame) -> str:

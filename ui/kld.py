@@ -14,7 +14,7 @@ from dtm_core.measure.prompts import read_text_file
 
 from . import common
 from .common import PairForm
-from .charts import confidence_figure, confidence_rows, kld_figures
+from .charts import confidence_figure, confidence_rows, confidence_view, kld_figures
 from .render import friendly
 
 
@@ -65,14 +65,9 @@ def build(pair: PairForm) -> None:
                            elem_id="kld-hist")
         dp_plot = gr.Plot(label="Histogram of Δp of the next token (after scoring)",
                           elem_id="kld-dp")
-    with gr.Row():
-        conf_table = gr.Dataframe(label="KL by the base model's confidence in its top token "
-                                        "(after scoring)",
-                                  headers=["dense p(top)", "positions (%)", "mean KL (nats)",
-                                           "share of KL (%)", "agreement (%)"],
-                                  elem_id="kld-confidence", interactive=False)
-        conf_plot = gr.Plot(label="KL by base confidence (after scoring)",
-                            elem_id="kld-confidence-plot")
+    conf_table, conf_plot = confidence_view(
+        "kld-confidence", "KL by the base model's confidence in its top token (after scoring)",
+        "KL by base confidence (after scoring)")
     with gr.Row():
         kld_csv = gr.File(label="Statistics CSV", elem_id="kld-csv")
         kld_json = gr.File(label="Statistics JSON", elem_id="kld-json")

@@ -15,7 +15,7 @@ from dtm_core.measure.prompts import builtin_names
 
 from . import common
 from .common import FIRST, STOPS, IntactKVForm, PairForm
-from .charts import confidence_figure, confidence_rows
+from .charts import confidence_figure, confidence_rows, confidence_view
 from .render import friendly, readable_table, set_plots, significant, summary_cards
 
 TABLE_COLUMNS = ["prompt_index", "line", "fdt", "sdt", "kl_mean", "top1_agree", "ppl_dense",
@@ -154,14 +154,9 @@ def build(pair: PairForm, ikv: IntactKVForm) -> SetsTab:
                        elem_id="set-survival")
         scat = gr.Plot(label="Perplexity change against FDT, one dot per prompt (after a run)",
                        elem_id="set-scatter")
-    with gr.Row():
-        conf_table = gr.Dataframe(label="KL by the dense model's confidence in its top token "
-                                        "(after a run): where the damage sits",
-                                  headers=["dense p(top)", "positions (%)", "mean KL (nats)",
-                                           "share of KL (%)", "agreement (%)"],
-                                  elem_id="set-confidence", interactive=False)
-        conf_plot = gr.Plot(label="KL by dense confidence (after a run)",
-                            elem_id="set-confidence-plot")
+    conf_table, conf_plot = confidence_view(
+        "set-confidence", "KL by the dense model's confidence in its top token (after a run): "
+        "where the damage sits", "KL by dense confidence (after a run)")
     worst = gr.Dataframe(label="Worst prompts: lowest FDT first (select one to open it in "
                                "Compare)", elem_id="set-worst", headers=WORST_HEADERS, interactive=False, wrap=True,
                          max_height=360)
