@@ -76,12 +76,43 @@ def test_weights_equal_the_library_bit_for_bit(spec, shape):
     assert torch.equal(got, reference(w, SPECS[spec]))
 
 
+@pytest.mark.parametrize("top", [29, 35])
+@pytest.mark.parametrize("spec", ["mxfp4", "mxfp8", "fp8:block128", "fp8", "nvfp4"])
+def test_weights_across_the_float_range_equal_the_library(spec, top):
+    """Rows from subnormal to 1e29 in magnitude (the MX shortcut) or to 1e35 (its fallback
+    above 2^100), exactly as the library's chain gives them."""
+    torch.manual_seed(3)
+    w = torch.randn(40, 96) * torch.logspace(-44, top, 40)[:, None]
+    w[5, :32] = 0.0
+    assert torch.equal(parse_spec(spec).apply(w, {}), reference(w, SPECS[spec]))
+
+
 def test_real_weights_equal_the_library(default_model):
     m = default_model.model.model.layers
     for w in (m[0].self_attn.q_proj.weight, m[7].mlp.down_proj.weight):
         w = w.detach().float()
         for spec, preset in SPECS.items():
             assert torch.equal(parse_spec(spec).apply(w, {}), reference(w, preset)), spec
+
+
+@pytest.mark.parametrize("preset", ["MXFP4A16", "MXFP8A16"])
+def test_mx_scales_equal_the_library_over_the_whole_float_range(preset):
+    """The MX scales' integer shortcut against ``calculate_qparams``, bit for bit: zeros,
+    subnormals, the thresholds where a group's max rounds up to the next power of two (1.75 for
+    the E2M1 rounding of both formats), the largest floats (whose power of two is infinity) and
+    200,000 random bit patterns of non-negative finite floats."""
+    from dtm_core.compression.methods.formats import mx_scales
+
+    args = PRESET_SCHEMES[preset]["weights"]
+    edges = torch.tensor([0.0, 1e-45, 1e-40, 1.17e-38, 1e-30, 0.001, 0.5, 1.0, 1.74, 1.75, 1.76,
+                          2.0, 3.5, 6.0, 448.0, 1e30, 3.0e38, 3.4e38])
+    torch.manual_seed(0)
+    bits = torch.randint(0, 0x7F800000, (200_000,), dtype=torch.int32).view(torch.float32)
+    m = torch.cat([edges, bits, torch.rand(10_000) * 4])
+    ref, _ = calculate_qparams(-m, m, args)
+    got = mx_scales(m, args.num_bits)
+    assert torch.equal(got.view(torch.int32), ref.view(torch.int32))
+    assert torch.isinf(got[len(edges) - 1]) and got[0] == 2.0 ** -127
 
 
 @pytest.mark.parametrize("spec", ["nvfp4", "mxfp4"])

@@ -118,7 +118,25 @@ def global_scale(matrices: list[torch.Tensor]) -> torch.Tensor:
     return generate_gparam(lo, hi)
 
 
-def round_float(x: torch.Tensor, mantissa: int, min_exp: int) -> torch.Tensor:
+def mx_scales(amax: torch.Tensor, num_bits: int) -> torch.Tensor:
+    """The float32 power-of-two scales compressed-tensors' ``calculate_qparams`` gives MX
+    arguments for groups whose max |w| is ``amax`` (float32, >= 0), in a few integer operations
+    on the small tensor of scales instead of the library's dozen (``generate_mx_scales``: round
+    to a power of two, which adds 2^21 to the bits and keeps the exponent field F; the E8M0
+    exponent 127 + floor(log2 2^(F-127)) - offset is F - offset, 0 when F is 0 (log2 0 = -inf)
+    and 255 when F is 255 (infinity), clamped to [0, 255]; the scale 2^(e - 127) is the float32
+    whose bits are e << 23, or the subnormal 1 << 22 (2^-127) when e is 0).
+    ``tests/test_formats.py`` holds it to the library, bit for bit, over the whole float range."""
+    from compressed_tensors.quantization.utils.mxfp_utils import _MX_ELEM_OFFSET
+
+    field = ((amax.view(torch.int32) + (1 << 21)) >> 23) & 0xFF
+    e = (field - _MX_ELEM_OFFSET[num_bits]).clamp_(min=0).masked_fill_(field == 0, 0) \
+        .masked_fill_(field == 255, 255)
+    return torch.where(e > 0, e << 23, 1 << 22).view(torch.float32)
+
+
+def round_float(x: torch.Tensor, mantissa: int, min_exp: int, inplace: bool = False
+                ) -> torch.Tensor:
     """Each float32 value of ``x`` (already clamped to the format's range) rounded to the nearest
     value of a float format with ``mantissa`` stored bits and smallest normal exponent
     ``min_exp``, ties to even: FP8 E4M3 (3, -6), FP4 E2M1 (1, 0). Exactly what
@@ -132,10 +150,12 @@ def round_float(x: torch.Tensor, mantissa: int, min_exp: int) -> torch.Tensor:
     subtracting c is exact. Two float32 operations and one bit mask per value; four times
     faster on CPU than PyTorch's float8 cast and far faster than the library's masked
     assignments (``tests/test_formats.py`` holds it to both, bit for bit but for the sign of a
-    negative value rounded to zero: +0 here, -0 there, which no product or sum tells apart)."""
+    negative value rounded to zero: +0 here, -0 there, which no product or sum tells apart).
+    ``inplace`` rounds ``x`` itself (one tensor fewer to allocate, which on CPU is much of the
+    time of a pass over a few megabytes)."""
     c = (x.view(torch.int32) & 0x7F800000).view(torch.float32)
     c.clamp_(min=2.0 ** min_exp).mul_(2.0 ** (23 - mantissa)).copysign_(x)
-    return torch.add(x, c).sub_(c)
+    return (x.add_(c) if inplace else torch.add(x, c)).sub_(c)
 
 
 def round_e2m1(x: torch.Tensor) -> torch.Tensor:
@@ -167,9 +187,11 @@ def qdq(x: torch.Tensor, scale: torch.Tensor, args, gscale: torch.Tensor | None 
     scaled = torch.div(x, scale).clamp_(float(q_min), float(q_max))
     if args.type == QuantizationType.FLOAT:
         if args.num_bits == 8 and scaled.dtype == torch.float32:
-            rounded = round_e4m3(scaled)
+            rounded = round_float(scaled, 3, -6, inplace=True)       # E4M3, in place
         elif args.num_bits == 8:
             rounded = scaled.to(torch.float8_e4m3fn).to(x.dtype)
+        elif args.num_bits == 4 and scaled.dtype == torch.float32:
+            rounded = round_float(scaled, 1, 0, inplace=True)        # E2M1, in place
         elif args.num_bits == 4:
             rounded = round_e2m1(scaled)
         else:
@@ -177,6 +199,29 @@ def qdq(x: torch.Tensor, scale: torch.Tensor, args, gscale: torch.Tensor | None 
     else:
         rounded = torch.round(scaled)
     return rounded.to(scale.dtype).mul_(scale)
+
+
+def _is_mx(args) -> bool:
+    from compressed_tensors.quantization.utils.mxfp_utils import should_generate_mx_scales
+
+    return bool(args.symmetric and should_generate_mx_scales(args))
+
+
+def _blocks_as_groups(w: torch.Tensor, args) -> torch.Tensor:
+    """Symmetric 128x128 blocks (``fp8:block128``) as groups of 128 along the input whose scales
+    repeat over 128 rows: every value meets the scale the library's zero-padded blocks give it
+    (zeros do not change a block's max |w|), without the padded copy of the weight or a 4-D
+    broadcast."""
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    bh, bw = args.block_structure
+    rows, cols = w.shape
+    g = _pad_last(w, bw).unflatten(-1, (-1, bw))
+    m = torch.maximum(g.amax(-1), g.amin(-1).neg_())                  # (rows, column blocks)
+    m = torch.nn.functional.pad(m, (0, 0, 0, (-rows) % bh)).unflatten(0, (-1, bh)).amax(1)
+    scale = calculate_qparams(-m, m, args)[0]
+    out = qdq(g, scale.repeat_interleave(bh, 0)[:rows].unsqueeze(-1), args)
+    return out.flatten(-2)[:, :cols]
 
 
 def fake_quantize_weight(w: torch.Tensor, args, gscale: torch.Tensor | None = None
@@ -189,6 +234,8 @@ def fake_quantize_weight(w: torch.Tensor, args, gscale: torch.Tensor | None = No
 
     S = q.QuantizationStrategy
     rows, cols = w.shape
+    if args.strategy == S.BLOCK and args.symmetric:
+        return _blocks_as_groups(w, args)
     grouped = args.strategy in (S.GROUP, S.TENSOR_GROUP)
     x = _pad_last(w, args.group_size) if grouped else w
     if args.strategy == S.TENSOR_GROUP and gscale is None:
@@ -198,7 +245,10 @@ def fake_quantize_weight(w: torch.Tensor, args, gscale: torch.Tensor | None = No
     if args.strategy == S.BLOCK:        # padded once, for the observer and the rounding
         x = maybe_pad_tensor_for_block_quant(w, args.block_structure)
     lo, hi = observe(x, args)
-    scale, _ = calculate_qparams(lo, hi, args, global_scale=gscale)
+    if _is_mx(args) and gscale is None:
+        scale = mx_scales(hi, args.num_bits)
+    else:
+        scale, _ = calculate_qparams(lo, hi, args, global_scale=gscale)
     if grouped:
         out = qdq(x.unflatten(-1, (-1, args.group_size)), scale.unsqueeze(-1), args, gscale)
         return out.flatten(-2)[:, :cols]
