@@ -25,56 +25,66 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 
 
 def pair_row(default_model: str) -> tuple[common.PairForm, common.IntactKVForm]:
-    """The pair every tab works on: dense model, compressed side, calibration and IntactKV."""
-    with gr.Row():
+    """The pair every tab works on: what defines it (dense model, compressed side, components or
+    checkpoint) in one row, the advanced settings (IntactKV, calibration) folded under a header
+    that summarizes them."""
+    with gr.Row(elem_id="pair-row"):
         model = gr.Textbox(value=default_model, label="Dense model",
                            info="'default', a hub id (local cache), a folder or a .gguf",
-                           elem_id="model-source", scale=2)
+                           elem_id="model-source", scale=1, max_lines=1)
         preset = gr.Dropdown(common.preset_choices(), value="int8", label="Compressed side",
                              elem_id="preset")
         spec = gr.Textbox(label="Custom spec", placeholder="int4:g64:asym", elem_id="spec",
-                          info=common.plain_text(common.format_help()))
+                          info=common.format_help(), scale=2, max_lines=1)
         components = gr.Textbox(value="*.*", label="Components",
-                                info=common.plain_text("LAYERS.KIND, e.g. *.q,*.k,0-3.down"),
-                                elem_id="components")
+                                info=r"LAYERS.KIND, e.g. \*.q,\*.k,0-3.down", elem_id="components",
+                                max_lines=1)
         checkpoint = gr.Textbox(label="Second checkpoint", elem_id="checkpoint",
-                                placeholder="path, .gguf or hub id")
+                                placeholder="path, .gguf or hub id", max_lines=1)
     # what the checkpoint of the compressed side is (format, schemes, kept, size against the base)
     info = gr.Markdown("", elem_id="checkpoint-info")
     for event in (checkpoint.submit, checkpoint.blur, preset.change, spec.submit, spec.blur):
         event(common.checkpoint_info, [model, preset, spec, checkpoint], [info], queue=False)
-    with gr.Row(elem_classes="intactkv-row"):
-        intactkv = gr.Dropdown(["off", "1", "2", "4", "prefix"], value="off",
-                               allow_custom_value=True, label="IntactKV",
-                               info="keep the dense KV of the first K tokens, or of the chat "
-                                    "template's system prefix",
-                               elem_id="intactkv")
-        ikv_cal = gr.Checkbox(value=False, label="Calibrate the pivot KV (IntactKV+Cal)",
-                              info="trained on the calibration prompts (cached); needs the "
-                                   "same first tokens in every prompt", elem_id="intactkv-cal")
-        calib_steps = gr.Slider(1, 500, value=50, step=1, label="Calibration steps",
-                                elem_id="calib-steps")
-    with gr.Row(elem_classes="calibration-row"):
-        calibration = gr.Dropdown(common.calibration_choices(), value=common.EVALUATED,
-                                  allow_custom_value=True, label="Calibration prompts",
-                                  info="for methods that need statistics (wanda, gptq, "
-                                       "sparsegpt, awq) and calibrated IntactKV: the prompts "
-                                       "being evaluated, or a set",
-                                  elem_id="calibration", scale=2)
-        calibration_file = gr.File(label="or a calibration file", height=120,
-                                   file_types=[".txt", ".jsonl", ".csv"],
-                                   elem_id="calibration-file", scale=2)
-        calib_ctx = gr.Number(value=0, precision=0, minimum=0, label="Chunk (tokens)",
-                              info="cut the calibration text into chunks of this many tokens; "
-                                   "0: one sequence per prompt", elem_id="calib-ctx")
-        calib_samples = gr.Number(value=0, precision=0, minimum=0, label="Samples",
-                                  info="use the first M sequences; 0: all",
-                                  elem_id="calib-samples")
-        sequential = gr.Checkbox(value=True, label="Sequential",
-                                 info="gptq, sparsegpt, wanda and awq calibrate each layer on the "
-                                      "outputs of the compressed layers before it, as "
-                                      "llm-compressor does; off: every layer on dense inputs",
-                                 elem_id="sequential")
+    with gr.Accordion(common.settings_summary(), open=False,
+                      elem_id="advanced-settings") as advanced:
+        with gr.Row(elem_classes="intactkv-row"):
+            intactkv = gr.Dropdown(["off", "1", "2", "4", "prefix"], value="off",
+                                   allow_custom_value=True, label="IntactKV",
+                                   info="keep the dense KV of the first K tokens, or of the chat "
+                                        "template's system prefix",
+                                   elem_id="intactkv")
+            ikv_cal = gr.Checkbox(value=False, label="Calibrate the pivot KV (IntactKV+Cal)",
+                                  info="trained on the calibration prompts (cached); needs the "
+                                       "same first tokens in every prompt", elem_id="intactkv-cal")
+            calib_steps = gr.Slider(1, 500, value=50, step=1, label="Calibration steps",
+                                    elem_id="calib-steps")
+        with gr.Row(elem_classes="calibration-row"):
+            calibration = gr.Dropdown(common.calibration_choices(), value=common.EVALUATED,
+                                      allow_custom_value=True, label="Calibration prompts",
+                                      info="for methods that need statistics (wanda, gptq, "
+                                           "sparsegpt, awq) and calibrated IntactKV: the prompts "
+                                           "being evaluated, or a set",
+                                      elem_id="calibration", scale=2)
+            calibration_file = gr.File(label="or a calibration file", height=120,
+                                       file_types=[".txt", ".jsonl", ".csv"],
+                                       elem_id="calibration-file", scale=2)
+            calib_ctx = gr.Number(value=0, precision=0, minimum=0, label="Chunk (tokens)",
+                                  info="cut the calibration text into chunks of this many "
+                                       "tokens; 0: one sequence per prompt", elem_id="calib-ctx")
+            calib_samples = gr.Number(value=0, precision=0, minimum=0, label="Samples",
+                                      info="use the first M sequences; 0: all",
+                                      elem_id="calib-samples")
+            sequential = gr.Checkbox(value=True, label="Sequential",
+                                     info="gptq, sparsegpt, wanda and awq calibrate each layer on "
+                                          "the outputs of the compressed layers before it, as "
+                                          "llm-compressor does; off: every layer on dense inputs",
+                                     elem_id="sequential")
+    # the closed header says what the folded settings are
+    folded = [intactkv, ikv_cal, calibration, calibration_file, calib_ctx, calib_samples,
+              sequential]
+    for box in folded:
+        box.change(common.settings_header, folded, [advanced], queue=False,
+                   show_progress="hidden")
     return (common.PairForm(model, preset, spec, components, checkpoint, calibration,
                             calibration_file, calib_ctx, calib_samples, sequential),
             common.IntactKVForm(intactkv, ikv_cal, calib_steps))
@@ -82,8 +92,9 @@ def pair_row(default_model: str) -> tuple[common.PairForm, common.IntactKVForm]:
 
 def build_app(default_model: str = "default") -> gr.Blocks:
     with gr.Blocks(title="DTM Inspector") as demo:
-        gr.Markdown("# DTM Inspector\nWhere and how a compressed LLM stops behaving like its "
-                    "dense original (Divergent Token Metrics, Deiseroth et al. 2024).")
+        gr.Markdown("## DTM Inspector <small>where and how a compressed LLM stops behaving like "
+                    "its dense original (Divergent Token Metrics, Deiseroth et al. 2024)</small>",
+                    elem_id="page-title")
         pair, ikv = pair_row(default_model)
         with gr.Tabs() as tabs:
             with gr.Tab("Compare", id="compare"):
@@ -96,7 +107,8 @@ def build_app(default_model: str = "default") -> gr.Blocks:
                 kld.build(pair)
         # the Components help follows the dense model's family
         for event in (pair.model.submit, pair.model.blur, demo.load):
-            event(common.component_help, [pair.model], [pair.components], queue=False)
+            event(common.component_help, [pair.model], [pair.components], queue=False,
+              show_progress="hidden")
         # wiring across tabs: a selected row or a clicked heatmap cell opens in Compare
         for table in (sets.results, sets.worst):   # first column: the prompt's index
             table.select(prompt_sets.open_in_compare, [sets.run_state],

@@ -40,4 +40,14 @@
       gd.dataset.clickReady = '1';   // tests wait on this, not on a fixed delay
     });
   }, 500);
+  // Ctrl+Enter (Cmd+Enter) runs the tab in view: the first visible primary button (Generate,
+  // Run set, Run sweep, Make mixed plan, Score text, ... of the selected tab and sub-tab).
+  document.addEventListener('keydown', (ev) => {
+    if (ev.key !== 'Enter' || !(ev.ctrlKey || ev.metaKey)) return;
+    const btn = Array.from(document.querySelectorAll('button.primary')).find(
+      (b) => b.offsetParent !== null && !b.disabled);
+    if (!btn) return;
+    ev.preventDefault();
+    btn.click();
+  }, true);
 }

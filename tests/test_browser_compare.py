@@ -240,8 +240,21 @@ CELL_CENTER = """
 """
 
 
+FOLDED = {"intactkv", "intactkv-cal", "calib-steps", "calibration", "calibration-file",
+          "calib-ctx", "calib-samples", "sequential"}
+
+
+def open_settings(page):
+    """Unfold the pair's advanced settings (IntactKV, calibration) if they are folded."""
+    if not page.locator("#intactkv").is_visible():
+        page.locator("#advanced-settings").get_by_text("Settings:").first.click()
+        page.locator("#intactkv").wait_for(state="visible", timeout=WAIT_MS)
+
+
 def fill(page, elem_id, value):
     """Type into a textbox or a number/slider box and commit it."""
+    if elem_id in FOLDED:
+        open_settings(page)
     box = page.locator(f"#{elem_id}").locator(
         "textarea, input:not([type=range]):not([type=checkbox])").first
     box.fill(str(value))
@@ -325,6 +338,8 @@ def test_kld_report_from_uploaded_text(browser, app_url):
 
 
 def choose(page, elem_id, value):
+    if elem_id in FOLDED:
+        open_settings(page)
     page.locator(f"#{elem_id} input").first.click()
     page.get_by_role("option", name=value, exact=True).click()
     assert page.locator(f"#{elem_id} input").first.input_value() == value
@@ -426,6 +441,7 @@ def test_awq_with_chunked_calibration_text_in_compare(browser, app_url):
     page.get_by_role("option", name="custom spec").click()
     page.locator("#spec textarea, #spec input").first.fill("awq:int3:g64")
     page.locator("#components textarea, #components input").first.fill("0-2.*")
+    open_settings(page)
     page.locator("#calibration input").click()
     page.get_by_role("option", name="instructions").click()
     for box, value in (("#calib-ctx", 32), ("#calib-samples", 4)):
@@ -501,7 +517,7 @@ def test_second_checkpoint_is_described_and_compared(browser, app_url, tmp_path_
 
     root = tmp_path_factory.mktemp("app-checkpoint")
     ckpt = W.write_ct(W.default_model_folder(root / "base"), root / "smollm2-w8a8", "W8A8")
-    page = browser.new_page(viewport={"width": 1500, "height": 1200})
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
     page.goto(app_url)
     page.locator("#preset input").click()
     page.get_by_role("option", name="second checkpoint").click()
@@ -514,6 +530,8 @@ def test_second_checkpoint_is_described_and_compared(browser, app_url, tmp_path_
     info = page.locator("#checkpoint-info").inner_text()
     assert "W8A8 per channel symmetric, 210 linears" in info, info
     assert "int8 dynamic per-token input activations" in info and "for the base" in info, info
+    for sel in ("#prompt", "#generate"):      # the description does not push them down
+        on_first_screen(page, sel)
     page.locator("#prompt textarea").fill("The capital of France is")
     set_tokens(page, 12)
     page.locator("#generate").click()
@@ -521,6 +539,10 @@ def test_second_checkpoint_is_described_and_compared(browser, app_url, tmp_path_
                            timeout=WAIT_MS)
     assert page.locator("#dense-output [data-pos]").count() >= 1
     assert page.locator("#compressed-output [data-pos]").count() >= 1
+    page.evaluate("window.scrollTo(0, 0)")
+    for sel in ("#dense-output [data-pos]", "#compressed-output [data-pos]"):
+        on_first_screen(page, sel)
+    screen(page, "layout-compare-checkpoint")
     page.wait_for_selector("#position-plot .js-plotly-plot", timeout=WAIT_MS)
     shot(page, "compare-checkpoint")
 
@@ -571,6 +593,7 @@ def test_mixed_plan_pareto_chart_holdout_table_and_exports(browser, app_url, tmp
     fill(page, "sens-layers", "0-1")
     fill(page, "sens-kinds", "q,down")
     fill(page, "sens-new-tokens", 8)
+    page.get_by_role("tab", name="Mixed plan").click()      # a sub-tab of Sensitivity
     fill(page, "mplan-budget", 5)
     page.locator("#mplan-run").scroll_into_view_if_needed()
     page.locator("#mplan-run").click()
@@ -647,6 +670,7 @@ def test_level_curves_across_formats_and_format_presets(browser, app_url, tmp_pa
     page.get_by_role("tab", name="Sensitivity").click()
     page.locator("#sens-upload input[type=file]").set_input_files(str(f))
     fill(page, "sens-new-tokens", 6)
+    page.get_by_role("tab", name="Level curves").click()    # a sub-tab of Sensitivity
     page.locator("#lvl-method input").first.click()
     page.get_by_role("option", name="formats", exact=True).click()
     fill(page, "lvl-levels", "fp8,nvfp4,mxfp4")
@@ -666,3 +690,151 @@ def test_level_curves_across_formats_and_format_presets(browser, app_url, tmp_pa
         "() => document.querySelector('#lvl-plot .js-plotly-plot')._fullLayout.xaxis.title.text")
     page.locator("#lvl-plot").scroll_into_view_if_needed()
     shot(page, "level_curves_formats")
+
+
+# ---- the page's layout at 1280x800: first screens, Examples, Ctrl+Enter, readability ----
+
+READABLE = """() => {
+  const visible = (el) => el.offsetParent !== null && el.getClientRects().length > 0;
+  const bare = Array.from(document.querySelectorAll('th')).filter(visible)
+    .map((th) => th.innerText.trim()).filter((t) => /^\\d+$/.test(t));
+  const clashes = [];
+  document.querySelectorAll('.js-plotly-plot').forEach((gd) => {
+    const legend = gd.querySelector('g.legend');
+    if (!visible(gd) || !legend) return;
+    const l = legend.getBoundingClientRect();
+    if (!l.width || !l.height) return;
+    gd.querySelectorAll('.gtitle, .xtitle, .ytitle, .y2title').forEach((t) => {
+      const r = t.getBoundingClientRect();
+      if (r.width && l.left < r.right && r.left < l.right && l.top < r.bottom && r.top < l.bottom)
+        clashes.push([gd.closest('[id]').id, t.getAttribute('class'), t.textContent]);
+    });
+  });
+  return {bare, clashes};
+}"""
+
+
+def assert_readable(page):
+    """No visible table header is a bare number (an empty table's placeholder), and no plot
+    legend's box intersects its plot's title or an axis title."""
+    found = page.evaluate(READABLE)
+    assert not found["bare"], f"placeholder headers: {found['bare']}"
+    assert not found["clashes"], f"legends over titles: {found['clashes']}"
+
+
+def screen(page, name: str) -> None:
+    """The first screen only (what a visitor sees without scrolling), in tests/artifacts/."""
+    from conftest import ROOT
+
+    folder = ROOT / "tests" / "artifacts"
+    folder.mkdir(exist_ok=True)
+    page.evaluate("window.scrollTo(0, 0)")
+    page.screenshot(path=str(folder / f"{name}.png"))
+
+
+def on_first_screen(page, selector, height=800):
+    box = page.locator(selector).first.bounding_box()
+    assert box is not None and box["y"] + min(box["height"], 24) <= height, (selector, box)
+
+
+def run_example(page, tab: str, file_stem: str, done_js: str) -> None:
+    """Press the tab's Example, wait for its file to be in the upload box, run it with
+    Ctrl+Enter and wait until ``done_js`` holds."""
+    page.locator(f"#{tab}-example").click()
+    page.wait_for_function(f"document.querySelector('#{tab}-upload').innerText"
+                           f".includes('{file_stem}')", timeout=WAIT_MS)
+    page.keyboard.press("Control+Enter")
+    page.wait_for_function(done_js, timeout=WAIT_MS)
+
+
+def open_tab(page, tab: str, name: str, heights: dict) -> None:
+    """Open a tab: its first screen is readable and saved, its page height noted."""
+    page.get_by_role("tab", name=tab).click()
+    assert_readable(page)
+    screen(page, name)
+    heights[tab] = page_height(page)
+
+
+def after_run(page, plot: str, name: str) -> None:
+    """Once ``plot`` is drawn: the page is readable and its first screen saved."""
+    page.wait_for_selector(f"{plot} .js-plotly-plot", timeout=WAIT_MS)
+    assert_readable(page)
+    screen(page, name)
+
+
+def page_height(page) -> int:
+    return page.evaluate("document.documentElement.scrollHeight")
+
+
+def test_every_tab_first_screen_example_and_ctrl_enter(browser, app_url):
+    """At 1280x800: each tab's first screen before and after a run of its Example, started with
+    Ctrl+Enter; Compare's prompt, Generate and the first tokens of both columns on the first
+    screen; the folded settings' header follows them; tables never show placeholder headers, no
+    legend covers a title, the heatmap's layer axis counts whole layers, and each Sensitivity
+    sub-tab fits in about two screens, its results kept when switching."""
+    from ui.compare import EXAMPLE_PROMPT
+
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    page.goto(app_url)
+    heights = {}
+    # Compare
+    assert "IntactKV off · calibration: prompts in use · chunk 0" in \
+        page.locator("#advanced-settings").inner_text()
+    for sel in ("#prompt", "#generate"):
+        on_first_screen(page, sel)
+    assert_readable(page)
+    screen(page, "layout-compare-first")
+    heights["Compare"] = page_height(page)
+    page.locator("#compare-example").click()
+    page.wait_for_function(f"document.querySelector('#prompt textarea').value === "
+                           f"'{EXAMPLE_PROMPT}'", timeout=WAIT_MS)
+    assert page.locator("#spec textarea, #spec input").first.input_value() == "int4:g64"
+    page.locator("#prompt textarea").press("Control+Enter")
+    page.wait_for_function("document.querySelector('#status').innerText.includes('Done')",
+                           timeout=WAIT_MS)
+    page.evaluate("window.scrollTo(0, 0)")
+    for sel in ("#dense-output [data-pos]", "#compressed-output [data-pos]"):
+        on_first_screen(page, sel)
+    page.wait_for_selector("#position-plot .js-plotly-plot", timeout=WAIT_MS)
+    assert_readable(page)
+    screen(page, "layout-compare-run")
+    # the folded settings say what they hold once changed
+    fill(page, "calib-ctx", 32)
+    page.wait_for_function("document.querySelector('#advanced-settings').innerText"
+                           ".includes('chunk 32')", timeout=WAIT_MS)
+    fill(page, "calib-ctx", 0)
+    page.locator("#advanced-settings").get_by_text("Settings:").first.click()   # fold again
+    # Prompt sets
+    open_tab(page, "Prompt sets", "layout-prompt-sets-first", heights)
+    run_example(page, "set", "factoid_qa-first8",
+                "document.querySelector('#set-status').innerText.includes('Done')")
+    assert "8 prompts" in page.locator("#set-status").inner_text()
+    after_run(page, "#set-confidence-plot", "layout-prompt-sets-run")
+    # Sensitivity: the shared setup, then one sub-tab per tool
+    open_tab(page, "Sensitivity", "layout-sensitivity-first", heights)
+    for sub in ("Why: patching", "Plan", "Mixed plan", "Level curves", "Heatmap"):
+        page.get_by_role("tab", name=sub, exact=True).click()
+        heights[f"Sensitivity / {sub}"] = page_height(page)
+        below = page.evaluate("document.documentElement.scrollHeight - window.scrollY - "
+                              "document.querySelector('#sens-tabs').getBoundingClientRect().top")
+        assert below <= 2 * 800, (sub, below)       # the sub-tab itself: two screens at most
+    run_example(page, "sens", "general-first8",
+                "document.querySelector('#sens-status').innerText.includes('Done')")
+    assert "28 components" in page.locator("#sens-status").inner_text()
+    page.wait_for_selector("#sens-heatmap .js-plotly-plot", timeout=WAIT_MS)
+    ticks = page.evaluate("Array.from(document.querySelectorAll('#sens-heatmap .ytick text'))"
+                          ".map((t) => t.textContent)")
+    assert ticks and all(re.fullmatch(r"\d+", t) for t in ticks), ticks
+    assert_readable(page)
+    screen(page, "layout-sensitivity-run")
+    heights["Sensitivity / Heatmap, after the Example"] = page_height(page)
+    page.get_by_role("tab", name="Mixed plan").click()
+    page.get_by_role("tab", name="Heatmap").click()
+    assert page.locator("#sens-heatmap .js-plotly-plot").is_visible()     # results stay
+    # KLD report
+    open_tab(page, "KLD report", "layout-kld-first", heights)
+    run_example(page, "kld", "licenses",
+                "document.querySelector('#kld-report textarea').value.includes('Same top p')")
+    assert "ctx 256" in page.locator("#kld-report textarea").input_value()
+    after_run(page, "#kld-confidence-plot", "layout-kld-run")
+    print("page heights at 1280x800 (px):", heights)

@@ -9,7 +9,7 @@ from pathlib import Path
 import gradio as gr
 
 from dtm_core.planning.allocation import Budget
-from dtm_core.planning.budget_plan import BudgetPlan
+from dtm_core.planning.budget_plan import HOLDOUT_COLUMNS, BudgetPlan
 from dtm_core.planning.draft_plan import draft_length
 from dtm_core.errors import DTMError
 from dtm_core.jobs import plan_under_budget
@@ -17,7 +17,7 @@ from dtm_core.planning.plan_exports import EXPORTS, export_plan
 
 from . import common
 from .charts import cells_figure
-from .render import friendly, pareto_figure, readable_table
+from .render import friendly, pareto_figure, readable_headers, readable_table
 
 BUDGET_KINDS = {"bits per weight": "bits", "sparsity (share of weights)": "sparsity",
                 "size (GiB)": "bytes"}
@@ -141,10 +141,11 @@ def build(model, upload, builtin, chat, new_tokens, layers, kinds, calib) -> Non
     status = common.StatusText("", elem_id="mplan-status")
     chart = gr.Plot(label="Held-out mean FDT against bits per weight (after a plan)",
                     elem_id="mplan-chart")
-    table = gr.Dataframe(label="Held-out comparison", interactive=False, elem_id="mplan-table",
-                         max_height=360)
+    table = gr.Dataframe(label="Held-out comparison (after Make mixed plan)", interactive=False,
+                         elem_id="mplan-table", max_height=360,
+                         headers=readable_headers(HOLDOUT_COLUMNS))
     curves = gr.Plot(label="Each kind under each candidate, alone (the cells the plan was made "
-                           "from)", elem_id="mplan-cells")
+                           "from; after Make mixed plan)", elem_id="mplan-cells")
     with gr.Row():
         plan_file = gr.File(label="Plan JSON (assignments, recipe, held-out table)",
                             elem_id="mplan-json")

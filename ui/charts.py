@@ -7,6 +7,7 @@ import plotly.express as px
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from .figstyle import tidy
 from .render import significant
 
 
@@ -20,7 +21,7 @@ def kld_figures(values) -> tuple[go.Figure, go.Figure]:
                       labels={"x": "Δp"})
     for fig in (kld, dp):
         fig.update_layout(height=300)
-    return kld, dp
+    return tidy(kld), tidy(dp)
 
 
 def confidence_figure(table, agree_label: str = "top-1 agreement") -> go.Figure:
@@ -41,7 +42,7 @@ def confidence_figure(table, agree_label: str = "top-1 agreement") -> go.Figure:
     fig.update_layout(title="KL by the dense model's confidence", height=360,
                       barmode="group", margin=dict(l=50, r=50, t=90, b=50),
                       legend=dict(orientation="h", y=1.02, yanchor="bottom", x=0))
-    return fig
+    return tidy(fig)
 
 
 CONFIDENCE_HEADERS = {"bucket": "dense p(top)", "positions": "positions",
@@ -105,4 +106,4 @@ def cells_figure(cells: pd.DataFrame) -> go.Figure:
                           value: value.replace("_mean", "").replace(
                               "accept_len_k", "accepted per step, drafting ")})
     fig.update_layout(height=320)
-    return fig
+    return tidy(fig)

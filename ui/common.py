@@ -2,12 +2,12 @@
 per-session Stop signals, and prompt sets from the page."""
 from __future__ import annotations
 
-import re
-
 import os
+import re
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import gradio as gr
 
@@ -90,7 +90,8 @@ class IntactKVForm:
 
 def checkpoint_info(source, preset, spec, checkpoint) -> str:
     """What the checkpoint of the compressed side is (the second checkpoint, or the PATH of a
-    ``from:PATH`` custom spec), as Markdown lines; empty when the side names no checkpoint."""
+    ``from:PATH`` custom spec), as one Markdown paragraph; empty when the side names no
+    checkpoint."""
     from dtm_core.models.checkpoints import inspect
 
     if preset == CHECKPOINT:
@@ -105,9 +106,28 @@ def checkpoint_info(source, preset, spec, checkpoint) -> str:
         info = inspect(path, base=(source or "default").strip())
     except DTMError as exc:
         return plain_text(str(exc))
-    lines = info.lines()
-    return "\n".join([f"**{plain_text(lines[0])}**"]
-                     + [f"- {plain_text(line[2:])}" for line in lines[1:]])
+    lines = info.lines()       # one paragraph: the description must not push the prompt down
+    return " · ".join([f"**{plain_text(lines[0])}**"] + [plain_text(line[2:]) for line in lines[1:]])
+
+
+def settings_summary(intactkv="off", calibrated=False, calibration=EVALUATED, upload=None,
+                     ctx=0, samples=0, sequential=True) -> str:
+    """The folded settings' header: what they are now, e.g. "IntactKV off · calibration: prompts
+    in use · chunk 0"."""
+    ikv = (str(intactkv or "off").strip() or "off") + (" +Cal" if calibrated else "")
+    path = upload_path(upload)
+    source = Path(path).name if path else (calibration or EVALUATED)
+    parts = [f"IntactKV {ikv}", f"calibration: {source}", f"chunk {int(ctx or 0)}"]
+    if int(samples or 0):
+        parts.append(f"first {int(samples)} samples")
+    if not sequential:
+        parts.append("not sequential")
+    return "Settings: " + " · ".join(parts)
+
+
+def settings_header(*values):
+    """The accordion's header after a folded setting changed."""
+    return gr.update(label=settings_summary(*values))
 
 
 def format_help() -> str:
@@ -232,6 +252,21 @@ def pivot_note(tokenizer, ikv, text: str, chat, lead: str = " ") -> str:
     ids = encode_prompts(tokenizer, [text], chat=bool(chat))[0]
     note = describe_pivots(tokenizer, ids, ikv.pivot_lengths(tokenizer, [ids])[0])
     return lead + note + (" (calibrated)" if ikv.calibrated is not None else "")
+
+
+def example_file(builtin: str, count: int) -> str:
+    """A prompt file of the first ``count`` items of a built-in set (answers and all), for the
+    tabs' Example buttons: the upload box then shows exactly what runs."""
+    import tempfile
+
+    from dtm_core.measure.prompts import ASSETS
+
+    lines = (ASSETS / f"{builtin}.jsonl").read_text(encoding="utf-8").splitlines()
+    folder = Path(tempfile.mkdtemp(prefix="dtm-example-"))
+    path = folder / f"{builtin}-first{count}.jsonl"
+    path.write_text("\n".join([ln for ln in lines if ln.strip()][:count]) + "\n",
+                    encoding="utf-8")
+    return str(path)
 
 
 def load_set(upload, builtin):

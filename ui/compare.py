@@ -141,17 +141,27 @@ def run_sinks(model, preset, spec, components, checkpoint, ikv_text, prompt, cha
     return heat, act, msg
 
 
+EXAMPLE_PROMPT = "The three primary colors are"
+
+
+def example_setup():
+    """A prompt and int4:g64 on every linear: streams in seconds on the default model."""
+    return EXAMPLE_PROMPT, False, 48, common.CUSTOM, "int4:g64", "*.*"
+
+
 def build(pair: PairForm, ikv: IntactKVForm) -> CompareTab:
     with gr.Row():
-        prompt = gr.Textbox(label="Prompt", lines=3, elem_id="prompt", scale=4,
+        prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt", scale=4,
                             placeholder="The capital of France is")
         with gr.Column(scale=1):
             chat = gr.Checkbox(value=False, label="Chat template", elem_id="chat")
             new_tokens = gr.Slider(1, 512, value=48, step=1, label="Max new tokens",
                                    elem_id="new-tokens")
             with gr.Row():
-                generate = gr.Button("Generate", variant="primary", elem_id="generate")
-                stop = gr.Button("Stop", variant="stop", elem_id="stop")
+                generate = gr.Button("Generate", variant="primary", elem_id="generate",
+                                     min_width=90)
+                stop = gr.Button("Stop", variant="stop", elem_id="stop", min_width=60)
+                example = gr.Button("Example", elem_id="compare-example", min_width=70)
     status = common.StatusText("", elem_id="status")
     with gr.Row(elem_classes="badges"):
         # a card each: label (definition on hover), the number, N (filled in from the N setting
@@ -171,12 +181,12 @@ def build(pair: PairForm, ikv: IntactKVForm) -> CompareTab:
                              "finishes)"))
     with gr.Row():
         with gr.Column():
-            gr.Markdown("### Dense")
+            gr.Markdown("### Dense", elem_classes="column-head")
             dense_out = gr.HTML("", elem_id="dense-output")
         with gr.Column():
-            gr.Markdown("### Compressed")
+            gr.Markdown("### Compressed", elem_classes="column-head")
             comp_out = gr.HTML("", elem_id="compressed-output")
-    plot = gr.Plot(label="Per position: KL and probability of the dense token",
+    plot = gr.Plot(label="Per position: KL and probability of the dense token (after Generate)",
                    elem_id="position-plot")
     gr.Markdown("### Teacher-forced view (SDT map): green where the compressed model's argmax on "
                 "the dense prefix agrees, red where it differs")
@@ -204,6 +214,8 @@ def build(pair: PairForm, ikv: IntactKVForm) -> CompareTab:
     sink_btn.click(run_sinks, pair.side + [ikv.pivots, prompt, chat, sink_k] + pair.calib,
                    [sink_heat, sink_act, sink_status], concurrency_id="model")
     stop.click(STOPS.stopper("compare", "Stopping…"), None, [status], queue=False)
+    example.click(example_setup, None, [prompt, chat, new_tokens, pair.preset, pair.spec,
+                                        pair.components], queue=False)
     from . import explain as explain_ui
     explain_ui.build(pair, prompt, chat, new_tokens)
     return CompareTab(prompt=prompt, chat=chat, new_tokens=new_tokens)

@@ -10,14 +10,14 @@ import gradio as gr
 
 from dtm_core import DTMError
 from dtm_core.measure.exports import write_table
-from dtm_core.analysis.explain import explain, explain_set
+from dtm_core.analysis.explain import PATCH_COLUMNS, explain, explain_set
 from dtm_core.models.generation import encode_prompts
 from dtm_core.jobs import PairRequest
 
 from . import common
 from .common import PairForm
-from .render import (first_ranked_bars, friendly, lens_figure, readable_table,
-                     restore_heatmap)
+from .render import (first_ranked_bars, friendly, lens_figure, readable_headers,
+                     readable_table, restore_heatmap)
 
 SCOPES = {"every position up to it": "all", "this position only": "position"}
 GRANULARITIES = {"component": "component", "whole layer": "layer"}
@@ -78,8 +78,9 @@ def build(pair: PairForm, prompt, chat, new_tokens) -> None:
             lens = gr.Plot(label="Logit lens (after an explanation)", elem_id="explain-lens")
             heat = gr.Plot(label="Restoring power per component (after an explanation)",
                            elem_id="explain-heatmap")
-        table = gr.Dataframe(label="Components, most restoring first", interactive=False,
-                             elem_id="explain-table", max_height=320)
+        table = gr.Dataframe(label="Components, most restoring first (after an explanation)",
+                             interactive=False, elem_id="explain-table", max_height=320,
+                             headers=readable_headers(c for c in PATCH_COLUMNS if c != "order"))
         csv = gr.File(label="Patching map CSV", elem_id="explain-csv")
         with gr.Row(elem_classes="dtm-hidden"):
             clicked = gr.Textbox(elem_id="explain-clicked", show_label=False, container=False)
@@ -121,13 +122,18 @@ def run_explain_set(model, spec, upload, builtin, chat, new_tokens, layers, kind
 
 def build_set(model, spec, upload, builtin, chat, new_tokens, layers, kinds) -> None:
     """The prompt-set view next to the sensitivity heatmap."""
-    gr.Markdown("### Which component carries each prompt's first divergence (patching)")
+    gr.Markdown("Which component carries each prompt's first divergence: each diverging prompt "
+                "of the set, with the spec on the selected layers and kinds, patched back to "
+                "dense one component at a time.")
     with gr.Row():
-        run = gr.Button("Explain every prompt's first divergent token", elem_id="explain-set-run")
+        run = gr.Button("Explain every prompt's first divergent token", variant="primary",
+                        elem_id="explain-set-run")
     status = common.StatusText("", elem_id="explain-set-status")
     with gr.Row():
-        bars = gr.Plot(label="Ranked first, by prompt (after a run)", elem_id="explain-set-bars")
-        table = gr.Dataframe(label="Components", interactive=False, elem_id="explain-set-table",
+        bars = gr.Plot(label="Ranked first, by prompt (after Explain every prompt's first "
+                             "divergent token)", elem_id="explain-set-bars")
+        table = gr.Dataframe(label="Components that carry first divergences (after a run)",
+                             interactive=False, elem_id="explain-set-table",
                              headers=["component", "ranked first (prompts)",
                                       "mean restored (%)"], max_height=320)
     run.click(run_explain_set, [model, spec, upload, builtin, chat, new_tokens, layers, kinds],

@@ -132,7 +132,7 @@ def build(pair: PairForm, ikv: IntactKVForm) -> SetsTab:
                 "`choices`), or pick a built-in set. Select a row to open it in Compare.")
     with gr.Row():
         upload = gr.File(label="Prompt file", file_types=[".txt", ".jsonl", ".csv"],
-                         elem_id="set-upload")
+                         elem_id="set-upload", height=150)
         with gr.Column():
             builtin = gr.Dropdown(builtin_names(), value="general", label="Built-in set",
                                   elem_id="set-builtin")
@@ -142,9 +142,11 @@ def build(pair: PairForm, ikv: IntactKVForm) -> SetsTab:
             with gr.Row():
                 run = gr.Button("Run set", variant="primary", elem_id="set-run")
                 stop = gr.Button("Stop", variant="stop", elem_id="set-stop")
+                example = gr.Button("Example", size="sm", elem_id="set-example")
     status = common.StatusText("", elem_id="set-status")
     cards = gr.HTML("", elem_id="set-summary")
-    comparison = gr.Dataframe(label="With and without IntactKV (set IntactKV above)",
+    comparison = gr.Dataframe(label="With and without IntactKV (after a run with IntactKV on, "
+                                    "in the Settings above)",
                               headers=["metric", "without IntactKV", "IntactKV",
                                        "Δ (IntactKV − plain)"],
                               elem_id="intactkv-comparison", interactive=False)
@@ -172,4 +174,11 @@ def build(pair: PairForm, ikv: IntactKVForm) -> SetsTab:
                comparison, parquet_file, worst, conf_table, conf_plot], concurrency_id="model")
     stop.click(STOPS.stopper("set", "Stopping after the current chunk…"), None, [status],
                queue=False)
+    example.click(example_setup, None, [builtin, upload, chat, new_tokens], queue=False)
     return SetsTab(results=results, run_state=run_state, worst=worst)
+
+
+def example_setup():
+    """The first 8 questions of the built-in factoid_qa set (with their answers), N = 16: a
+    run of well under a minute on the default model on 2 cores."""
+    return "factoid_qa", common.example_file("factoid_qa", 8), False, 16

@@ -15,6 +15,8 @@ from dtm_core.measure.evaluate import EvalResult
 from dtm_core.measure.streaming import StreamState
 from dtm_core.analysis.sweep import heatmap_frame, heatmap_metrics
 
+from .figstyle import tidy
+
 
 def friendly(exc: Exception) -> str:
     """The message a handler shows for a failure; the app keeps serving either way."""
@@ -150,7 +152,7 @@ def position_plot(state: StreamState, fdt: int | None = None) -> go.Figure:
         fig.add_vline(x=fdt, line_dash="dash", line_color="#e74c3c",
                       annotation_text=f"first divergent token (pos {fdt})",
                       annotation_position="top left")
-    return fig
+    return tidy(fig, ("xaxis",))
 
 
 def fdt_badge(state: StreamState, final: int | None = None) -> str:
@@ -200,7 +202,7 @@ def set_plots(res: EvalResult, n: int):
                       labels={"ppl_change": "PPL compressed / dense - 1"})
     for fig in (hist, surv, scat):
         fig.update_layout(height=300, margin=dict(l=40, r=20, t=50, b=40))
-    return hist, surv, scat
+    return tidy(hist, ("xaxis",)), tidy(surv), tidy(scat)
 
 
 
@@ -228,7 +230,7 @@ def sink_figures(shares, acts) -> tuple[go.Figure, go.Figure]:
                   title="Massive activations: largest |hidden| at the pivots / median |hidden| "
                         "elsewhere")
     act.update_layout(height=300, margin=dict(l=50, r=20, t=50, b=40))
-    return fig, act
+    return tidy(fig), tidy(act)
 
 
 
@@ -251,7 +253,7 @@ def sensitivity_heatmap(table, metric: str, suffix: str = "", diverging: bool = 
                       xaxis_title="kind", title=f"{labels.get(metric, metric)} when one component is "
                                                 f"compressed alone{suffix}",
                       margin=dict(l=50, r=20, t=50, b=40), yaxis=dict(autorange="reversed"))
-    return fig
+    return tidy(fig, ("yaxis",))
 
 
 def lens_figure(e) -> go.Figure:
@@ -285,7 +287,7 @@ def lens_figure(e) -> go.Figure:
     fig.update_layout(height=460, legend=dict(orientation="h", y=-0.2, x=0),
                       title=f"Logit lens at position {e.position}",
                       margin=dict(l=50, r=50, t=50, b=40))
-    return fig
+    return tidy(fig, ("xaxis",))
 
 
 def visible_plain(text: str) -> str:
@@ -311,7 +313,7 @@ def restore_heatmap(table) -> go.Figure:
                       xaxis_title="kind", title="Restoring power (share of the dense token's "
                       "log p restored)",
                       margin=dict(l=50, r=20, t=50, b=40), yaxis=dict(autorange="reversed"))
-    return fig
+    return tidy(fig, ("yaxis",))
 
 
 def first_ranked_bars(table, top: int = 20) -> go.Figure:
@@ -324,7 +326,7 @@ def first_ranked_bars(table, top: int = 20) -> go.Figure:
     fig.update_layout(height=320, xaxis_title="component", yaxis_title="prompts",
                       title="Components that most often carry a prompt's first divergence "
                             "(ranked first by patching)", margin=dict(l=50, r=20, t=50, b=40))
-    return fig
+    return tidy(fig)
 
 
 def level_figure(table, method: str) -> go.Figure:
@@ -344,7 +346,7 @@ def level_figure(table, method: str) -> go.Figure:
         pad = max(0.5, 0.15 * (hi - lo))
         fig.update_yaxes(range=[lo - pad, hi + 2 * pad])
     fig.update_layout(height=320)
-    return fig
+    return tidy(fig)
 
 
 def plan_figure(plan) -> go.Figure:
@@ -352,7 +354,7 @@ def plan_figure(plan) -> go.Figure:
                   hover_data=["k"], title="Bisection probes: mean FDT of the combined compression")
     fig.add_hline(y=plan.budget_fdt, line_dash="dash", annotation_text="budget")
     fig.update_layout(height=300)
-    return fig
+    return tidy(fig)
 
 
 PARETO_STYLE = {  # planner -> (marker, size)
@@ -386,7 +388,7 @@ def pareto_figure(holdout: pd.DataFrame, new_tokens: int | None = None,
                       yaxis_title="held-out mean FDT (tokens)", height=380, showlegend=True)
     if new_tokens:
         fig.update_yaxes(range=[-0.5, new_tokens + 1])
-    return fig
+    return tidy(fig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -437,6 +439,11 @@ def _header(col: str) -> tuple[str, float]:
             head, scale = HEADERS[base]
             return f"{head} · {label}", scale
     return HEADERS.get(col, (col, 1))
+
+
+def readable_headers(columns) -> list[str]:
+    """The headers :func:`readable_table` gives these columns (an empty table's headers)."""
+    return [_header(str(c))[0] for c in columns]
 
 
 def significant(v, digits: int = 3):

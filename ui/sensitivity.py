@@ -235,21 +235,54 @@ def run_levels(model, upload, builtin, chat, new_tokens, method, levels, kinds,
 
 
 def build(pair: PairForm, intactkv: gr.Dropdown) -> SensitivityTab:
+    """The tab: the set, spec and selection every tool here uses, then one sub-tab per tool."""
     model = pair.model
     gr.Markdown("Compress each `LAYER.KIND` alone with one spec and measure the divergence on a "
-                "prompt set. Finished cells are stored on disk: a stopped sweep resumes, a "
-                "finished one reopens instantly.")
+                "prompt set. The spec, set, N, layers and kinds below serve every sub-tab. "
+                "Finished cells are stored on disk: a stopped sweep resumes, a finished one "
+                "reopens instantly.")
     with gr.Row():
         spec = gr.Textbox(value="int4:g128", label="Spec", elem_id="sens-spec")
         builtin = gr.Dropdown(builtin_names(), value="general", label="Built-in set",
                               elem_id="sens-builtin")
         upload = gr.File(label="or a prompt file", file_types=[".txt", ".jsonl", ".csv"],
-                         elem_id="sens-upload")
+                         elem_id="sens-upload", height=110)
     with gr.Row():
         chat = gr.Checkbox(value=False, label="Chat template", elem_id="sens-chat")
         new_tokens = gr.Slider(1, 128, value=32, step=1, label="N", elem_id="sens-new-tokens")
         layers = gr.Textbox(label="Layers (optional)", placeholder="0-3", elem_id="sens-layers")
         kinds = gr.Textbox(label="Kinds (optional)", placeholder="q,k", elem_id="sens-kinds")
+        example = gr.Button("Example", elem_id="sens-example", size="sm", scale=0,
+                            min_width=90)
+    with gr.Tabs(elem_id="sens-tabs"):
+        with gr.Tab("Heatmap", id="sens-tab-heatmap"):
+            tab = _heatmap(pair, intactkv, spec, upload, builtin, chat, new_tokens, layers,
+                           kinds)
+        with gr.Tab("Why: patching", id="sens-tab-why"):
+            from . import explain as explain_ui
+            explain_ui.build_set(model, spec, upload, builtin, chat, new_tokens, layers, kinds)
+        with gr.Tab("Plan", id="sens-tab-plan"):
+            _plan(model, tab.state)
+        with gr.Tab("Mixed plan", id="sens-tab-mixed"):
+            from . import budget_plan as budget_ui
+            budget_ui.build(model, upload, builtin, chat, new_tokens, layers, kinds, pair.calib)
+        with gr.Tab("Level curves", id="sens-tab-levels"):
+            _levels(model, upload, builtin, chat, new_tokens)
+    example.click(example_setup, None, [spec, upload, chat, new_tokens, layers, kinds],
+                  queue=False)
+    return tab
+
+
+def example_setup():
+    """A sweep that runs on the default model in under a minute on 2 cores: int4:g128 on
+    layers 0-3, every kind, the first 8 prompts of the built-in general set, N = 16."""
+    return ("int4:g128", common.example_file("general", 8), False, 16, "0-3", "")
+
+
+def _heatmap(pair, intactkv, spec, upload, builtin, chat, new_tokens, layers, kinds
+             ) -> SensitivityTab:
+    model = pair.model
+    with gr.Row():
         labels = heatmap_metrics()
         metric = gr.Dropdown([(v, k) for k, v in labels.items()], value="fdt_mean",
                              label="Heatmap metric", elem_id="sens-metric")
@@ -259,26 +292,27 @@ def build(pair: PairForm, intactkv: gr.Dropdown) -> SensitivityTab:
                             info="measure every selected component compressed together and set "
                                  "the sum over cells against it (with from:PATH: the whole "
                                  "checkpoint)", elem_id="sens-whole")
-    with gr.Row():
-        run = gr.Button("Run sweep", variant="primary", elem_id="sens-run")
-        stop = gr.Button("Stop", variant="stop", elem_id="sens-stop")
+        with gr.Column(min_width=160):
+            run = gr.Button("Run sweep", variant="primary", elem_id="sens-run")
+            stop = gr.Button("Stop", variant="stop", elem_id="sens-stop")
     status = common.StatusText("", elem_id="sens-status")
     note = common.StatusText("", elem_id="sens-note", visible=False)
     torchrun = gr.Code("", language="shell", label="Run it across processes (copy)",
                        visible=False, elem_id="sens-torchrun", interactive=False)
-    heat = gr.Plot(label="Click a cell to open that single-component pair in Compare",
-                   elem_id="sens-heatmap")
+    heat = gr.Plot(label="Heatmap of the cells (after Run sweep): click a cell to open that "
+                         "single-component pair in Compare", elem_id="sens-heatmap")
     with gr.Row(elem_classes="dtm-hidden"):
         clicked = gr.Textbox(elem_id="sens-clicked", show_label=False, container=False)
         cell_open = gr.Button("open cell", elem_id="sens-open")
-    cells = gr.Dataframe(label="Cells, most sensitive first (select a row to open it in Compare)",
+    cells = gr.Dataframe(label="Cells, most sensitive first (after Run sweep; select a row to "
+                               "open it in Compare)",
                          headers=["layer", "kind", "component", "params", "mean FDT (tokens)",
                                   "median FDT (tokens)", "mean SDT (%)", "mean KL (nats)"],
                          interactive=False,
                          elem_id="sens-table", max_height=400)
     with gr.Row():
-        csv_file = gr.File(label="Sweep CSV", elem_id="sens-csv")
-        parquet_file = gr.File(label="Sweep Parquet", elem_id="sens-parquet")
+        csv_file = gr.File(label="Sweep CSV (after a sweep)", elem_id="sens-csv")
+        parquet_file = gr.File(label="Sweep Parquet (after a sweep)", elem_id="sens-parquet")
     state = gr.State(None)
     run.click(run_sweep, [model, spec, upload, builtin, chat, new_tokens, layers, kinds, metric,
                           intactkv, view] + pair.calib + [whole],
@@ -289,23 +323,28 @@ def build(pair: PairForm, intactkv: gr.Dropdown) -> SensitivityTab:
               + pair.calib, [torchrun, note], concurrency_id="estimate")
     metric.change(rerender_heatmap, [state, metric, view], [heat])
     view.change(rerender_heatmap, [state, metric, view], [heat])
-    from . import explain as explain_ui
-    explain_ui.build_set(model, spec, upload, builtin, chat, new_tokens, layers, kinds)
-    gr.Markdown("### Plan: the largest least-sensitive set within a budget")
+    return SensitivityTab(cells=cells, state=state, clicked=clicked, cell_open=cell_open)
+
+
+def _plan(model, state) -> None:
+    gr.Markdown("The largest least-sensitive set of the Heatmap's cells within a budget, "
+                "verified by real evaluations (run a sweep first).")
     with gr.Row():
         budget = gr.Slider(0.1, 1.0, value=0.9, step=0.01, label="Budget: mean FDT >= budget x N",
                            elem_id="plan-budget")
-        plan_btn = gr.Button("Make plan", elem_id="plan-run")
+        plan_btn = gr.Button("Make plan", variant="primary", elem_id="plan-run")
     plan_status = common.StatusText("", elem_id="plan-status")
     with gr.Row():
-        plan_file = gr.File(label="Plan JSON (recipe)", elem_id="plan-json")
+        plan_file = gr.File(label="Plan JSON (recipe; after Make plan)", elem_id="plan-json")
         plan_plot = gr.Plot(label="Mean FDT as components are added, least sensitive first "
-                                  "(after a plan)", elem_id="plan-curve")
+                                  "(after Make plan)", elem_id="plan-curve")
     plan_btn.click(run_plan, [model, state, budget], [plan_status, plan_file, plan_plot],
                    concurrency_id="model")
-    from . import budget_plan as budget_ui
-    budget_ui.build(model, upload, builtin, chat, new_tokens, layers, kinds, pair.calib)
-    gr.Markdown("### Level curves: a metric against sparsity or bit width, one line per kind")
+
+
+def _levels(model, upload, builtin, chat, new_tokens) -> None:
+    gr.Markdown("A metric against sparsity or bit width, one line per kind, on the set and N "
+                "above.")
     with gr.Row():
         methods = level_methods() + [FORMATS]
         method = gr.Dropdown(methods, value=methods[0], label="Method", elem_id="lvl-method",
@@ -314,10 +353,9 @@ def build(pair: PairForm, intactkv: gr.Dropdown) -> SensitivityTab:
         levels = gr.Textbox(value="0.1,0.3,0.5,0.7,0.9", label="Levels (sparsities or bits)",
                             elem_id="lvl-levels")
         lvl_kinds = gr.Textbox(value="q,down", label="Kinds", elem_id="lvl-kinds")
-        lvl_btn = gr.Button("Draw level curves", elem_id="lvl-run")
+        lvl_btn = gr.Button("Draw level curves", variant="primary", elem_id="lvl-run")
     lvl_status = common.StatusText("", elem_id="lvl-status")
     lvl_plot = gr.Plot(label="The metric against sparsity or bit width, one line per kind (after "
-                             "a run)", elem_id="lvl-plot")
+                             "Draw level curves)", elem_id="lvl-plot")
     lvl_btn.click(run_levels, [model, upload, builtin, chat, new_tokens, method, levels,
                                lvl_kinds], [lvl_plot, lvl_status], concurrency_id="model")
-    return SensitivityTab(cells=cells, state=state, clicked=clicked, cell_open=cell_open)
