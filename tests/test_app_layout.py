@@ -12,9 +12,14 @@ from ui import common
 from ui.figstyle import tidy
 
 
+_BUILT = []
+
+
 def _blocks():
-    demo = app.build_app()
-    return list(demo.blocks.values())
+    """The built page's blocks (built once for the module)."""
+    if not _BUILT:
+        _BUILT.append(list(app.build_app().blocks.values()))
+    return _BUILT[0]
 
 
 def test_every_table_has_real_headers_and_every_plot_says_when_it_appears():
