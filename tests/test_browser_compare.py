@@ -378,6 +378,7 @@ def test_intactkv_compare_names_pivots_matches_engine_and_shows_sinks(browser, a
         timeout=WAIT_MS)
     page.wait_for_selector("#sink-heatmap .js-plotly-plot", timeout=WAIT_MS)
     page.wait_for_selector("#massive-plot .js-plotly-plot", timeout=WAIT_MS)
+    assert_readable(page)
     # a number of first tokens on a tokenizer without BOS: the page says which tokens they are
     page.locator("#chat input").uncheck()
     fill(page, "intactkv", 2)
@@ -579,6 +580,7 @@ def test_explain_the_first_divergent_token_and_a_clicked_one(browser, app_url):
     assert "KL after the patch" in table and "restored (%)" in table, table[:300]
     assert page.locator("#explain-table [role=gridcell]").filter(has_text=first).count() >= 1
     shot(page, "compare-explain")
+    assert_readable(page)
     # a click on a token before the divergence explains that position
     page.locator("#compressed-output [data-pos='0']").click()
     page.wait_for_function(
@@ -618,6 +620,7 @@ def test_mixed_plan_pareto_chart_holdout_table_and_exports(browser, app_url, tmp
     assert "bits per weight" in cells and "uniform int3:g64" in cells
     page.locator("#mplan-chart").scroll_into_view_if_needed()
     shot(page, "mixed_plan")
+    assert_readable(page)
     # exports: llama.cpp files for download, then a bad one (pruning has no llama.cpp type) is
     # one sentence on a plan made of pruning specs
     page.locator("#mplan-export").click()
@@ -654,6 +657,7 @@ def test_mixed_plan_pareto_chart_holdout_table_and_exports(browser, app_url, tmp
     assert "speedup" in page.locator("#mplan-table").inner_text()
     page.locator("#mplan-status").scroll_into_view_if_needed()
     shot(page, "draft_plan")
+    assert_readable(page)
 
 
 def test_level_curves_across_formats_and_format_presets(browser, app_url, tmp_path):
@@ -693,6 +697,7 @@ def test_level_curves_across_formats_and_format_presets(browser, app_url, tmp_pa
         "() => document.querySelector('#lvl-plot .js-plotly-plot')._fullLayout.xaxis.title.text")
     page.locator("#lvl-plot").scroll_into_view_if_needed()
     shot(page, "level_curves_formats")
+    assert_readable(page)
 
 
 # ---- the page's layout at 1280x800: first screens, Examples, Ctrl+Enter, readability ----

@@ -9,8 +9,8 @@ import math
 
 import plotly.graph_objects as go
 
-LEGEND_GAP_PX = 58        # from the bottom of the plot area past the x-axis title
-LEGEND_ROW_PX = 22
+LEGEND_GAP_PX = 75        # from the bottom of the plot area past the x-axis title
+LEGEND_ROW_PX = 24
 
 
 def tidy(fig: go.Figure, integer_axes: tuple[str, ...] = ()) -> go.Figure:
@@ -27,7 +27,7 @@ def tidy(fig: go.Figure, integer_axes: tuple[str, ...] = ()) -> go.Figure:
     second = fig.layout.to_plotly_json().get("yaxis2", {}).get("overlaying")
     if legend and second:
         # below the x-axis title: rows of about four entries across the width
-        rows = math.ceil(len(named) / 4)
+        rows = math.ceil(len(named) / 3)
         bottom = LEGEND_GAP_PX + rows * LEGEND_ROW_PX + 10
         height = layout.height or 450
         plot = max(height - margin["t"] - bottom, 120)
