@@ -108,7 +108,7 @@ def build_app(default_model: str = "default") -> gr.Blocks:
         # the Components help follows the dense model's family
         for event in (pair.model.submit, pair.model.blur, demo.load):
             event(common.component_help, [pair.model], [pair.components], queue=False,
-              show_progress="hidden")
+                  show_progress="hidden")
         # wiring across tabs: a selected row or a clicked heatmap cell opens in Compare
         for table in (sets.results, sets.worst):   # first column: the prompt's index
             table.select(prompt_sets.open_in_compare, [sets.run_state],

@@ -95,11 +95,8 @@ def observe(w: torch.Tensor, args) -> tuple[torch.Tensor, torch.Tensor]:
         bh, bw = args.block_structure
         v = maybe_pad_tensor_for_block_quant(w, args.block_structure)
         rows, cols = v.shape
-        blocks = v.reshape(rows // bh, bh, cols // bw, bw)
-        if args.symmetric:            # one reduction over each block, no copy
-            m = blocks.abs().amax(dim=(1, 3))
-            return -m, m
-        flat = blocks.transpose(1, 2).flatten(-2, -1)
+        # (fake_quantize_weight reduces symmetric blocks itself: _blocks_as_groups)
+        flat = v.reshape(rows // bh, bh, cols // bw, bw).transpose(1, 2).flatten(-2, -1)
     else:
         raise ValueError(f"no weight observer for strategy {args.strategy}")
     if args.symmetric:
