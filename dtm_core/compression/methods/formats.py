@@ -99,6 +99,9 @@ def observe(w: torch.Tensor, args) -> tuple[torch.Tensor, torch.Tensor]:
         flat = v.reshape(rows // bh, bh, cols // bw, bw).transpose(1, 2).flatten(-2, -1)
     else:
         raise ValueError(f"no weight observer for strategy {args.strategy}")
+    if args.symmetric and flat.shape[-1] > 16:      # one read of w, no |w| copy
+        m = torch.maximum(flat.amax(-1), flat.amin(-1).neg_())
+        return -m, m
     if args.symmetric:
         m = _fold(flat.abs(), torch.maximum)
         return -m, m
@@ -141,17 +144,18 @@ def round_float(x: torch.Tensor, mantissa: int, min_exp: int, inplace: bool = Fa
     0.25 -> 0, 0.75 -> 1, 1.25 -> 1, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4).
 
     The format's spacing near x is 2^(E - mantissa), E = max(floor(log2|x|), min_exp). With
-    c = ±2^(E + 23 - mantissa) (x's sign; 2^E read from x's exponent bits), x + c falls in the
-    float32 binade of c, whose spacing is exactly that: float32 addition rounds it to the grid,
-    to nearest, ties to even (the parity of the sum's last bit is the grid index's), and
-    subtracting c is exact. Two float32 operations and one bit mask per value; four times
-    faster on CPU than PyTorch's float8 cast and far faster than the library's masked
-    assignments (``tests/test_formats.py`` holds it to both, bit for bit but for the sign of a
-    negative value rounded to zero: +0 here, -0 there, which no product or sum tells apart).
-    ``inplace`` rounds ``x`` itself (one tensor fewer to allocate, which on CPU is much of the
-    time of a pass over a few megabytes)."""
+    c = 1.5 * 2^(E + 23 - mantissa) (2^E read from x's exponent bits), x + c falls in the float32
+    binade of c whether x is positive or negative (|x| < 2^(E+1) is far less than half of c),
+    and that binade's spacing is exactly the format's: float32 addition rounds x to the grid, to
+    nearest, ties to even (c is an even multiple of the spacing, so the parity of the sum's
+    last bit is the grid index's), and subtracting c is exact. Two float32 operations and one
+    bit mask per value; four times faster on CPU than PyTorch's float8 cast and far faster
+    than the library's masked assignments (``tests/test_formats.py`` holds it to both, bit for
+    bit but for the sign of a negative value rounded to zero: +0 here, -0 there, which no
+    product or sum tells apart). ``inplace`` rounds ``x`` itself (one tensor fewer to allocate,
+    which on CPU is much of the time of a pass over a few megabytes)."""
     c = (x.view(torch.int32) & 0x7F800000).view(torch.float32)
-    c.clamp_(min=2.0 ** min_exp).mul_(2.0 ** (23 - mantissa)).copysign_(x)
+    c.clamp_(min=2.0 ** min_exp).mul_(1.5 * 2.0 ** (23 - mantissa))
     return (x.add_(c) if inplace else torch.add(x, c)).sub_(c)
 
 
