@@ -13,6 +13,8 @@
   sweeps: primary IntactKV, the plain run's ``*_plain``).
 * :func:`sweep_variants` -> :class:`SweepComparison`: a plain sweep and, when asked, the IntactKV
   sweep on the same cells.
+* :func:`estimated_sweep` -> :class:`~dtm_core.analysis.sweep.refine.Refined`: every cell
+  estimated at once, then exact cells most sensitive first (all, some, or until settled).
 * :func:`plan_from_sweep`: dense references, then a plan from a sweep's table.
 
 Nothing here draws or prints; the app and the CLI format what these return.
@@ -405,6 +407,18 @@ def sweep_variants(dense: LoadedModel, spec: str, prompt_ids, new_tokens: int, *
     intact = sweep(dense, spec, prompt_ids, new_tokens, **kw, intactkv=intactkv,
                    progress=tell(f"IntactKV {intactkv.label}: "))
     return SweepComparison(plain=plain, intactkv=intact, setting=intactkv)
+
+
+def estimated_sweep(dense: LoadedModel, spec: str, prompt_ids, new_tokens: int, *,
+                    calibration: CalibrationSetting = CalibrationSetting(), chat: bool = False,
+                    **kw):
+    """:func:`~dtm_core.analysis.sweep.refine.estimate_and_refine` with the sweep's calibration
+    policy (a method that needs calibration gets the setting's prompts, default the sweep's)."""
+    from dtm_core.analysis.sweep.refine import estimate_and_refine
+
+    if parse_spec(spec).needs_calibration:
+        kw["calibration"] = resolve_calibration(dense, calibration, prompt_ids, chat)
+    return estimate_and_refine(dense, spec, prompt_ids, new_tokens, **kw)
 
 
 def plan_from_sweep(dense: LoadedModel, table: pd.DataFrame, spec: str, prompt_ids,

@@ -43,6 +43,18 @@ def add_parser(sub) -> None:
                     help="also measure every selected component compressed at once "
                          "and set the sum over cells against it (with from:PATH: the "
                          "whole checkpoint); holds a second copy of their weights")
+    sp.add_argument("--estimate", action="store_true",
+                    help="estimate every cell first from one forward and one backward pass of "
+                         "the dense model a batch (columns kl_estimate, fdt_estimate); exact "
+                         "cells only with --refine or --settle")
+    sp.add_argument("--refine", metavar="N|all",
+                    help="after the estimate, measure N cells exactly (or all), most sensitive "
+                         "by estimate first")
+    sp.add_argument("--settle", type=int, metavar="K",
+                    help="after the estimate, measure cells most sensitive first until the "
+                         "top-K ranking is settled (no change over max(K, 3) exact cells)")
+    sp.add_argument("--probe", default="gauss", choices=["gauss", "sample", "argmax"],
+                    help="the estimate's Fisher probe (default gauss)")
 
 
 def sweep_setup(args):
@@ -82,6 +94,8 @@ def run(args) -> int:
 
     dense, ids, rank, world = sweep_setup(args)
     ikv = IntactKV.parse(args.intactkv)
+    if args.estimate or args.refine is not None or args.settle is not None:
+        return _run_estimated(args, dense, ids, ikv, rank, world)
     both = sweep_variants(dense, args.compress, ids, args.new_tokens, **sweep_kw(args, rank, world),
                           progress=opt.stderr_progress if rank == 0 else None, intactkv=ikv,
                           whole=args.whole)
@@ -104,4 +118,64 @@ def run(args) -> int:
           .head(10).to_string(index=False))
     if res.additivity_line():
         print(res.additivity_line())
+    return 0
+
+
+def _refine_count(value) -> int | None:
+    from dtm_core.errors import DTMError
+
+    if value is None:
+        return 0
+    if str(value).strip().lower() == "all":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise DTMError(f"--refine takes a number of cells or 'all', not '{value}'.")
+    return n
+
+
+def _run_estimated(args, dense, ids, ikv, rank, world) -> int:
+    """``sweep --estimate``: every cell estimated, then the exact cells asked for."""
+    from dtm_core.errors import DTMError
+    from dtm_core.jobs import estimated_sweep
+
+    if world > 1:
+        raise DTMError("--estimate runs in one process; run it without torchrun (the exact "
+                       "sweep after it can run under torchrun with the same cache).")
+    if args.whole:
+        raise DTMError("--whole measures the exact sweep; run it without --estimate.")
+    if args.settle is not None and args.settle < 1:
+        raise DTMError("--settle takes K >= 1.")
+    kw = sweep_kw(args, rank, world)
+    for k in ("rank", "world", "store", "lost_after_s"):
+        kw.pop(k, None)
+    res = estimated_sweep(dense, args.compress, ids, args.new_tokens, **kw,
+                          refine=_refine_count(args.refine), settle=args.settle,
+                          probe=args.probe, progress=opt.stderr_progress, intactkv=ikv)
+    est, agree = res.estimate, res.agreement()
+    if args.out:
+        from dtm_core.measure.exports import write_table
+        write_table(res.table, args.out, {
+            "command": "sweep", "model": dense.source, "spec": args.compress,
+            "prompts": args.prompts, "prompt_count": len(ids), "new_tokens": args.new_tokens,
+            "chat": args.chat, "intactkv": None if ikv is None else ikv.label,
+            "cell_store": str(res.sweep.folder if res.sweep else ""),
+            "estimate": {"probe": est.probe, "seconds": est.seconds,
+                         "fisher_seconds": est.fisher_seconds, "positions": est.positions,
+                         "fdt_curve": list(est.curve), "agreement": agree,
+                         "settled": bool(res.sweep.settled) if res.sweep else False}})
+    t = res.table
+    print(f"sweep {args.compress} on {dense.source}: {len(t)} cells estimated in "
+          f"{est.seconds:.1f} s (Fisher {est.fisher_seconds:.1f} s over {est.positions} "
+          f"positions), {int(t.exact.sum())} exact"
+          + (", top-{} settled".format(args.settle) if res.sweep and res.sweep.settled else ""))
+    if agree["cells"] >= 3:
+        print(f"estimate against exact over {agree['cells']} cells: Spearman KL "
+              f"{agree['spearman_kl']:.3f}, FDT {agree['spearman_fdt']:.3f}")
+    cols = ["component", "params", "kl_estimate", "fdt_estimate", "exact", "kl_mean",
+            "fdt_mean"]
+    print(t[cols].sort_values("kl_estimate", ascending=False).head(10).to_string(index=False))
     return 0

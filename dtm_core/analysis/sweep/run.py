@@ -37,6 +37,7 @@ class SweepResult:
     reused: int
     stopped: bool = False
     whole: dict | None = None     # every selected component at once (``whole=True``)
+    settled: bool = False         # stopped by ``until`` (a settled ranking)
 
     def additivity(self) -> dict | None:
         """The sum over cells set against every component at once: the FDT lost (N - mean FDT)
@@ -72,34 +73,10 @@ def select_components(model, layers: str | None = None, kinds: str | None = None
     return resolve(model, ",".join(f"{sp}.{k}" for sp in spans for k in wanted))
 
 
-def sweep(dense: LoadedModel, spec: str, prompt_ids: Sequence[Sequence[int]], new_tokens: int,
-          *, layers: str | None = None, kinds: str | None = None, cache_dir=None,
-          batch_size: int = 16, rank: int = 0, world: int = 1, wait_s: float = 7200.0,
-          progress: Callable[[float, str], None] | None = None,
-          stop: threading.Event | None = None, ctx: SweepContext | None = None,
-          intactkv=None, calibration=None, whole: bool = False, store=None,
-          lost_after_s: float = 30.0) -> SweepResult:
-    """Compress each selected component alone with ``spec`` and measure it; resumable.
-
-    With ``world`` > 1 and ``store`` (torchrun: the process group's c10d store, see
-    :mod:`dtm_core.distributed`) the ranks take cells from a queue in the store, send finished
-    cells through it, and take over the unfinished cells of a rank that stops beating for
-    ``lost_after_s``; rank 0 returns the merged table. Without a store, rank r computes cells r,
-    r + world, ... and rank 0 waits for the others' cells in a shared cell store.
-    ``intactkv`` runs every cell with the dense pivot KV (stored under its own key).
-    ``calibration`` (a :class:`~dtm_core.compression.calibration.Calibration`, prompt texts or token
-    sequences) feeds a method that needs statistics; default: the sweep's prompts. It is part of
-    the cells' key, so a cell opened as a pair with the same calibration is the pair it measured.
-    Each cell also records its component's relative weight error. ``whole``: also measure every
-    selected component compressed at once (a second copy of their weights while it runs), for
-    :meth:`SweepResult.additivity`.
-    """
-    ikv = IntactKV.parse(intactkv)
-    if ctx is not None and ikv != ctx.intactkv:
-        raise DTMError("The sweep context was prepared with a different IntactKV setting.")
+def sweep_store(dense: LoadedModel, spec: str, prompt_ids, new_tokens: int, ikv, calibration,
+                cache_dir) -> tuple[str, CellStore, Calibration | None]:
+    """A sweep's key, its cell store (meta data written) and the calibration its method uses."""
     sp = parse_spec(spec)
-    prompt_ids = [list(p) for p in prompt_ids]
-    comps = select_components(dense.model, layers, kinds)
     calib: Calibration | None = None
     if sp.needs_calibration:
         calib = calibration_from(dense, calibration if calibration is not None else prompt_ids,
@@ -115,6 +92,47 @@ def sweep(dense: LoadedModel, spec: str, prompt_ids: Sequence[Sequence[int]], ne
                       "intactkv": None if ikv is None else ikv.label,
                       "calibration": None if calib is None else calib.label,
                       "metric_version": METRIC_VERSION})
+    return key, cells, calib
+
+
+def sweep(dense: LoadedModel, spec: str, prompt_ids: Sequence[Sequence[int]], new_tokens: int,
+          *, layers: str | None = None, kinds: str | None = None, cache_dir=None,
+          batch_size: int = 16, rank: int = 0, world: int = 1, wait_s: float = 7200.0,
+          progress: Callable[[float, str], None] | None = None,
+          stop: threading.Event | None = None, ctx: SweepContext | None = None,
+          intactkv=None, calibration=None, whole: bool = False, store=None,
+          lost_after_s: float = 30.0, order: Sequence[str] | None = None,
+          until: Callable[[dict], bool] | None = None,
+          on_cell: Callable[[dict], None] | None = None) -> SweepResult:
+    """Compress each selected component alone with ``spec`` and measure it; resumable.
+
+    With ``world`` > 1 and ``store`` (torchrun: the process group's c10d store, see
+    :mod:`dtm_core.distributed`) the ranks take cells from a queue in the store, send finished
+    cells through it, and take over the unfinished cells of a rank that stops beating for
+    ``lost_after_s``; rank 0 returns the merged table. Without a store, rank r computes cells r,
+    r + world, ... and rank 0 waits for the others' cells in a shared cell store.
+    ``intactkv`` runs every cell with the dense pivot KV (stored under its own key).
+    ``calibration`` (a :class:`~dtm_core.compression.calibration.Calibration`, prompt texts or token
+    sequences) feeds a method that needs statistics; default: the sweep's prompts. It is part of
+    the cells' key, so a cell opened as a pair with the same calibration is the pair it measured.
+    Each cell also records its component's relative weight error. ``whole``: also measure every
+    selected component compressed at once (a second copy of their weights while it runs), for
+    :meth:`SweepResult.additivity`.
+
+    ``order`` (component names): the cells to compute first, in that order (the others after
+    them, in model order; the table stays in model order), as refinement of estimated cells
+    does, most sensitive first. ``until`` is given each finished or stored cell (in that order)
+    and stops the sweep when it returns True (``settled`` then); ``on_cell`` sees each cell as it
+    finishes.
+    """
+    ikv = IntactKV.parse(intactkv)
+    if ctx is not None and ikv != ctx.intactkv:
+        raise DTMError("The sweep context was prepared with a different IntactKV setting.")
+    sp = parse_spec(spec)
+    prompt_ids = [list(p) for p in prompt_ids]
+    comps = select_components(dense.model, layers, kinds)
+    key, cells, calib = sweep_store(dense, spec, prompt_ids, new_tokens, ikv, calibration,
+                                    cache_dir)
     note = progress or (lambda f, m: None)
     if world > 1 and store is not None:
         res = _queued_sweep(dense, sp, comps, prompt_ids, new_tokens, key, cells, store,
@@ -124,8 +142,19 @@ def sweep(dense: LoadedModel, spec: str, prompt_ids: Sequence[Sequence[int]], ne
             res.whole = _whole_cell(dense, sp, comps, prompt_ids, new_tokens, cells, ctx, ikv,
                                     calib, batch_size)
         return res
-    todo = [c for k, c in enumerate(comps) if k % world == rank and cells.get(c.name) is None]
-    computed, stopped = 0, False
+    if order is not None:
+        first = {n: k for k, n in enumerate(order)}
+        comps_run = sorted(comps, key=lambda c: first.get(c.name, len(first)))
+    else:
+        comps_run = comps
+    todo = [c for k, c in enumerate(comps_run) if k % world == rank and cells.get(c.name) is None]
+    computed, stopped, settled = 0, False, False
+    if until is not None:       # the stored cells first, in the same order
+        for c in comps_run:
+            row = cells.get(c.name)
+            if row is not None and until(row):
+                settled, todo = True, []
+                break
     if todo:
         ctx = ctx or prepare(dense, prompt_ids, new_tokens, batch_size, intactkv=ikv)
         work = shared_copy(dense.model)   # compressed in place, one cell at a time
@@ -141,7 +170,12 @@ def sweep(dense: LoadedModel, spec: str, prompt_ids: Sequence[Sequence[int]], ne
             computed += 1
             note((n + 1) / len(todo),
                  meter.line(n + 1, f"{comp.name}: mean FDT {row['fdt_mean']:.1f}"))
-    if rank == 0 and world > 1 and not stopped:
+            if on_cell is not None:
+                on_cell(row)
+            if until is not None and until(row):
+                settled = True
+                break
+    if rank == 0 and world > 1 and not stopped and not settled:
         deadline = time.time() + wait_s
         while any(cells.get(c.name) is None for c in comps):
             if time.time() > deadline:
@@ -150,11 +184,12 @@ def sweep(dense: LoadedModel, spec: str, prompt_ids: Sequence[Sequence[int]], ne
     rows = [r for r in (cells.get(c.name) for c in comps) if r is not None]
     table = pd.DataFrame(rows, columns=cell_columns())
     all_at_once = None
-    if whole and rank == 0 and not stopped and comps:
+    if whole and rank == 0 and not stopped and not settled and comps:
         all_at_once = _whole_cell(dense, sp, comps, prompt_ids, new_tokens, cells, ctx, ikv,
                                   calib, batch_size)
     return SweepResult(table=table, key=key, folder=cells.folder, computed=computed,
-                       reused=len(rows) - computed, stopped=stopped, whole=all_at_once)
+                       reused=len(rows) - computed, stopped=stopped, whole=all_at_once,
+                       settled=settled)
 
 
 def _whole_cell(dense, sp, comps, prompt_ids, new_tokens, cells, ctx, ikv, calib,

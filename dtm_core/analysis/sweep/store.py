@@ -48,7 +48,17 @@ class CellStore:
         os.replace(tmp, self.path(name))
 
     def write_meta(self, meta: dict) -> None:
+        self.write_json("meta.json", meta)
+
+    def write_json(self, name: str, obj) -> None:
+        """A JSON file beside the cells (the meta data, estimates), written atomically."""
         fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".tmp-")
         with os.fdopen(fd, "w") as fh:
-            json.dump(meta, fh, indent=2)
-        os.replace(tmp, self.folder / "meta.json")
+            json.dump(obj, fh, indent=2)
+        os.replace(tmp, self.folder / name)
+
+    def read_json(self, name: str):
+        try:
+            return json.loads((self.folder / name).read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
