@@ -848,3 +848,61 @@ def test_every_tab_first_screen_example_and_ctrl_enter(browser, app_url):
                            ".includes('licenses')", timeout=WAIT_MS)
     assert page.locator("#kld-ctx input").input_value() == "256"
     print("page heights at 1280x800 (px):", heights)
+
+
+MARKS = "Array.from(document.querySelectorAll('#sens-heatmap text'))" \
+        ".filter(t => t.textContent.trim() === '≈').length"
+
+
+def test_sensitivity_estimates_first_then_exact_cells(browser, app_url, default_model, tmp_path):
+    """Run sweep with Estimate first (the default): every cell's estimate on the heatmap at once,
+    marked ≈, then exact cells replace estimates, most sensitive first, until the top 2 settle;
+    the estimate drawn is the engine's, and the page says how estimate and exact agree."""
+    from dtm_core.analysis.sweep.estimate import estimate_sweep
+    from dtm_core.measure.prompts import load_prompts
+    from dtm_core.models.generation import encode_prompts
+
+    import uuid
+
+    f = tmp_path / "few.txt"       # a prompt of its own: no stored cell settles it early
+    f.write_text("The capital of France is\nWater boils at\nOnce upon a time\n"
+                 f"Note {uuid.uuid4().hex[:6]} says\n")
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    upload_to_tab(page, app_url, "Sensitivity", "#sens-upload", f)
+    assert page.locator("#sens-estimate input").is_checked()
+    fill(page, "sens-layers", "0-2")
+    fill(page, "sens-new-tokens", 8)
+    fill(page, "sens-settle", 2)
+    choose(page, "sens-metric", "KL")
+    page.locator("#sens-run").click()
+    page.wait_for_function(f"{MARKS} > 0", timeout=WAIT_MS)         # the estimated view
+    assert page.evaluate(MARKS) >= 15
+    page.wait_for_function("document.querySelector('#sens-status').innerText.includes('Settled')",
+                           timeout=WAIT_MS)
+    status = page.locator("#sens-status").inner_text()
+    m = re.search(r"(\d+) of 21 cells exact", status)
+    assert m and 5 <= int(m.group(1)) < 21, status
+    exact = int(m.group(1))
+    assert "Spearman" in status and "on KL" in status
+    page.wait_for_function(f"{MARKS} === {21 - exact}", timeout=WAIT_MS)
+    title = page.locator("#sens-heatmap .gtitle").text_content()
+    assert f"{exact} of 21 cells exact" in title
+    table = page.locator("#sens-table").inner_text()
+    assert "≈ mean KL (nats)" in table and "exact" in table
+    assert_readable(page)
+    shot(page, "sensitivity-estimated")
+    # an estimated cell shows the engine's estimate for the same prompts
+    dense = default_model
+    ids = encode_prompts(dense.tokenizer, load_prompts(str(f)).prompts)
+    est = estimate_sweep(dense, "int4:g128", ids, 8, layers="0-2", cache_dir=tmp_path / "c")
+    cells = page.evaluate("""() => {
+      const d = document.querySelector('#sens-heatmap .js-plotly-plot').data[0];
+      const out = {};
+      d.y.forEach((layer, i) => d.x.forEach((kind, j) => {
+        out[layer + '.' + kind] = [d.z[i][j], d.text[i][j]]; }));
+      return out; }""")
+    estimated = {k: v[0] for k, v in cells.items() if v[1] == "≈"}
+    assert len(estimated) == 21 - exact
+    want = est.table.set_index("component").kl_estimate
+    for name, value in estimated.items():
+        assert value == pytest.approx(float(want[name]), rel=1e-3), name

@@ -107,3 +107,35 @@ def cells_figure(cells: pd.DataFrame) -> go.Figure:
                               "accept_len_k", "accepted per step, drafting ")})
     fig.update_layout(height=320)
     return tidy(fig)
+
+
+ESTIMATED = {"kl_mean": "kl_estimate", "fdt_mean": "fdt_estimate"}
+
+
+def estimated_heatmap(table: pd.DataFrame, metric: str) -> go.Figure:
+    """The layers x kinds heatmap of a sweep being refined (columns of
+    :func:`dtm_core.analysis.sweep.refine.merged_table`): exact cells as measured, the others
+    their estimate marked "≈" (KL and FDT; other metrics exist for exact cells only)."""
+    from dtm_core.analysis.sweep import heatmap_frame, heatmap_metrics
+
+    labels = heatmap_metrics()
+    t = table.copy()
+    est = ESTIMATED.get(metric)
+    t["value"] = t[metric].where(t.exact, t[est] if est else float("nan"))
+    t["mark"] = t.exact.map({True: "", False: "≈"})
+    t["how"] = t.exact.map({True: "exact", False: "estimate"})
+    z, mark, how = (heatmap_frame(t, c) for c in ("value", "mark", "how"))
+    exact = int(t.exact.sum())
+    fig = go.Figure(go.Heatmap(
+        z=z.values.tolist(), x=list(z.columns), y=list(z.index), text=mark.values.tolist(),
+        customdata=how.values.tolist(),
+        texttemplate="%{text}", textfont=dict(size=11),
+        colorscale="RdYlGn" if metric.startswith("fdt") else "RdYlGn_r",
+        hovertemplate="layer %{y}, %{x}<br>" + labels.get(metric, metric) +
+                      " %{z:.4g} (%{customdata})<extra></extra>"))
+    fig.update_layout(height=max(300, 18 * len(z.index) + 120), yaxis_title="layer",
+                      xaxis_title="kind",
+                      title=f"{labels.get(metric, metric)} when one component is compressed "
+                            f"alone: {exact} of {len(t)} cells exact, ≈ estimated",
+                      margin=dict(l=50, r=20, t=50, b=40), yaxis=dict(autorange="reversed"))
+    return tidy(fig, ("yaxis",))

@@ -408,6 +408,8 @@ HEADERS = {  # column -> (header with unit, scale: 100 shows a share as %)
     "dense_after": ("dense goes on", 1),
     "layer": ("layer", 1), "kind": ("kind", 1), "component": ("component", 1),
     "params": ("params", 1), "fdt_mean": ("mean FDT (tokens)", 1),
+    "kl_estimate": ("≈ mean KL (nats)", 1), "fdt_estimate": ("≈ mean FDT (tokens)", 1),
+    "exact": ("exact", 1),
     "fdt_median": ("median FDT (tokens)", 1), "fdt_p25": ("FDT p25 (tokens)", 1),
     "fdt_p10": ("FDT p10 (tokens)", 1), "fdt_p75": ("FDT p75 (tokens)", 1),
     "fdt_p90": ("FDT p90 (tokens)", 1), "n_tokens": ("new tokens", 1),

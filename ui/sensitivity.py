@@ -154,6 +154,9 @@ def sweep_note(model, spec, upload, builtin, chat, new_tokens, layers, kinds,
 
 
 def sweep_view_figure(state, metric, view):
+    if state.get("estimated"):         # a refinement that ended with estimated cells left
+        from .charts import estimated_heatmap
+        return estimated_heatmap(pd.DataFrame(state["estimated"]), metric)
     table = pd.DataFrame(state["table"])
     if not state.get("plain"):
         return sensitivity_heatmap(table, metric)
@@ -288,6 +291,11 @@ def _heatmap(pair, intactkv, spec, upload, builtin, chat, new_tokens, layers, ki
                              label="Heatmap metric", elem_id="sens-metric")
         view = gr.Radio(SWEEP_VIEWS, value="IntactKV", label="With IntactKV on, show",
                         elem_id="sens-view")
+        estimate = gr.Checkbox(value=True, label="Estimate first", elem_id="sens-estimate",
+                               info="every cell estimated at once (≈), then exact cells "
+                                    "replace them, most sensitive first (not with IntactKV)")
+        settle = gr.Number(value=0, precision=0, minimum=0, label="Stop when the top-K is "
+                           "settled", info="0: measure every cell", elem_id="sens-settle")
         whole = gr.Checkbox(value=False, label="Also all at once",
                             info="measure every selected component compressed together and set "
                                  "the sum over cells against it (with from:PATH: the whole "
@@ -314,9 +322,12 @@ def _heatmap(pair, intactkv, spec, upload, builtin, chat, new_tokens, layers, ki
         csv_file = gr.File(label="Sweep CSV (after a sweep)", elem_id="sens-csv")
         parquet_file = gr.File(label="Sweep Parquet (after a sweep)", elem_id="sens-parquet")
     state = gr.State(None)
-    run.click(run_sweep, [model, spec, upload, builtin, chat, new_tokens, layers, kinds, metric,
-                          intactkv, view] + pair.calib + [whole],
-              [heat, cells, status, csv_file, state, parquet_file], concurrency_id="model")
+    from .estimate import sweep_click
+
+    run.click(sweep_click, [model, spec, upload, builtin, chat, new_tokens, layers, kinds,
+                            metric, intactkv, view] + pair.calib + [whole, estimate, settle],
+              [heat, cells, status, csv_file, state, parquet_file], concurrency_id="model",
+              api_name="run_sweep")
     stop.click(STOPS.stopper("sweep", "Stopping after the current cell…"), None, [status],
                queue=False)
     run.click(sweep_note, [model, spec, upload, builtin, chat, new_tokens, layers, kinds]
