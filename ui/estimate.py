@@ -29,13 +29,13 @@ REDRAW_S = 1.0    # at most one heatmap redraw a second while exact cells arrive
 
 def agreement_line(table: pd.DataFrame) -> str:
     """Spearman's rank correlation of estimate and exact once five cells are exact."""
-    from dtm_core.analysis.sweep.estimate import spearman
+    from dtm_core.analysis.sweep.estimate import agreement
 
-    ex = table[table.exact]
-    if len(ex) < 5:
+    a = agreement(table)
+    if a["cells"] < 5:
         return ""
-    return (f" Estimate against exact over {len(ex)} cells: Spearman {spearman(ex.kl_estimate, ex.kl_mean):.2f} "
-            f"on KL, {spearman(ex.fdt_estimate, ex.fdt_mean):.2f} on FDT.")
+    return (f" Estimate against exact over {a['cells']} cells: Spearman {a['spearman_kl']:.2f} "
+            f"on KL, {a['spearman_fdt']:.2f} on FDT.")
 
 
 def _status(table: pd.DataFrame, seconds: float) -> str:
@@ -44,15 +44,26 @@ def _status(table: pd.DataFrame, seconds: float) -> str:
             f"{len(table)} exact.{agreement_line(table)}")
 
 
-def sweep_click(model, spec, upload, builtin, chat, new_tokens, layers, kinds, metric,
-                ikv_text="off", view="IntactKV", calibration=None, calibration_file=None,
-                calib_ctx=None, calib_samples=None, sequential=True, whole=False,
-                estimate_first=True, settle=0, request: gr.Request = None,
-                progress=gr.Progress()):
-    """The Run sweep button: :func:`ui.sensitivity.run_sweep` as it is, or (``estimate_first``,
-    without IntactKV) estimates first and refinement, yielding the heatmap as it fills."""
-    from .sensitivity import run_sweep
+def sweep_handler(run_sweep):
+    """The Run sweep button's handler around ``run_sweep`` (:func:`ui.sensitivity.run_sweep`,
+    which runs the exact sweep as it always has), given by the tab that owns it."""
+    def sweep_click(model, spec, upload, builtin, chat, new_tokens, layers, kinds, metric,
+                    ikv_text="off", view="IntactKV", calibration=None, calibration_file=None,
+                    calib_ctx=None, calib_samples=None, sequential=True, whole=False,
+                    estimate_first=True, settle=0, request: gr.Request = None,
+                    progress=gr.Progress()):
+        yield from _sweep_click(run_sweep, model, spec, upload, builtin, chat, new_tokens,
+                                layers, kinds, metric, ikv_text, view, calibration,
+                                calibration_file, calib_ctx, calib_samples, sequential, whole,
+                                estimate_first, settle, request, progress)
+    return sweep_click
 
+
+def _sweep_click(run_sweep, model, spec, upload, builtin, chat, new_tokens, layers, kinds,
+                 metric, ikv_text, view, calibration, calibration_file, calib_ctx,
+                 calib_samples, sequential, whole, estimate_first, settle, request, progress):
+    """``run_sweep`` as it is, or (``estimate_first``, without IntactKV) estimates first and
+    refinement, yielding the heatmap as it fills."""
     base = (model, spec, upload, builtin, chat, new_tokens, layers, kinds, metric, ikv_text,
             view, calibration, calibration_file, calib_ctx, calib_samples, sequential, whole)
     try:

@@ -322,9 +322,9 @@ def _heatmap(pair, intactkv, spec, upload, builtin, chat, new_tokens, layers, ki
         csv_file = gr.File(label="Sweep CSV (after a sweep)", elem_id="sens-csv")
         parquet_file = gr.File(label="Sweep Parquet (after a sweep)", elem_id="sens-parquet")
     state = gr.State(None)
-    from .estimate import sweep_click
+    from .estimate import sweep_handler
 
-    run.click(sweep_click, [model, spec, upload, builtin, chat, new_tokens, layers, kinds,
+    run.click(sweep_handler(run_sweep), [model, spec, upload, builtin, chat, new_tokens, layers, kinds,
                             metric, intactkv, view] + pair.calib + [whole, estimate, settle],
               [heat, cells, status, csv_file, state, parquet_file], concurrency_id="model",
               api_name="run_sweep")

@@ -23,7 +23,6 @@ int4:g64 cells), which bounds the FDT estimate's agreement.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -217,6 +216,14 @@ def spearman(a, b) -> float:
     return float(a[ok].rank().corr(b[ok].rank()))
 
 
+def agreement(table: pd.DataFrame) -> dict:
+    """Spearman's rank correlation of estimate and exact over a table's exact cells: KL, and
+    FDT (the FDT estimate's order is the KL estimate's reversed)."""
+    ex = table[table.exact]
+    return {"cells": int(len(ex)), "spearman_kl": spearman(ex.kl_estimate, ex.kl_mean),
+            "spearman_fdt": spearman(ex.fdt_estimate, ex.fdt_mean)}
+
+
 @dataclass
 class EstimateResult:
     table: pd.DataFrame            # ESTIMATE_COLUMNS, model order
@@ -226,14 +233,10 @@ class EstimateResult:
     probe: str
     curve: tuple                   # (A, B, exact cells it was fitted on)
     references: list = field(default_factory=list)   # the dense continuations it used
+    exact: pd.DataFrame | None = None   # the exact cells the sweep's store held (cell columns)
 
     def agreement(self) -> dict:
-        """Spearman's rank correlation of estimate and exact over the exact cells: KL, and FDT
-        (the FDT estimate's order is the KL estimate's reversed)."""
-        ex = self.table[self.table.exact]
-        return {"cells": int(len(ex)),
-                "spearman_kl": spearman(ex.kl_estimate, ex.kl_mean),
-                "spearman_fdt": spearman(ex.fdt_estimate, ex.fdt_mean)}
+        return agreement(self.table)
 
     def refinement_order(self) -> list[str]:
         """Component names not yet exact, most sensitive by estimate first."""
@@ -335,12 +338,12 @@ def estimate_sweep(dense, spec: str, prompt_ids: Sequence[Sequence[int]], new_to
                          probe, seed)
     note(0.7, f"estimating {len(comps)} cells")
     rows = estimate_rows(dense, fisher, sp, comps, calib)
-    exact = [r for r in (cells.get(c.name) for c in comps) if r is not None]
-    table, curve = finish_table(rows, pd.DataFrame(exact, columns=cell_columns())
-                                if exact else None, new_tokens)
+    stored = [r for r in (cells.get(c.name) for c in comps) if r is not None]
+    exact = pd.DataFrame(stored, columns=cell_columns()) if stored else None
+    table, curve = finish_table(rows, exact, new_tokens)
     res = EstimateResult(table=table, seconds=time.perf_counter() - t0,
                          fisher_seconds=fisher.seconds, positions=fisher.positions, probe=probe,
-                         curve=curve, references=[list(r) for r in references])
+                         curve=curve, references=[list(r) for r in references], exact=exact)
     save_estimate(cells, res)
     note(1.0, f"estimated {len(comps)} cells in {res.seconds:.1f} s")
     return res

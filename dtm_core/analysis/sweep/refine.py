@@ -10,8 +10,8 @@ from typing import Callable, Sequence
 import pandas as pd
 
 from dtm_core.analysis.sweep.cell import cell_columns
-from dtm_core.analysis.sweep.estimate import (EstimateResult, Settled, estimate_sweep, fdt_curve,
-                                              fdt_from_kl)
+from dtm_core.analysis.sweep.estimate import (EstimateResult, Settled, agreement, estimate_sweep,
+                                              fdt_curve, fdt_from_kl)
 from dtm_core.analysis.sweep.run import SweepResult, sweep
 
 KEYS = ["layer", "kind", "component", "params"]
@@ -44,11 +44,7 @@ class Refined:
 
     def agreement(self) -> dict:
         """Spearman's rank correlation of estimate and exact over the cells measured exactly."""
-        from dtm_core.analysis.sweep.estimate import spearman
-
-        ex = self.table[self.table.exact]
-        return {"cells": int(len(ex)), "spearman_kl": spearman(ex.kl_estimate, ex.kl_mean),
-                "spearman_fdt": spearman(ex.fdt_estimate, ex.fdt_mean)}
+        return agreement(self.table)
 
 
 def estimate_and_refine(dense, spec: str, prompt_ids: Sequence[Sequence[int]], new_tokens: int,
@@ -68,8 +64,7 @@ def estimate_and_refine(dense, spec: str, prompt_ids: Sequence[Sequence[int]], n
     est = estimate_sweep(dense, spec, prompt_ids, new_tokens, probe=probe, seed=seed,
                          progress=progress, **est_kw)
     exact_rows = est.table[est.table.exact].component.tolist()
-    table = merged_table(est.table, _stored(est, dense, spec, prompt_ids, new_tokens, est_kw),
-                         new_tokens)
+    table = merged_table(est.table, est.exact, new_tokens)
     if on_estimate is not None:
         on_estimate(table)
     if refine == 0 and settle is None:
@@ -93,7 +88,7 @@ def estimate_and_refine(dense, spec: str, prompt_ids: Sequence[Sequence[int]], n
             on_table(merged_table(est.table, rows.drop_duplicates("component", keep="last"),
                                   new_tokens))
 
-    names = [n for n in exact_rows] + order          # stored cells first, then by estimate
+    names = exact_rows + order          # stored cells first, then by estimate
     ctx = None
     if order and (refine is None or refine > 0 or settle):
         from dtm_core.analysis.sweep.record import prepare
@@ -104,14 +99,3 @@ def estimate_and_refine(dense, spec: str, prompt_ids: Sequence[Sequence[int]], n
                 progress=progress, stop=stop, ctx=ctx, **kw)
     return Refined(est, res, merged_table(est.table, res.table, new_tokens), new_tokens)
 
-
-def _stored(est, dense, spec, prompt_ids, new_tokens, kw) -> pd.DataFrame | None:
-    """The exact cells the sweep's store already holds."""
-    from dtm_core.analysis.sweep.run import sweep_store
-    from dtm_core.compression.intactkv import IntactKV
-
-    _, cells, _ = sweep_store(dense, spec, [list(p) for p in prompt_ids], new_tokens,
-                              IntactKV.parse(kw.get("intactkv")), kw.get("calibration"),
-                              kw.get("cache_dir"))
-    rows = [r for r in (cells.get(c) for c in est.table.component) if r is not None]
-    return pd.DataFrame(rows, columns=cell_columns()) if rows else None
