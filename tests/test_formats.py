@@ -115,6 +115,29 @@ def test_mx_scales_equal_the_library_over_the_whole_float_range(preset):
     assert torch.isinf(got[len(edges) - 1]) and got[0] == 2.0 ** -127
 
 
+@pytest.mark.parametrize("preset,part,gscale", [
+    ("FP8", "weights", None), ("FP8_BLOCK", "weights", None), ("W4AFP8", "weights", None),
+    ("NVFP4A16", "weights", 1.0), ("NVFP4A16", "weights", 2688.0 / 0.37),
+    ("NVFP4A16", "weights", 1e-20), ("W8A8", "weights", None)])
+def test_symmetric_scales_equal_the_library_over_the_whole_float_range(preset, part, gscale):
+    """The symmetric scales' short path against ``calculate_qparams(-m, m, ...)``, bit for bit:
+    zeros (replaced by the dtype's eps), subnormals, values whose FP8 scale underflows or
+    overflows (clamped), infinity and 200,000 random bit patterns of non-negative floats."""
+    from dtm_core.compression.methods.formats import symmetric_scales
+
+    args = PRESET_SCHEMES[preset][part]
+    edges = torch.tensor([0.0, 1e-45, 1e-40, 1.17e-38, 1e-30, 0.001, 0.5, 1.0, 6.0, 448.0,
+                          2688.0, 1e30, 3.4e38, float("inf")])
+    torch.manual_seed(1)
+    bits = torch.randint(0, 0x7F800000, (200_000,), dtype=torch.int32).view(torch.float32)
+    m = torch.cat([edges, bits, torch.rand(10_000) * 4]).reshape(-1, 1)
+    g = None if gscale is None else torch.tensor([gscale])
+    ref, _ = calculate_qparams(-m, m, args, global_scale=g)
+    got = symmetric_scales(m, args, g)
+    assert got.shape == ref.shape and got.dtype == ref.dtype
+    assert torch.equal(got.view(torch.int32), ref.view(torch.int32))
+
+
 @pytest.mark.parametrize("spec", ["nvfp4", "mxfp4"])
 def test_fp4_values_are_the_nearest_e2m1_points_of_each_group(spec):
     """The obviously-correct definition, group by group: every value is scale x the E2M1 point

@@ -99,6 +99,12 @@ def observe(w: torch.Tensor, args) -> tuple[torch.Tensor, torch.Tensor]:
         flat = v.reshape(rows // bh, bh, cols // bw, bw).transpose(1, 2).flatten(-2, -1)
     else:
         raise ValueError(f"no weight observer for strategy {args.strategy}")
+    if args.symmetric and args.strategy in (S.GROUP, S.TENSOR_GROUP) and args.group_size <= 32:
+        # max pooling over |w|: several times faster than the fold over NVFP4's groups of 16,
+        # a fifth faster than amax and amin over MX's groups of 32
+        m = torch.nn.functional.max_pool1d(w.abs().unsqueeze(-2), args.group_size,
+                                           args.group_size).squeeze(-2)
+        return -m, m
     if args.symmetric and flat.shape[-1] > 16:      # one read of w, no |w| copy
         m = torch.maximum(flat.amax(-1), flat.amin(-1).neg_())
         return -m, m
@@ -130,9 +136,41 @@ def mx_scales(amax: torch.Tensor, num_bits: int) -> torch.Tensor:
     from compressed_tensors.quantization.utils.mxfp_utils import _MX_ELEM_OFFSET
 
     field = ((amax.view(torch.int32) + (1 << 21)) >> 23) & 0xFF
-    e = (field - _MX_ELEM_OFFSET[num_bits]).clamp_(min=0).masked_fill_(field == 0, 0) \
-        .masked_fill_(field == 255, 255)
-    return torch.where(e > 0, e << 23, 1 << 22).view(torch.float32)
+    e = (field - _MX_ELEM_OFFSET[num_bits]).clamp_(min=0)   # (0 where the field is 0)
+    if field.numel() and field.max() == 255:
+        e.masked_fill_(field == 255, 255)
+    if e.numel() and e.min() == 0:
+        return torch.where(e > 0, e << 23, 1 << 22).view(torch.float32)
+    return (e << 23).view(torch.float32)
+
+
+def symmetric_scales(m: torch.Tensor, args, gscale: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+    """compressed-tensors' ``calculate_qparams(-m, m, args, global_scale=gscale)`` scales for
+    symmetric arguments that are not MX (those: :func:`mx_scales`), ``m`` the groups' max |w|
+    (>= 0): the library's own steps in its order (max |w| over half the range, times the global
+    scale, rounded to the scale dtype after clamping to its range, zeros replaced by that
+    dtype's eps), without the steps that do nothing when min = -max (its zero points, the
+    clamps at zero): a dozen small operations fewer, which on a small matrix is a third of
+    the time of fake quantization. ``tests/test_formats.py`` holds it to the library, bit for
+    bit, on every preset's arguments."""
+    from compressed_tensors.quantization.utils import calculate_range
+    from compressed_tensors.quantization.utils.helpers import _get_dtype_eps
+
+    q_min, q_max = calculate_range(args, m.device)
+    scales = m / ((q_max - q_min).to(m.dtype) / 2)
+    if gscale is not None:
+        scales = gscale * scales
+    if args.scale_dtype is not None:
+        fi = torch.finfo(args.scale_dtype)
+        scales = scales.clamp_(fi.min, fi.max)
+        scales = round_float(scales, 3, -6, inplace=True) \
+            if args.scale_dtype == torch.float8_e4m3fn and scales.dtype == torch.float32 \
+            else scales.to(args.scale_dtype).to(m.dtype)
+    if not scales.numel() or scales.min() == 0:      # (a comparison pass only when needed)
+        eps = _get_dtype_eps(args.scale_dtype if args.scale_dtype is not None else scales.dtype)
+        scales = scales.masked_fill_(scales == 0, eps)
+    return scales.reshape(1) if scales.ndim == 0 else scales
 
 
 def round_float(x: torch.Tensor, mantissa: int, min_exp: int, inplace: bool = False
@@ -213,14 +251,12 @@ def _blocks_as_groups(w: torch.Tensor, args) -> torch.Tensor:
     repeat over 128 rows: every value meets the scale the library's zero-padded blocks give it
     (zeros do not change a block's max |w|), without the padded copy of the weight or a 4-D
     broadcast."""
-    from compressed_tensors.quantization.utils import calculate_qparams
-
     bh, bw = args.block_structure
     rows, cols = w.shape
     g = _pad_last(w, bw).unflatten(-1, (-1, bw))
     m = torch.maximum(g.amax(-1), g.amin(-1).neg_())                  # (rows, column blocks)
     m = torch.nn.functional.pad(m, (0, 0, 0, (-rows) % bh)).unflatten(0, (-1, bh)).amax(1)
-    scale = calculate_qparams(-m, m, args)[0]
+    scale = symmetric_scales(m, args)
     out = qdq(g, scale.repeat_interleave(bh, 0)[:rows].unsqueeze(-1), args)
     return out.flatten(-2)[:, :cols]
 
@@ -239,15 +275,22 @@ def fake_quantize_weight(w: torch.Tensor, args, gscale: torch.Tensor | None = No
         return _blocks_as_groups(w, args)
     grouped = args.strategy in (S.GROUP, S.TENSOR_GROUP)
     x = _pad_last(w, args.group_size) if grouped else w
-    if args.strategy == S.TENSOR_GROUP and gscale is None:
-        gscale = global_scale([w])
     if args.strategy != S.TENSOR_GROUP:
         gscale = None
     if args.strategy == S.BLOCK:        # padded once, for the observer and the rounding
         x = maybe_pad_tensor_for_block_quant(w, args.block_structure)
     lo, hi = observe(x, args)
+    if args.strategy == S.TENSOR_GROUP and gscale is None:
+        # w's own global scale: generate_gparam reads only max |w|, the largest group's
+        # (the zeros padding a last group change no max |w|)
+        from compressed_tensors.quantization.utils import generate_gparam
+
+        top = hi.max().reshape(1, 1)
+        gscale = generate_gparam(-top, top)
     if _is_mx(args) and gscale is None:
         scale = mx_scales(hi, args.num_bits)
+    elif args.symmetric:
+        scale = symmetric_scales(hi, args, gscale)
     else:
         scale, _ = calculate_qparams(lo, hi, args, global_scale=gscale)
     if grouped:
