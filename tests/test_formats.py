@@ -138,6 +138,42 @@ def test_symmetric_scales_equal_the_library_over_the_whole_float_range(preset, p
     assert torch.equal(got.view(torch.int32), ref.view(torch.int32))
 
 
+def test_gparam_equals_the_library_over_the_whole_float_range():
+    from dtm_core.compression.methods.formats import gparam_of
+
+    torch.manual_seed(2)
+    bits = torch.randint(0, 0x7F800000, (2000,), dtype=torch.int32).view(torch.float32)
+    for t in torch.cat([torch.tensor([0.0, 1e-45, 1e-40, 1e-38, 0.37, 3e4, 3.4e38,
+                                      float("inf"), float("nan")]), bits]):
+        ref = generate_gparam(-t.reshape(1, 1), t.reshape(1, 1))
+        got = gparam_of(t)
+        assert got.shape == ref.shape and got.dtype == ref.dtype
+        assert torch.equal(got.view(torch.int32), ref.view(torch.int32)), float(t)
+
+
+@pytest.mark.parametrize("size,left_out", [(1e3, True), (0.2, False), (1e-3, True), (None, False)])
+def test_nvfp4_range_clamp_is_left_out_only_where_rounding_stays_in_range(size, left_out):
+    """NVFP4 under a global scale from a far larger fused neighbour (max |w| 3e4): weights of
+    ordinary size keep normal FP8 group scales and leave the clamp out; smaller ones (0.2) get
+    subnormal FP8 scales and keep it; tiny ones (1e-3) only zero scales, replaced by eps, which
+    is safe; rows from 1e-4 to 1e3 mix all three and keep it. Either way, every value equals the
+    library's, and no FP4 value leaves [-6, 6]."""
+    from dtm_core.compression.methods import formats as F
+
+    torch.manual_seed(7)
+    args = PRESET_SCHEMES["NVFP4A16"]["weights"]
+    rows = torch.logspace(-4, 3, 96)[:, None] if size is None else torch.rand(96, 1) * size
+    w = torch.randn(96, 200) * rows
+    g = generate_gparam(torch.tensor([[-3e4]]), torch.tensor([[3e4]]))
+    _, hi = F.observe(F._pad_last(w, 16), args)
+    scale8 = F.symmetric_scales(hi, args, g)
+    assert F.e2m1_stays_in_range(scale8, float(hi.max()) * float(g) / 6) == left_out
+    got = F.fake_quantize_weight(w, args, g)
+    assert torch.equal(got, reference(w, "NVFP4A16", gscale=g))
+    q = F._pad_last(got, 16).unflatten(-1, (-1, 16)) / (scale8 / g).unsqueeze(-1)
+    assert float(q.abs().max()) <= 6.0 * (1 + 1e-6)        # (the re-division rounds)
+
+
 @pytest.mark.parametrize("spec", ["nvfp4", "mxfp4"])
 def test_fp4_values_are_the_nearest_e2m1_points_of_each_group(spec):
     """The obviously-correct definition, group by group: every value is scale x the E2M1 point

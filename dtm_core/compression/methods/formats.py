@@ -124,6 +124,31 @@ def global_scale(matrices: list[torch.Tensor]) -> torch.Tensor:
     return generate_gparam(lo, hi)
 
 
+def gparam_of(amax: torch.Tensor) -> torch.Tensor:
+    """compressed-tensors' ``generate_gparam(-amax, amax)`` (NVFP4's global scale for a tensor
+    whose max |w| is ``amax``) in four operations instead of its dozen: FP8 max x FP4 max over
+    max |w| (clamped to the smallest normal float), NaN and infinity replaced by 1.
+    ``tests/test_formats.py`` holds it to the library over the whole float range."""
+    from compressed_tensors.quantization.quant_args import FP4_E2M1_DATA, FP8_E4M3_DATA
+
+    m = amax.float().reshape(1).clamp(min=torch.finfo(torch.float32).tiny)
+    # (the library's python-number / tensor is PyTorch's reciprocal times the number)
+    return m.reciprocal_().mul_(FP8_E4M3_DATA.max * FP4_E2M1_DATA.max).nan_to_num_(1.0, 1.0, 1.0)
+
+
+def e2m1_stays_in_range(scale8: torch.Tensor, vmax: float) -> bool:
+    """Whether every NVFP4 value x / (s / g) already rounds into [-6, 6], so that the clamp to
+    the range (a pass over the weight) changes nothing: s the groups' FP8 scales (``scale8``,
+    before the global scale g is divided out), ``vmax`` = g max|w| / 6, the largest unrounded
+    scale. When every s is at least 2^-6 (FP8's normal range, or a zero scale replaced by its
+    eps 0.125) and vmax < 460, s is within 1/15 of g m / 6 for its group's max |w| m (FP8
+    rounds to 3 mantissa bits; s = 448 for the clamped groups between 448 and 460), so
+    |x| / (s / g) <= 6 x 15/14 < 7 (with float32's rounding of the two divisions), and float
+    rounding takes every value below 7 to at most 6; ``tests/test_formats.py`` also compares
+    both ways against the library."""
+    return bool(scale8.numel()) and float(scale8.min()) >= 2.0 ** -6 and vmax < 460.0
+
+
 def mx_scales(amax: torch.Tensor, num_bits: int) -> torch.Tensor:
     """The float32 power-of-two scales compressed-tensors' ``calculate_qparams`` gives MX
     arguments for groups whose max |w| is ``amax`` (float32, >= 0), in a few integer operations
@@ -211,19 +236,23 @@ def round_e4m3(x: torch.Tensor) -> torch.Tensor:
     return round_float(x, 3, -6)
 
 
-def qdq(x: torch.Tensor, scale: torch.Tensor, args, gscale: torch.Tensor | None = None
-        ) -> torch.Tensor:
+def qdq(x: torch.Tensor, scale: torch.Tensor, args, gscale: torch.Tensor | None = None,
+        clamp: bool = True) -> torch.Tensor:
     """compressed-tensors' ``_quantize_dequantize`` for symmetric arguments, operation for
     operation (``x`` already shaped so that ``scale`` broadcasts), with the rounding done in a
     few vectorized float32 steps: the library's CPU fallbacks for FP4 take hundreds of times
-    longer than round-to-nearest. ``tests/test_formats.py`` holds it to the library bit for bit."""
+    longer than round-to-nearest. ``clamp=False`` leaves out the clamp to the format's range
+    where it changes nothing (:func:`e2m1_stays_in_range`). ``tests/test_formats.py`` holds it to
+    the library bit for bit."""
     from compressed_tensors.quantization import QuantizationType
     from compressed_tensors.quantization.utils import calculate_range
 
     q_min, q_max = calculate_range(args, x.device)
     if gscale is not None:
         scale = scale / gscale
-    scaled = torch.div(x, scale).clamp_(float(q_min), float(q_max))
+    scaled = torch.div(x, scale)
+    if clamp:
+        scaled.clamp_(float(q_min), float(q_max))
     if args.type == QuantizationType.FLOAT:
         if args.num_bits == 8 and scaled.dtype == torch.float32:
             rounded = round_float(scaled, 3, -6, inplace=True)       # E4M3, in place
@@ -283,18 +312,21 @@ def fake_quantize_weight(w: torch.Tensor, args, gscale: torch.Tensor | None = No
     if args.strategy == S.TENSOR_GROUP and gscale is None:
         # w's own global scale: generate_gparam reads only max |w|, the largest group's
         # (the zeros padding a last group change no max |w|)
-        from compressed_tensors.quantization.utils import generate_gparam
-
-        top = hi.max().reshape(1, 1)
-        gscale = generate_gparam(-top, top)
+        gscale = gparam_of(hi.max())
     if _is_mx(args) and gscale is None:
         scale = mx_scales(hi, args.num_bits)
     elif args.symmetric:
         scale = symmetric_scales(hi, args, gscale)
     else:
         scale, _ = calculate_qparams(lo, hi, args, global_scale=gscale)
+    clamp = True
+    if args.strategy == S.TENSOR_GROUP and args.type == q.QuantizationType.FLOAT \
+            and args.num_bits == 4 and args.symmetric and gscale is not None \
+            and args.scale_dtype == torch.float8_e4m3fn:
+        clamp = not e2m1_stays_in_range(scale, float(hi.max()) * float(gscale.max()) / 6)
     if grouped:
-        out = qdq(x.unflatten(-1, (-1, args.group_size)), scale.unsqueeze(-1), args, gscale)
+        out = qdq(x.unflatten(-1, (-1, args.group_size)), scale.unsqueeze(-1), args, gscale,
+                  clamp)
         return out.flatten(-2)[:, :cols]
     if args.strategy == S.BLOCK:
         bh, bw = args.block_structure
