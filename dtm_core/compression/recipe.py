@@ -115,8 +115,25 @@ class Recipe:
         return any(i.spec.sequential and i.spec.needs_calibration for i in self.items)
 
     def components(self, model) -> list[tuple[Component, Method]]:
-        """(component, spec) in application order; validates every selection first."""
-        return [(c, item.spec) for item in self.items for c in resolve(model, item.selection)]
+        """(component, spec) in application order; validates every selection first. A KV-cache
+        spec (``kv:...``) selects cache components (``LAYER.kcache`` / ``LAYER.vcache``)."""
+        from dtm_core.compression.kvcache import resolve_cache
+
+        out = []
+        for item in self.items:
+            if getattr(item.spec, "targets_cache", False):
+                out += [(c, item.spec) for c in resolve_cache(model, item.selection)]
+                continue
+            kinds = {part.strip().rpartition(".")[2].lower() for part in item.selection.split(",")}
+            if kinds & {"kcache", "vcache", "kv"}:
+                raise DTMError(f"{item.spec} is a weight spec, and '{item.selection}' names KV "
+                               "caches; caches take a kv: spec (kv:int8, kv:fp8, ...).")
+            out += [(c, item.spec) for c in resolve(model, item.selection)]
+        return out
+
+    @property
+    def has_cache_specs(self) -> bool:
+        return any(getattr(i.spec, "targets_cache", False) for i in self.items)
 
 
 class Applied:
@@ -224,6 +241,8 @@ def apply_recipe(model, recipe: Recipe, calibration=None, sequential: bool = Fal
     inputs. A recipe of one layer's components is the same either way.
     """
     pairs = recipe.components(model)  # validate before touching anything
+    caches = [(c, sp) for c, sp in pairs if getattr(sp, "targets_cache", False)]
+    pairs = [(c, sp) for c, sp in pairs if not getattr(sp, "targets_cache", False)]
     for comp, spec in pairs:
         part = comp.experts is not None or comp.rows is not None
         if part and spec.runtime_hook_at(comp) is not None:
@@ -256,6 +275,8 @@ def apply_recipe(model, recipe: Recipe, calibration=None, sequential: bool = Fal
         else:
             _compress(pairs, _merged(gather_statistics(model, pairs, calibration), fused),
                       applied, fresh)
+        if caches:
+            _quantize_caches(model, caches, calibration, applied)
     except BaseException:
         applied.restore()
         raise
@@ -340,3 +361,36 @@ def _compress_matrix(m: torch.Tensor, comp: Component, spec: Method, stats,
         m[comp.rows] = new.to(m.dtype)
     else:
         m.copy_(new)
+
+
+def _quantize_caches(model, caches, calibration, applied: Applied) -> None:
+    """Put the KV specs' quantizers on the attention modules of the cache components (static
+    scales from the calibration prompts on the dense model, shared by every pair of that
+    calibration)."""
+    from dtm_core.compression.kvcache import KVHandle, head_dim, record_absmax
+
+    handle = KVHandle()
+    applied._hooks.append(handle)
+    absmax = {}
+    static = [c for c, sp in caches if sp.needs_calibration]
+    if static:
+        if calibration is None or isinstance(calibration, dict):
+            names = ", ".join(sorted({str(sp) for _, sp in caches if sp.needs_calibration}))
+            raise DTMError(f"{names} needs calibration prompts for its static scales: give a "
+                           "prompt set or --calibration.")
+        dense = calibration._model() or model
+        comps = [c for c, sp in caches]
+        absmax = calibration.memo(("kv_absmax", tuple(c.name for c in comps)),
+                                  lambda: record_absmax(dense, _same_caches(dense, comps),
+                                                        calibration.seqs))
+    for comp, spec in caches:
+        fn = spec.quantizer(head_dim(model, comp), absmax.get((comp.layer, comp.kind)),
+                            comp.name)
+        handle.add(comp, fn)
+
+
+def _same_caches(model, comps):
+    """The cache components of ``model`` at the places of ``comps`` (of another model tree)."""
+    from dtm_core.compression.kvcache import resolve_cache
+
+    return resolve_cache(model, ",".join(c.name for c in comps))

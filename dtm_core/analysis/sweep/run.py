@@ -129,6 +129,9 @@ def sweep(dense: LoadedModel, spec: str, prompt_ids: Sequence[Sequence[int]], ne
     if ctx is not None and ikv != ctx.intactkv:
         raise DTMError("The sweep context was prepared with a different IntactKV setting.")
     sp = parse_spec(spec)
+    if getattr(sp, "targets_cache", False):
+        raise DTMError(f"Sweeps over KV caches ({sp}) are not built yet; measure a cache spec with "
+                       "divergence, evaluate or kld (--compress kv:... --components 3.kcache).")
     prompt_ids = [list(p) for p in prompt_ids]
     comps = select_components(dense.model, layers, kinds)
     key, cells, calib = sweep_store(dense, spec, prompt_ids, new_tokens, ikv, calibration,

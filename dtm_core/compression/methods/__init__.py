@@ -67,7 +67,7 @@ def level_spec(method: str, level: float) -> Method:
 # the built-in methods register themselves on import
 # (in this order, which is the order of the accepted forms and of the app's presets)
 from dtm_core.compression.methods import (none, magnitude, nm, wanda, sparsegpt, rtn, gptq, awq,  # noqa: E402,F401,I001
-                                          w8a8, fp8, nvfp4, mx, w4afp8, checkpoint)
+                                          w8a8, fp8, nvfp4, mx, w4afp8, kv, checkpoint)
 
 __all__ = ["METHODS", "Method", "Spec", "accepted_forms", "bad_spec", "level_methods",
            "level_spec", "parse_spec", "presets", "register", "unregister"]
