@@ -168,13 +168,69 @@ def test_fp8_per_vector_is_the_float8_cast_and_static_scales_come_from_calibrati
     assert torch.equal(fn(k), (k / s).clamp(-448, 448).to(torch.float8_e4m3fn).float() * s)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_kv_sweep_cells_equal_single_cache_pairs(family, tmp_path):
+    """A sweep over caches: a layers x {kcache, vcache} table whose every cell (the layer's
+    recorded inputs onward) equals the pair of that one cache component."""
+    from dtm_core.analysis.sweep import sweep
+
+    lm = _model(family)
+    ps = prompts(5, seed=11)
+    res = sweep(lm, "kv:int2", ps, N, cache_dir=tmp_path)
+    n = lm.model.config.num_hidden_layers
+    assert res.table.component.tolist() == [f"{i}.{k}" for i in range(n)
+                                            for k in ("kcache", "vcache")]
+    assert res.table.kind.tolist() == ["kcache", "vcache"] * n
+    assert res.table.fdt_mean.min() < N
+    for _, row in res.table.iterrows():
+        d = divergence(make_pair(lm, Recipe.single("kv:int2", row.component)), prompt_ids=ps,
+                       new_tokens=N)
+        assert row.fdt_mean == d.table.fdt.mean(), row.component
+        assert row.kl_mean == pytest.approx(d.table.kl_mean.mean(), rel=1e-3, abs=1e-6)
+    keys = sweep(lm, "kv:int2", ps, N, cache_dir=tmp_path, kinds="kcache", layers="1")
+    assert keys.table.component.tolist() == ["1.kcache"] and keys.computed == 0
+
+
 def test_views_not_built_for_caches_yet_refuse_in_one_sentence():
     from dtm_core.analysis.sweep import sweep
+    from dtm_core.analysis.sweep.estimate import estimate_sweep
 
     lm = make("qwen2")
     ps = prompts(3, seed=1)
     with pytest.raises(DTMError, match="IntactKV together with a quantized KV cache"):
         divergence(make_pair(lm, Recipe.single("kv:int4", "*")), prompt_ids=ps, new_tokens=4,
                    intactkv=2)
-    with pytest.raises(DTMError, match="Sweeps over KV caches"):
-        sweep(lm, "kv:int4", ps, 4)
+    with pytest.raises(DTMError, match="IntactKV together with a quantized KV cache"):
+        sweep(lm, "kv:int4", ps, 4, intactkv=2)
+    with pytest.raises(DTMError, match="Fisher of weights"):
+        estimate_sweep(lm, "kv:int4", ps, 4)
+
+
+def test_app_sweep_over_caches_and_the_cell_opened_in_compare(tmp_path, monkeypatch,
+                                                              default_model):
+    """The Sensitivity tab's handler with a kv spec on the default model: a kcache and a vcache
+    cell for the layer; the clicked cell opens as the pair that was measured."""
+    import pandas as pd
+
+    from ui import common, sensitivity
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    common.CACHE._dense = ("default", default_model)
+    common.CACHE._pairs.clear()
+    f = tmp_path / "few.txt"
+    f.write_text("The capital of France is\nWater boils at\nOnce upon a time\n")
+    heat, table, msg, csv, state, parquet = sensitivity.run_sweep(
+        "default", "kv:int2", str(f), "general", False, 8, "4", "", "fdt_mean",
+        progress=lambda *a, **k: None)
+    assert "Done" in msg, msg
+    cells = pd.read_csv(csv).set_index("component")
+    assert sorted(cells.index) == ["4.kcache", "4.vcache"]
+    opened = sensitivity._open_cell(state, "4.kcache")
+    assert opened[3] == "4.kcache"
+    req = common.pair_request("default", opened[1], opened[2], opened[3], "", opened[5],
+                              opened[7]["value"])
+    pair = common.CACHE.open(req, [opened[4]])
+    d = divergence(pair, f.read_text().splitlines(), 8)
+    assert cells.loc["4.kcache"].fdt_mean == d.table.fdt.mean()
+    assert cells.loc["4.kcache"].kl_mean == pytest.approx(d.table.kl_mean.mean(), rel=1e-4,
+                                                          abs=1e-9)

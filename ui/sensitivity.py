@@ -134,7 +134,7 @@ def sweep_note(model, spec, upload, builtin, chat, new_tokens, layers, kinds,
         dense = common.CACHE.dense(model)
         ids = encode_prompts(dense.tokenizer, pset.prompts, chat=bool(chat))
         cells = len(select_components(dense.model, (layers or "").strip() or None,
-                                      (kinds or "").strip() or None))
+                                      (kinds or "").strip() or None, spec))
         est = estimate_seconds(dense, ids, int(new_tokens), cells)
     except Exception:  # noqa: BLE001 - the sweep itself reports what is wrong
         return hidden

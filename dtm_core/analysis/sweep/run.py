@@ -4,6 +4,7 @@ through the c10d store (:mod:`dtm_core.distributed`), and optionally every compo
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 import time
@@ -62,15 +63,21 @@ class SweepResult:
                 f"KL {a['kl_whole']:.4g} (sum over cells {a['kl_sum']:.4g})")
 
 
-def select_components(model, layers: str | None = None, kinds: str | None = None) -> list:
+def select_components(model, layers: str | None = None, kinds: str | None = None,
+                      spec=None) -> list:
     """The components of a sweep: all, or those in layer ranges and a list of kinds (any kind a
     selection takes: fused slices such as ``q`` on Phi-3, one expert ``e0.down`` or every expert
-    of a kind one by one, ``e*.down``)."""
+    of a kind one by one, ``e*.down``). With a KV-cache ``spec`` (``kv:...``): the layers' key
+    and value caches (kinds ``kcache``, ``vcache``; default both)."""
+    from dtm_core.compression.kvcache import resolve_cache
     from dtm_core.models.components import resolve
 
     spans = [p.strip() for p in (layers or "*").split(",") if p.strip()] or ["*"]
     wanted = [k.strip() for k in (kinds or "*").split(",") if k.strip()] or ["*"]
-    return resolve(model, ",".join(f"{sp}.{k}" for sp in spans for k in wanted))
+    sel = ",".join(f"{sp}.{k}" for sp in spans for k in wanted)
+    if spec is not None and getattr(parse_spec(spec), "targets_cache", False):
+        return resolve_cache(model, sel)
+    return resolve(model, sel)
 
 
 def sweep_store(dense: LoadedModel, spec: str, prompt_ids, new_tokens: int, ikv, calibration,
@@ -129,11 +136,12 @@ def sweep(dense: LoadedModel, spec: str, prompt_ids: Sequence[Sequence[int]], ne
     if ctx is not None and ikv != ctx.intactkv:
         raise DTMError("The sweep context was prepared with a different IntactKV setting.")
     sp = parse_spec(spec)
-    if getattr(sp, "targets_cache", False):
-        raise DTMError(f"Sweeps over KV caches ({sp}) are not built yet; measure a cache spec with "
-                       "divergence, evaluate or kld (--compress kv:... --components 3.kcache).")
+    if ikv is not None and getattr(sp, "targets_cache", False):
+        raise DTMError("IntactKV together with a quantized KV cache (a kv: spec) is not supported "
+                       "yet (the pivot tokens' entries would be quantized too); sweep the kv: spec "
+                       "without IntactKV.")
     prompt_ids = [list(p) for p in prompt_ids]
-    comps = select_components(dense.model, layers, kinds)
+    comps = select_components(dense.model, layers, kinds, sp)
     key, cells, calib = sweep_store(dense, spec, prompt_ids, new_tokens, ikv, calibration,
                                     cache_dir)
     note = progress or (lambda f, m: None)
@@ -208,7 +216,7 @@ def _whole_cell(dense, sp, comps, prompt_ids, new_tokens, cells, ctx, ikv, calib
         t0 = time.perf_counter()
         with apply_recipe(work, Recipe.single(sp, names), calib):
             summary = summarize_cell(cell_table(work, ctx, min(c.layer for c in comps)))
-            werr = weight_error(dense.model, work, names)
+            werr = _weight_error(dense.model, work, sp, names)
         row = {"components": len(comps), **summary, "weight_error": werr,
                "new_tokens": new_tokens, "seconds": time.perf_counter() - t0}
         cells.put(wname, row)
@@ -225,13 +233,20 @@ def _cell_row(dense, work, ctx, sp, comp, calib) -> dict:
         args, kwargs = ctx.layer_inputs[b][comp.layer]
         acc.batch_shape = tuple((args[0] if args else kwargs["hidden_states"]).shape[:2])
 
+    cache = getattr(sp, "targets_cache", False)     # a KV cache: no weight, no module output
     with apply_recipe(work, Recipe.single(sp, comp.name), calib), \
-            measuring(dense.model, work, comp.name, acc):
-        summary = summarize_cell(cell_table(work, ctx, comp.layer, on_batch=scored))
-        werr = weight_error(dense.model, work, comp.name)
+            (contextlib.nullcontext() if cache else measuring(dense.model, work, comp.name, acc)):
+        summary = summarize_cell(cell_table(work, ctx, comp.layer,
+                                            on_batch=None if cache else scored))
+        werr = _weight_error(dense.model, work, sp, comp.name)
     return {"layer": comp.layer, "kind": comp.kind, "component": comp.name,
             "params": comp.params, **summary, "weight_error": werr, **acc.values(),
             "seconds": time.perf_counter() - t0}
+
+
+def _weight_error(dense_model, work, sp, names: str) -> float:
+    return float("nan") if getattr(sp, "targets_cache", False) else \
+        weight_error(dense_model, work, names)
 
 
 def _queued_sweep(dense, sp, comps, prompt_ids, new_tokens, key, cells, store, rank, world,
