@@ -44,9 +44,10 @@ class QuantizingCache(DynamicCache):
     def __init__(self, quant_k, quant_v, layers, **kw):
         super().__init__(**kw)
         self.qk, self.qv, self.qlayers = quant_k, quant_v, set(layers)
+        self.enabled = True
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        if layer_idx in self.qlayers:
+        if layer_idx in self.qlayers and self.enabled:
             if self.qk is not None:
                 key_states = self.qk(key_states)
             if self.qv is not None:
@@ -54,13 +55,25 @@ class QuantizingCache(DynamicCache):
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
 
-def decode_with_quantized_cache(model, ids, n, eos, qk, qv, layers):
-    """Greedy decoding one token at a time with the quantizing cache."""
+def decode_with_quantized_cache(model, ids, n, eos, qk, qv, layers, intact: int = 0):
+    """Greedy decoding one token at a time with the quantizing cache; ``intact``: the first
+    tokens' entries stored dense (IntactKV's pivots)."""
     cache = QuantizingCache(qk, qv, layers, config=model.config)
     out = []
     x = torch.tensor([ids])
     with torch.no_grad():
-        for _ in range(n):
+        if intact:
+            cache.enabled = False
+            logits = model(input_ids=x[:, :intact], past_key_values=cache, use_cache=True).logits
+            cache.enabled = True
+            x = x[:, intact:]
+            if x.shape[1] == 0:      # the whole prompt is pivot: its last logits are dense
+                tok = int(logits[0, -1].argmax())
+                out.append(tok)
+                if tok in eos:
+                    return out
+                x = torch.tensor([[tok]])
+        for _ in range(n - len(out)):
             logits = model(input_ids=x, past_key_values=cache, use_cache=True).logits[0, -1]
             tok = int(logits.argmax())
             out.append(tok)
@@ -189,21 +202,44 @@ def test_kv_sweep_cells_equal_single_cache_pairs(family, tmp_path):
         assert row.kl_mean == pytest.approx(d.table.kl_mean.mean(), rel=1e-3, abs=1e-6)
     keys = sweep(lm, "kv:int2", ps, N, cache_dir=tmp_path, kinds="kcache", layers="1")
     assert keys.table.component.tolist() == ["1.kcache"] and keys.computed == 0
+    # with IntactKV: the pivot entries stay dense in the cell as in the pair
+    ikv = sweep(lm, "kv:int2", ps, N, cache_dir=tmp_path, layers="1", intactkv=2)
+    for _, row in ikv.table.iterrows():
+        d = divergence(make_pair(lm, Recipe.single("kv:int2", row.component)), prompt_ids=ps,
+                       new_tokens=N, intactkv=2)
+        assert row.fdt_mean == d.table.fdt.mean(), row.component
+        assert row.kl_mean == pytest.approx(d.table.kl_mean.mean(), rel=1e-3, abs=1e-6)
 
 
-def test_views_not_built_for_caches_yet_refuse_in_one_sentence():
-    from dtm_core.analysis.sweep import sweep
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"] + FAMILIES)
+def test_intactkv_keeps_the_pivot_entries_dense_in_a_quantized_cache(family):
+    """IntactKV with kv:int2: FDT equals a decode whose cache holds the dense model's entries
+    for the first K tokens and quantizes every later entry as it is stored; the free-running
+    compressed text (the engine's decoder with IntactKV) too."""
+    lm = _model(family)
+    n_layers = lm.model.config.num_hidden_layers
+    ps = prompts(6, seed=9, lo=4)
+    eos = eos_ids(lm)
+    k = 3
+    res = divergence(make_pair(lm, Recipe.single("kv:int2", "*")), prompt_ids=ps, new_tokens=N,
+                     batch_size=3, intactkv=k, generate_compressed=True)
+    want = [greedy_fdt(ref, decode_with_quantized_cache(
+        lm.model, p, N, eos, lambda x: slow_int(x, 2), lambda x: slow_int(x, 2),
+        range(n_layers), intact=k), N) for p, ref in zip(ps, res.references)]
+    assert res.table.fdt.tolist() == want
+    assert res.table.fdt.tolist() == res.table.fdt_generated.tolist()
+    plain = divergence(make_pair(lm, Recipe.single("kv:int2", "*")), prompt_ids=ps,
+                       new_tokens=N, batch_size=3)
+    assert plain.table.kl_mean.tolist() != res.table.kl_mean.tolist(), \
+        "keeping the pivots dense must change something"
+
+
+def test_estimated_sweeps_refuse_caches_in_one_sentence():
     from dtm_core.analysis.sweep.estimate import estimate_sweep
 
     lm = make("qwen2")
-    ps = prompts(3, seed=1)
-    with pytest.raises(DTMError, match="IntactKV together with a quantized KV cache"):
-        divergence(make_pair(lm, Recipe.single("kv:int4", "*")), prompt_ids=ps, new_tokens=4,
-                   intactkv=2)
-    with pytest.raises(DTMError, match="IntactKV together with a quantized KV cache"):
-        sweep(lm, "kv:int4", ps, 4, intactkv=2)
     with pytest.raises(DTMError, match="Fisher of weights"):
-        estimate_sweep(lm, "kv:int4", ps, 4)
+        estimate_sweep(lm, "kv:int4", prompts(3, seed=1), 4)
 
 
 def test_app_sweep_over_caches_and_the_cell_opened_in_compare(tmp_path, monkeypatch,

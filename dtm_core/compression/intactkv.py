@@ -186,13 +186,25 @@ class PivotCache(DynamicCache):
     (keys, values) of shape (B, heads, T0, head_dim) (they may carry gradients).
     """
 
-    def __init__(self, config, mask: torch.Tensor, source: Callable[[int], tuple]):
+    def __init__(self, config, mask: torch.Tensor, source: Callable[[int], tuple],
+                 model=None):
+        from dtm_core.compression.kvcache import stored_quantizers
+
         super().__init__(config=config)
         self.pivot_mask = mask
         self.source = source
         self._replaced: set[int] = set()
+        # a quantized KV cache (kv: specs) of ``model``: entries quantized as they are stored,
+        # the pivot entries kept dense
+        self.quant = stored_quantizers(model) if model is not None else {}
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        quant = self.quant.get(layer_idx)
+        if quant:
+            if quant.get("k") is not None:
+                key_states = quant["k"](key_states)
+            if quant.get("v") is not None:
+                value_states = quant["v"](value_states)
         if layer_idx not in self._replaced:
             self._replaced.add(layer_idx)
             k_src, v_src = self.source(layer_idx)
@@ -210,7 +222,15 @@ class PivotCache(DynamicCache):
             value_states = torch.cat([torch.where(m, v_src,
                                                   value_states[:, :, :t0]),
                                       value_states[:, :, t0:]], 2)
-        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        if quant:
+            from dtm_core.compression.kvcache import mark_stored
+
+            if quant.get("k") is not None:
+                keys = mark_stored(keys)
+            if quant.get("v") is not None:
+                values = mark_stored(values)
+        return keys, values
 
 
 class RecordingCache(DynamicCache):
@@ -265,17 +285,6 @@ def pivot_source(ikv: IntactKV, dense_cache, starts: Sequence[int], width: int,
     return source
 
 
-def refuse_quantized_cache(model) -> None:
-    """IntactKV keeps the pivot tokens' cache entries dense, which a quantized KV cache (``kv:``
-    specs) does not do yet: refused in one sentence rather than measured wrong."""
-    from dtm_core.compression.kvcache import ATTR
-
-    if any(hasattr(m, ATTR) for m in model.modules()):
-        raise DTMError("IntactKV together with a quantized KV cache (a kv: spec) is not supported "
-                       "yet (the pivot tokens' entries would be quantized too); run the kv: spec "
-                       "without IntactKV.")
-
-
 @torch.no_grad()
 def teacher_forced_pair(dense_model, comp_model, seqs: Sequence[Sequence[int]], pad_id: int,
                         ks: Sequence[int], ikv: IntactKV
@@ -285,14 +294,13 @@ def teacher_forced_pair(dense_model, comp_model, seqs: Sequence[Sequence[int]], 
     The dense pass keeps its KV cache; the compressed pass gets the dense (or calibrated) K/V at
     columns < K_i of row i, and its logits there are replaced by the dense model's.
     """
-    refuse_quantized_cache(comp_model)
     t0 = max(ks)
     rec = RecordingCache(dense_model.config, t0)
     d_out = teacher_forced(dense_model, seqs, pad_id, use_cache=True, past_key_values=rec)
     d_logits = d_out.logits
     source = pivot_source(ikv, rec, [0] * len(seqs), t0, model_device(comp_model))
     del d_out
-    cache = PivotCache(comp_model.config, right_pad_mask(ks, t0), source)
+    cache = PivotCache(comp_model.config, right_pad_mask(ks, t0), source, comp_model)
     c_logits = teacher_forced(comp_model, seqs, pad_id, past_key_values=cache,
                               use_cache=True).logits.to(d_logits.device)
     keep = right_pad_mask(ks, c_logits.shape[1]).to(c_logits.device)
@@ -306,7 +314,6 @@ def intact_prefill(decoder, dense_model, ks: Sequence[int], ikv: IntactKV) -> to
 
     Returns the next-token logits (B, V); rows whose whole prompt is pivot take the dense model's.
     """
-    refuse_quantized_cache(decoder.model)
     ids, amask, pos = decoder.ids, decoder.mask, decoder.pos
     width = ids.shape[1]
     lens = amask.sum(-1).tolist()
@@ -321,7 +328,7 @@ def intact_prefill(decoder, dense_model, ks: Sequence[int], ikv: IntactKV) -> to
                         position_ids=pos.to(model_device(dense_model)), use_cache=True,
                         past_key_values=rec)
     source = pivot_source(ikv, rec, starts, width, ids.device)
-    decoder.cache = PivotCache(decoder.model.config, mask, source)
+    decoder.cache = PivotCache(decoder.model.config, mask, source, decoder.model)
     logits = decoder.forward(ids, pos)
     whole = torch.tensor([k >= n for k, n in zip(ks, lens)], device=logits.device)
     return torch.where(whole[:, None], d_out.logits[:, -1, :].to(logits.device), logits)
@@ -419,7 +426,7 @@ def calibrate(pair, prompt_ids: Sequence[Sequence[int]], ikv: IntactKV, *, steps
             kk, vv = params[2 * i], params[2 * i + 1]
             return kk[None].expand(rows, -1, -1, -1), vv[None].expand(rows, -1, -1, -1)
         with hooks.outputs(decoder_layers(comp)) as store:
-            comp(input_ids=ids, past_key_values=PivotCache(comp.config, mask, source),
+            comp(input_ids=ids, past_key_values=PivotCache(comp.config, mask, source, comp),
                  use_cache=True)
         m = live[..., None].float()
         n = m.sum() * tgt[0].shape[-1]

@@ -72,11 +72,39 @@ def fp8_quantize(x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Te
 def _quantized(module, key, value):
     quant = getattr(module, ATTR, None)
     if quant:
-        if quant.get("k") is not None:
+        if quant.get("k") is not None and not getattr(key, STORED, False):
             key = quant["k"](key)
-        if quant.get("v") is not None:
+        if quant.get("v") is not None and not getattr(value, STORED, False):
             value = quant["v"](value)
     return key, value
+
+
+STORED = "_dtm_kv_stored"       # a tensor attribute: a cache already quantized these entries
+
+
+def stored_quantizers(model) -> dict[int, dict]:
+    """``{layer index: {"k": fn, "v": fn}}`` of ``model``'s quantized caches, for a cache that
+    quantizes what it stores itself (IntactKV's, which keeps the pivot entries dense): it marks
+    what it returns (:func:`mark_stored`), and the attention wrapper leaves marked entries as
+    they are."""
+    from dtm_core.models.components import family_of
+    from dtm_core.models.families import get_path
+
+    fam = family_of(model)
+    out = {}
+    for i, layer in enumerate(fam.decoder_layers(model)):
+        try:
+            quant = getattr(get_path(layer, fam.attention), ATTR, None)
+        except AttributeError:
+            continue
+        if quant:
+            out[i] = dict(quant)
+    return out
+
+
+def mark_stored(t: torch.Tensor) -> torch.Tensor:
+    setattr(t, STORED, True)
+    return t
 
 
 def _wrap(original: Callable) -> Callable:
@@ -257,5 +285,5 @@ def record_absmax(model, comps: list[CacheComponent], sequences) -> dict[tuple[i
     return seen
 
 
-__all__ = ["ATTR", "CacheComponent", "KVHandle", "fp8_quantize", "int_quantize",
-           "record_absmax", "resolve_cache"]
+__all__ = ["ATTR", "CacheComponent", "KVHandle", "fp8_quantize", "int_quantize", "mark_stored",
+           "record_absmax", "resolve_cache", "stored_quantizers"]

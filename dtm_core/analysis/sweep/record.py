@@ -150,7 +150,7 @@ def continuation_hidden(model, ctx: SweepContext, b: int, start: int) -> torch.T
     cache = None
     if ctx.intactkv is not None:
         mask, source = ctx.pivot_sources[b]
-        cache = PivotCache(model.config, mask, source)
+        cache = PivotCache(model.config, mask, source, model)
     for i, layer in enumerate(decoder_layers(model)[start:], start):
         args, kwargs = ctx.layer_inputs[b][i]
         if cache is not None:

@@ -136,10 +136,6 @@ def sweep(dense: LoadedModel, spec: str, prompt_ids: Sequence[Sequence[int]], ne
     if ctx is not None and ikv != ctx.intactkv:
         raise DTMError("The sweep context was prepared with a different IntactKV setting.")
     sp = parse_spec(spec)
-    if ikv is not None and getattr(sp, "targets_cache", False):
-        raise DTMError("IntactKV together with a quantized KV cache (a kv: spec) is not supported "
-                       "yet (the pivot tokens' entries would be quantized too); sweep the kv: spec "
-                       "without IntactKV.")
     prompt_ids = [list(p) for p in prompt_ids]
     comps = select_components(dense.model, layers, kinds, sp)
     key, cells, calib = sweep_store(dense, spec, prompt_ids, new_tokens, ikv, calibration,
