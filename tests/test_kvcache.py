@@ -270,3 +270,23 @@ def test_app_sweep_over_caches_and_the_cell_opened_in_compare(tmp_path, monkeypa
     assert cells.loc["4.kcache"].fdt_mean == d.table.fdt.mean()
     assert cells.loc["4.kcache"].kl_mean == pytest.approx(d.table.kl_mean.mean(), rel=1e-4,
                                                           abs=1e-9)
+
+
+def test_level_curves_over_cache_bits(default_model):
+    """Level curves of kv:int over 2, 4 and 8 bits for the keys and the values of every layer:
+    each point is the pair of that spec on *.kcache or *.vcache."""
+    from dtm_core.analysis.levels import level_curves
+    from dtm_core.models.generation import encode_prompts
+
+    texts = ["The capital of France is", "Water boils at"]
+    t = level_curves(default_model, "kv:int", "2,4,8", "kcache,vcache", texts, 6)
+    assert t.spec.tolist() == ["kv:int2", "kv:int4", "kv:int8"] * 2
+    assert t.kind.tolist() == ["kcache"] * 3 + ["vcache"] * 3
+    ids = encode_prompts(default_model.tokenizer, texts)
+    d = divergence(make_pair(default_model, Recipe.single("kv:int4", "*.vcache")),
+                   prompt_ids=ids, new_tokens=6)
+    row = t[(t.kind == "vcache") & (t.spec == "kv:int4")].iloc[0]
+    assert row.fdt_mean == d.summary["fdt_mean"]
+    assert row.kl_mean == pytest.approx(d.summary["kl_mean"], rel=1e-6)
+    k = t[t.kind == "kcache"].set_index("spec").kl_mean
+    assert k["kv:int2"] > k["kv:int4"] > k["kv:int8"]
