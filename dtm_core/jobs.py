@@ -16,6 +16,7 @@
 * :func:`estimated_sweep` -> :class:`~dtm_core.analysis.sweep.refine.Refined`: every cell
   estimated at once, then exact cells most sensitive first (all, some, or until settled).
 * :func:`plan_from_sweep`: dense references, then a plan from a sweep's table.
+* :func:`kv_grid`: every (K bits, V bits) of KV-cache quantization, one row each.
 
 Nothing here draws or prints; the app and the CLI format what these return.
 """
@@ -43,6 +44,7 @@ from dtm_core.models.load import LoadedModel, load_model
 from dtm_core.compression.pair import Pair, checkpoint_pair, make_pair
 from dtm_core.planning.plan import Plan, make_plan
 from dtm_core.measure.prompts import load_prompts
+from dtm_core.analysis.kvgrid import kv_grid  # noqa: F401 (the app's and the CLI's K x V grid)
 from dtm_core.analysis.sweep import SweepResult, heatmap_metrics, sweep
 from dtm_core.measure.variants import (VARIANT_COLUMNS, VariantComparison, compare_variants,  # noqa: F401
                                        with_variant)

@@ -55,7 +55,7 @@ def test_every_tab_has_an_example_and_one_primary_run_button_per_view():
                  and b.variant == "primary"}
     # Ctrl+Enter presses the first visible one: one per tab and Sensitivity sub-tab
     assert {"generate", "set-run", "sens-run", "explain-set-run", "plan-run", "mplan-run",
-            "lvl-run", "kld-run"} <= primaries
+            "lvl-run", "kvg-run", "kld-run"} <= primaries
 
 
 def test_examples_fill_setups_that_exist():

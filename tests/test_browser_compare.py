@@ -700,6 +700,49 @@ def test_level_curves_across_formats_and_format_presets(browser, app_url, tmp_pa
     assert_readable(page)
 
 
+def test_kv_grid_fills_both_heatmaps_with_the_engines_cells(browser, app_url, tmp_path,
+                                                           default_model):
+    """Sensitivity > KV grid: key bits 2,8 x value bits 4,8 on two prompts; both heatmaps hold
+    four values, the FDT and KL of each cell are the engine's kv_grid for that (K, V)."""
+    from dtm_core.analysis.kvgrid import kv_grid
+    from dtm_core.models.generation import encode_prompts
+
+    texts = ["The capital of France is", "Water boils at"]
+    f = tmp_path / "two.txt"
+    f.write_text("\n".join(texts) + "\n")
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    page.goto(app_url)
+    page.get_by_role("tab", name="Sensitivity").click()
+    page.locator("#sens-upload input[type=file]").set_input_files(str(f))
+    fill(page, "sens-new-tokens", 6)
+    page.get_by_role("tab", name="KV grid").click()
+    fill(page, "kvg-k-bits", "2,8")
+    fill(page, "kvg-v-bits", "4,8")
+    page.locator("#kvg-run").click()
+    page.wait_for_function("document.querySelector('#kvg-status').innerText.includes('Done')",
+                           timeout=WAIT_MS)
+    page.wait_for_selector("#kvg-kl .js-plotly-plot", timeout=WAIT_MS)
+    drawn = {}
+    for plot in ("kvg-fdt", "kvg-kl"):
+        t = page.evaluate(f"""() => {{const d = document.querySelector('#{plot} .js-plotly-plot')
+                                      ._fullData[0];
+                                      return {{x: Array.from(d.x), y: Array.from(d.y),
+                                               z: Array.from(d.z, r => Array.from(r))}}; }}""")
+        assert t["x"] == ["4", "8"] and t["y"] == ["2", "8"], t
+        drawn[plot] = t["z"]
+    ids = encode_prompts(default_model.tokenizer, texts)
+    want = kv_grid(default_model, ids, 6, k_bits="2,8", v_bits="4,8")
+    for r in want.itertuples():
+        i, j = [2, 8].index(r.k_bits), [4, 8].index(r.v_bits)
+        assert drawn["kvg-fdt"][i][j] == pytest.approx(r.fdt_mean, abs=1e-9)
+        assert drawn["kvg-kl"][i][j] == pytest.approx(r.kl_mean, rel=1e-6)
+    table = page.locator("#kvg-table").inner_text()
+    assert "bits per cached value" in table and "8.25" in table and "3.25" in table
+    page.locator("#kvg-fdt").scroll_into_view_if_needed()
+    shot(page, "kv_grid")
+    assert_readable(page)
+
+
 # ---- the page's layout at 1280x800: first screens, Examples, Ctrl+Enter, readability ----
 
 READABLE = """() => {

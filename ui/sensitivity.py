@@ -271,6 +271,9 @@ def build(pair: PairForm, intactkv: gr.Dropdown) -> SensitivityTab:
             budget_ui.build(model, upload, builtin, chat, new_tokens, layers, kinds, pair.calib)
         with gr.Tab("Level curves", id="sens-tab-levels"):
             _levels(model, upload, builtin, chat, new_tokens)
+        with gr.Tab("KV grid", id="sens-tab-kvgrid"):
+            from . import kvgrid as kvgrid_ui
+            kvgrid_ui.build(model, upload, builtin, chat, new_tokens)
     example.click(example_setup, None, [spec, upload, chat, new_tokens, layers, kinds],
                   queue=False)
     return tab

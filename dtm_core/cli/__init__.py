@@ -12,11 +12,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dtm_core.cli import (checkpoint, divergence, evaluate, explain, intactkv, kld, plan,
-                          sweep)
+from dtm_core.cli import (checkpoint, divergence, evaluate, explain, intactkv, kld, kvgrid,
+                          plan, sweep)
 from dtm_core.errors import DTMError
 
-COMMAND_MODULES = (divergence, evaluate, kld, sweep, plan, explain, checkpoint, intactkv)
+COMMAND_MODULES = (divergence, evaluate, kld, sweep, kvgrid, plan, explain, checkpoint,
+                   intactkv)
 COMMANDS = {m.NAME: m.run for m in COMMAND_MODULES}
 
 
