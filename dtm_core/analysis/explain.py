@@ -286,6 +286,13 @@ def first_divergence(pair: Pair, prompt_ids: Sequence[int], reference: Sequence[
 
 
 @torch.no_grad()
+def _refuse_caches(pair: Pair) -> None:
+    if pair.recipe is not None and pair.recipe.has_cache_specs:
+        raise DTMError("Explain patches weights back to dense; patching a layer's KV cache back "
+                       "is not built yet: measure each cache alone with a sweep (--compress "
+                       "kv:... , the Heatmap) instead.")
+
+
 def explain(pair: Pair, prompt_ids: Sequence[int], new_tokens: int, *,
             position: int | None = None, scope: str = "all", granularity: str = "component",
             components: str = "*", reverse: bool = True, reference: Sequence[int] | None = None,
@@ -295,6 +302,7 @@ def explain(pair: Pair, prompt_ids: Sequence[int], new_tokens: int, *,
     if scope not in ("all", "position"):
         raise DTMError(f"Unknown scope '{scope}': use all (every position up to the chosen one) "
                        "or position (the chosen one only).")
+    _refuse_caches(pair)
     ids = list(prompt_ids)
     if not ids:
         raise DTMError("The prompt is empty.")
@@ -381,6 +389,7 @@ def explain_set(pair: Pair, prompt_ids: Sequence[Sequence[int]], new_tokens: int
     """Over a prompt set: each prompt's first divergent token explained (forward patching), and
     per component how often it ranks first and its mean restored share. Prompts that never
     diverge are skipped."""
+    _refuse_caches(pair)
     refs = references or reference_continuations(pair.dense, [list(p) for p in prompt_ids],
                                                  new_tokens)
     found: list[Explanation] = []
