@@ -44,7 +44,7 @@ from dtm_core.models.load import LoadedModel, load_model
 from dtm_core.compression.pair import Pair, checkpoint_pair, make_pair
 from dtm_core.planning.plan import Plan, make_plan
 from dtm_core.measure.prompts import load_prompts
-from dtm_core.analysis.kvgrid import kv_grid  # noqa: F401 (the app's and the CLI's K x V grid)
+from dtm_core.analysis.kvgrid import grid_rows, kv_grid  # noqa: F401 (the app's and the CLI's K x V grid)
 from dtm_core.analysis.sweep import SweepResult, heatmap_metrics, sweep
 from dtm_core.measure.variants import (VARIANT_COLUMNS, VariantComparison, compare_variants,  # noqa: F401
                                        with_variant)

@@ -68,7 +68,7 @@ def _sweep_click(run_sweep, model, spec, upload, builtin, chat, new_tokens, laye
             view, calibration, calibration_file, calib_ctx, calib_samples, sequential, whole)
     try:    # (KV caches have no weights to estimate from: their sweep is exact)
         plain = not estimate_first or IntactKV.parse(ikv_text) is not None or \
-            getattr(parse_spec(spec), "targets_cache", False)
+            parse_spec(spec).targets_cache
     except Exception:  # noqa: BLE001 - run_sweep reports a bad setting in its own words
         plain = True
     if plain:

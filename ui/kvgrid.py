@@ -10,7 +10,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from dtm_core.analysis.kvgrid import COLUMNS, grid_matrix, parse_bits
-from dtm_core.jobs import kv_grid
+from dtm_core.jobs import grid_rows
 from dtm_core.measure.divergence import reference_continuations
 from dtm_core.models.generation import encode_prompts
 
@@ -68,21 +68,23 @@ def run_grid(model, upload, builtin, chat, new_tokens, k_text, v_text, group, gr
         yield None, None, None, friendly(exc), None
         return
     rows = []
+    cells = len(ks) * len(vs)
     layers = (grid_layers or "").strip() or "*"
     with STOPS.running("kvgrid", request) as stop:
         try:
-            for n, (k, v) in enumerate((k, v) for k in ks for v in vs):
+            for row in grid_rows(dense, ids, int(new_tokens), k_bits=ks, v_bits=vs, group=g,
+                                 layers=layers, references=refs):
+                rows.append(row)
+                table = pd.DataFrame(rows, columns=COLUMNS)
+                progress(len(rows) / cells, desc=f"K {row['k_bits']} bits, V {row['v_bits']} "
+                                                 "bits")
+                yield _outputs(table, ks, vs, f"{len(rows)} of {cells} cells…")
                 if stop.is_set():
                     break
-                rows.append(kv_grid(dense, ids, int(new_tokens), k_bits=[k], v_bits=[v],
-                                    group=g, layers=layers, references=refs))
-                table = pd.concat(rows, ignore_index=True)
-                progress((n + 1) / (len(ks) * len(vs)), desc=f"K {k} bits, V {v} bits")
-                yield _outputs(table, ks, vs, f"{n + 1} of {len(ks) * len(vs)} cells…")
         except Exception as exc:  # noqa: BLE001 - every failure becomes a message
             yield gr.update(), gr.update(), gr.update(), friendly(exc), None
             return
-    table = pd.concat(rows, ignore_index=True) if rows else empty
+    table = pd.DataFrame(rows, columns=COLUMNS)
     fd, path = tempfile.mkstemp(prefix="kvgrid-", suffix=".csv")
     os.close(fd)
     table.to_csv(path, index=False)

@@ -4,8 +4,7 @@ the same prompts against one set of dense references: mean FDT and KL as two hea
 (exllamav3's table, with the divergence metrics)."""
 from __future__ import annotations
 
-import threading
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import pandas as pd
 
@@ -40,14 +39,13 @@ def grid_recipe(k_bits: int, v_bits: int, group: int | None = None, layers: str 
     return f"kv:int{k_bits}{g}@{layers}.kcache;kv:int{v_bits}{g}@{layers}.vcache"
 
 
-def kv_grid(dense, prompt_ids, new_tokens: int, *, k_bits="2-8", v_bits="2-8",
-            group: int | None = None, layers: str = "*", references=None, batch_size: int = 16,
-            progress: Callable[[float, str], None] | None = None,
-            stop: threading.Event | None = None,
-            on_cell: Callable[[dict], None] | None = None) -> pd.DataFrame:
-    """One row per (K bits, V bits): the divergence summary of the pair whose every selected
-    layer's keys are ``kv:intK`` and values ``kv:intV`` (groups of ``group`` along the head
-    dimension when given). ``stop`` ends it early (the rows so far)."""
+def grid_rows(dense, prompt_ids, new_tokens: int, *, k_bits="2-8", v_bits="2-8",
+              group: int | None = None, layers: str = "*", references=None,
+              batch_size: int = 16) -> Iterator[dict]:
+    """The grid's rows one at a time, K bits outer, V bits inner: the divergence summary of the
+    pair whose every selected layer's keys are ``kv:intK`` and values ``kv:intV`` (groups of
+    ``group`` along the head dimension when given), against one set of dense references.
+    Whoever iterates decides when to stop (the app's Stop, between cells)."""
     from dtm_core.compression.kvcache import head_dim, resolve_cache
     from dtm_core.compression.methods import parse_spec
     from dtm_core.compression.pair import make_pair
@@ -57,29 +55,34 @@ def kv_grid(dense, prompt_ids, new_tokens: int, *, k_bits="2-8", v_bits="2-8",
     ks, vs = parse_bits(k_bits), parse_bits(v_bits)
     prompt_ids = [list(p) for p in prompt_ids]
     hd = head_dim(dense.model, resolve_cache(dense.model, f"{layers.split(',')[0]}.kcache")[0])
-    note = progress or (lambda f, m: None)
     if references is None:
-        note(0.0, "dense references")
         references = reference_continuations(dense, prompt_ids, new_tokens, batch_size)
+    g = f":g{group}" if group else ""
+    for k in ks:
+        for v in vs:
+            text = grid_recipe(k, v, group, layers)
+            s = divergence(make_pair(dense, Recipe.parse(text)), prompt_ids=prompt_ids,
+                           references=references, new_tokens=new_tokens,
+                           batch_size=batch_size).summary
+            bits = (parse_spec(f"kv:int{k}{g}").cache_bits(hd)
+                    + parse_spec(f"kv:int{v}{g}").cache_bits(hd)) / 2    # per cached value
+            yield {"k_bits": k, "v_bits": v, "recipe": text, "cache_bits": bits,
+                   **{c: s[c] for c in COLUMNS[4:]}}
+
+
+def kv_grid(dense, prompt_ids, new_tokens: int, *, k_bits="2-8", v_bits="2-8",
+            group: int | None = None, layers: str = "*", references=None, batch_size: int = 16,
+            progress: Callable[[float, str], None] | None = None) -> pd.DataFrame:
+    """Every row of :func:`grid_rows` as a table (``progress`` after each cell)."""
+    note = progress or (lambda f, m: None)
+    cells = len(parse_bits(k_bits)) * len(parse_bits(v_bits))
     rows = []
-    cells = [(k, v) for k in ks for v in vs]
-    for n, (k, v) in enumerate(cells):
-        if stop is not None and stop.is_set():
-            break
-        text = grid_recipe(k, v, group, layers)
-        pair = make_pair(dense, Recipe.parse(text))
-        s = divergence(pair, prompt_ids=prompt_ids, references=references,
-                       new_tokens=new_tokens, batch_size=batch_size).summary
-        del pair
-        g = f":g{group}" if group else ""
-        bits = (parse_spec(f"kv:int{k}{g}").cache_bits(hd)
-                + parse_spec(f"kv:int{v}{g}").cache_bits(hd)) / 2    # per cached value
-        row = {"k_bits": k, "v_bits": v, "recipe": text, "cache_bits": bits,
-               **{c: s[c] for c in COLUMNS[4:]}}
+    for row in grid_rows(dense, prompt_ids, new_tokens, k_bits=k_bits, v_bits=v_bits,
+                         group=group, layers=layers, references=references,
+                         batch_size=batch_size):
         rows.append(row)
-        note((n + 1) / len(cells), f"K {k} bits, V {v} bits: mean FDT {s['fdt_mean']:.1f}")
-        if on_cell is not None:
-            on_cell(row)
+        note(len(rows) / cells, f"K {row['k_bits']} bits, V {row['v_bits']} bits: mean FDT "
+                                f"{row['fdt_mean']:.1f}")
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
@@ -88,4 +91,4 @@ def grid_matrix(table: pd.DataFrame, metric: str) -> pd.DataFrame:
     return table.pivot(index="k_bits", columns="v_bits", values=metric)
 
 
-__all__ = ["COLUMNS", "grid_matrix", "grid_recipe", "kv_grid", "parse_bits"]
+__all__ = ["COLUMNS", "grid_matrix", "grid_recipe", "grid_rows", "kv_grid", "parse_bits"]

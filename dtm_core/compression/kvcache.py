@@ -36,6 +36,12 @@ CACHES = ("kcache", "vcache")
 # quantizers of cached vectors (the last dimension is the head dimension)
 
 
+def _absmax_scale(v: torch.Tensor, top: float) -> torch.Tensor:
+    """max|v| / ``top`` over the last dimension (keepdim), 1 where a vector is zero."""
+    scale = v.abs().amax(-1, keepdim=True) / top
+    return torch.where(scale == 0, torch.ones_like(scale), scale)
+
+
 def int_quantize(x: torch.Tensor, bits: int, group: int | None = None) -> torch.Tensor:
     """Each vector (or each group of ``group`` values) of ``x``'s last dimension on a symmetric
     ``bits``-bit grid: scale = max|x| / (2^(bits-1) - 1), round to nearest (ties to even), a
@@ -45,8 +51,7 @@ def int_quantize(x: torch.Tensor, bits: int, group: int | None = None) -> torch.
     if group is not None:
         v = v.unflatten(-1, (-1, group))
     qmax = 2 ** (bits - 1) - 1
-    scale = v.abs().amax(-1, keepdim=True) / qmax
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    scale = _absmax_scale(v, qmax)
     out = torch.round(v / scale).clamp_(-qmax, qmax).mul_(scale)
     return out.reshape(shape).to(x.dtype)
 
@@ -59,8 +64,7 @@ def fp8_quantize(x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Te
 
     v = x.float()
     if scale is None:
-        scale = v.abs().amax(-1, keepdim=True) / 448.0
-        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        scale = _absmax_scale(v, 448.0)
     scaled = torch.div(v, scale).clamp_(-448.0, 448.0)
     return round_float(scaled, 3, -6, inplace=True).mul_(scale).to(x.dtype)
 
@@ -87,15 +91,13 @@ def stored_quantizers(model) -> dict[int, dict]:
     quantizes what it stores itself (IntactKV's, which keeps the pivot entries dense): it marks
     what it returns (:func:`mark_stored`), and the attention wrapper leaves marked entries as
     they are."""
-    from dtm_core.models.components import family_of
-    from dtm_core.models.families import get_path
+    from dtm_core.models.components import num_layers
 
-    fam = family_of(model)
     out = {}
-    for i, layer in enumerate(fam.decoder_layers(model)):
+    for i in range(num_layers(model)):
         try:
-            quant = getattr(get_path(layer, fam.attention), ATTR, None)
-        except AttributeError:
+            quant = getattr(attention_module(model, i)[1], ATTR, None)
+        except DTMError:        # a layer without self-attention
             continue
         if quant:
             out[i] = dict(quant)

@@ -121,7 +121,7 @@ class Recipe:
 
         out = []
         for item in self.items:
-            if getattr(item.spec, "targets_cache", False):
+            if item.spec.targets_cache:
                 out += [(c, item.spec) for c in resolve_cache(model, item.selection)]
                 continue
             kinds = {part.strip().rpartition(".")[2].lower() for part in item.selection.split(",")}
@@ -133,7 +133,7 @@ class Recipe:
 
     @property
     def has_cache_specs(self) -> bool:
-        return any(getattr(i.spec, "targets_cache", False) for i in self.items)
+        return any(i.spec.targets_cache for i in self.items)
 
 
 class Applied:
@@ -241,8 +241,8 @@ def apply_recipe(model, recipe: Recipe, calibration=None, sequential: bool = Fal
     inputs. A recipe of one layer's components is the same either way.
     """
     pairs = recipe.components(model)  # validate before touching anything
-    caches = [(c, sp) for c, sp in pairs if getattr(sp, "targets_cache", False)]
-    pairs = [(c, sp) for c, sp in pairs if not getattr(sp, "targets_cache", False)]
+    caches = [(c, sp) for c, sp in pairs if sp.targets_cache]
+    pairs = [(c, sp) for c, sp in pairs if not sp.targets_cache]
     for comp, spec in pairs:
         part = comp.experts is not None or comp.rows is not None
         if part and spec.runtime_hook_at(comp) is not None:

@@ -325,7 +325,7 @@ def estimate_sweep(dense, spec: str, prompt_ids: Sequence[Sequence[int]], new_to
     t0 = time.perf_counter()
     note = progress or (lambda f, m: None)
     sp = parse_spec(spec)
-    if getattr(sp, "targets_cache", False):
+    if sp.targets_cache:
         raise DTMError(f"Estimated sweeps read the Fisher of weights, which a KV cache ({sp}) has "
                        "none of; run the exact sweep (without --estimate, or untick Estimate "
                        "first).")

@@ -75,7 +75,7 @@ def select_components(model, layers: str | None = None, kinds: str | None = None
     spans = [p.strip() for p in (layers or "*").split(",") if p.strip()] or ["*"]
     wanted = [k.strip() for k in (kinds or "*").split(",") if k.strip()] or ["*"]
     sel = ",".join(f"{sp}.{k}" for sp in spans for k in wanted)
-    if spec is not None and getattr(parse_spec(spec), "targets_cache", False):
+    if spec is not None and parse_spec(spec).targets_cache:
         return resolve_cache(model, sel)
     return resolve(model, sel)
 
@@ -229,7 +229,7 @@ def _cell_row(dense, work, ctx, sp, comp, calib) -> dict:
         args, kwargs = ctx.layer_inputs[b][comp.layer]
         acc.batch_shape = tuple((args[0] if args else kwargs["hidden_states"]).shape[:2])
 
-    cache = getattr(sp, "targets_cache", False)     # a KV cache: no weight, no module output
+    cache = sp.targets_cache     # a KV cache: no weight, no module output
     with apply_recipe(work, Recipe.single(sp, comp.name), calib), \
             (contextlib.nullcontext() if cache else measuring(dense.model, work, comp.name, acc)):
         summary = summarize_cell(cell_table(work, ctx, comp.layer,
@@ -241,7 +241,7 @@ def _cell_row(dense, work, ctx, sp, comp, calib) -> dict:
 
 
 def _weight_error(dense_model, work, sp, names: str) -> float:
-    return float("nan") if getattr(sp, "targets_cache", False) else \
+    return float("nan") if sp.targets_cache else \
         weight_error(dense_model, work, names)
 
 

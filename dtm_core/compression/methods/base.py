@@ -36,6 +36,8 @@ class Method:
     # (each layer's statistics on the outputs of the layers before it as already compressed),
     # as llm-compressor's sequential pipeline runs its GPTQ, SparseGPT, Wanda and AWQ modifiers
     sequential: ClassVar[bool] = False
+    # True: the spec quantizes KV caches (``LAYER.kcache`` / ``LAYER.vcache``), not weights
+    targets_cache: ClassVar[bool] = False
 
     # -- parsing ----------------------------------------------------------------------------
     @classmethod

@@ -119,12 +119,9 @@ def observe(w: torch.Tensor, args) -> tuple[torch.Tensor, torch.Tensor]:
 
 def global_scale(matrices: list[torch.Tensor]) -> torch.Tensor:
     """NVFP4's FP32 global scale over one or more (fused) weights: compressed-tensors'
-    ``generate_gparam`` of their joint min and max."""
-    from compressed_tensors.quantization.utils import generate_gparam
-
-    lo = torch.stack([m.min() for m in matrices]).min().reshape(1, 1)
-    hi = torch.stack([m.max() for m in matrices]).max().reshape(1, 1)
-    return generate_gparam(lo, hi)
+    ``generate_gparam`` of their joint min and max, which reads only their max |w|
+    (:func:`gparam_of`)."""
+    return gparam_of(torch.stack([torch.maximum(m.max(), -m.min()) for m in matrices]).max())
 
 
 def qdq(x: torch.Tensor, scale: torch.Tensor, args, gscale: torch.Tensor | None = None,
