@@ -8,7 +8,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from dtm_core.planning.allocation import Budget
+from dtm_core.planning.allocation import KV_BYTES, Budget
 from dtm_core.planning.budget_plan import HOLDOUT_COLUMNS, BudgetPlan
 from dtm_core.planning.draft_plan import draft_length
 from dtm_core.errors import DTMError
@@ -75,6 +75,9 @@ def run_budget_plan(model, upload, builtin, chat, new_tokens, layers, kinds, spe
         return (msg + " No prompts were held out.", None, None, str(path), plan.to_json(),
                 cells_figure(plan.cells))
     held = plan.holdout.dropna(axis=1, how="all").astype({"bytes": float})   # shown in MiB
+    if KV_BYTES in held:      # a KV plan: the weights are untouched; the cache's size instead
+        held = held.drop(columns=["sparsity", "bytes"]).astype({KV_BYTES: float}).rename(
+            columns={"avg_bits": "bits_per_cached_value"})
     msg += (f" On the {len(plan.holdout_prompts)} held-out prompts the plan keeps mean FDT "
             f"{plan.holdout.fdt_mean.iloc[0]:.2f}; FDT − plan below is each row minus the plan, "
             "with its paired 95 % interval.")
@@ -115,7 +118,9 @@ def build(model, upload, builtin, chat, new_tokens, layers, kinds, calib) -> Non
                 "and kinds above.")
     with gr.Row():
         specs = gr.Textbox(value="int8,int4:g64,int3:g64", label="Candidate specs",
-                           elem_id="mplan-specs")
+                           elem_id="mplan-specs",
+                           info="or kv: specs (kv:int8,kv:int4,kv:int2): a KV-cache plan, "
+                                "its budget in bits per cached value")
         kind = gr.Dropdown(list(BUDGET_KINDS), value="bits per weight", label="Budget",
                            elem_id="mplan-budget-kind")
         value = gr.Number(value=4.5, label="Budget value", elem_id="mplan-budget")

@@ -367,24 +367,30 @@ def pareto_figure(holdout: pd.DataFrame, new_tokens: int | None = None,
     """Held-out mean FDT against average bits per weight: the plan, the baselines and each
     uniform spec as points (hover: sparsity, size, KL and the paired difference to the plan)."""
     fig = go.Figure()
+    kv = "kv_cache_bytes_per_1k_tokens" in holdout     # a KV plan: bits per cached value
+    unit = "cached value" if kv else "weight"
     for _, row in holdout[holdout.planner != "dense"].iterrows():   # dense: far right, FDT = N
         marker, size = PARETO_STYLE.get(row.planner, ("circle", 10))
         lo, hi = row.fdt_vs_plan_ci95_low, row.fdt_vs_plan_ci95_high
+        size_text = (f"KV cache {row.kv_cache_bytes_per_1k_tokens / 2 ** 20:.3g} MiB per 1000 "
+                     "tokens" if kv else
+                     f"{row.sparsity:.1%} sparsity, {row.bytes / 2 ** 20:.1f} MiB")
         fig.add_trace(go.Scatter(
             x=[row.avg_bits], y=[row.fdt_mean], name=row.config,
             # the uniform specs are labelled on the chart; the plans (close together) in the legend
             mode="markers+text" if row.planner == "uniform" else "markers",
             text=[row.config.replace(" (closest)", "")], textposition="top center",
             marker=dict(symbol=marker, size=size),
-            hovertemplate=(f"{row.config}<br>%{{x:.3f}} bits per weight, "
-                           f"{row.sparsity:.1%} sparsity, {row.bytes / 2 ** 20:.1f} MiB<br>"
+            hovertemplate=(f"{row.config}<br>%{{x:.3f}} bits per {unit}, {size_text}<br>"
                            f"held-out mean FDT %{{y:.2f}}, mean KL {row.kl_mean:.4g}<br>"
                            f"FDT vs plan {row.fdt_vs_plan:+.2f} [{lo:+.2f}, {hi:+.2f}]"
                            "<extra></extra>")))
     if budget is not None:
         fig.add_vline(x=budget, line_dash="dash", annotation_text="budget")
-    fig.update_layout(title="Held-out prompts: mean FDT against average bits per weight",
-                      xaxis_title="average bits per weight (compressible components)",
+    fig.update_layout(title=f"Held-out prompts: mean FDT against average bits per {unit}",
+                      xaxis_title="average bits per cached value (the selected KV caches, "
+                                  "scales included)" if kv else
+                      "average bits per weight (compressible components)",
                       yaxis_title="held-out mean FDT (tokens)", height=380, showlegend=True)
     if new_tokens:
         fig.update_yaxes(range=[-0.5, new_tokens + 1])
@@ -430,7 +436,9 @@ HEADERS = {  # column -> (header with unit, scale: 100 shows a share as %)
     "fdt_vs_plan_ci95_high": ("FDT − plan, 95 % high", 1), "accuracy": ("accuracy (%)", 100),
     "accuracy_vs_plan": ("accuracy − plan (points)", 100),
     "accuracy_vs_plan_ci95_low": ("accuracy − plan, 95 % low", 100),
-    "accuracy_vs_plan_ci95_high": ("accuracy − plan, 95 % high", 100)}
+    "accuracy_vs_plan_ci95_high": ("accuracy − plan, 95 % high", 100),
+    "kv_cache_bytes_per_1k_tokens": ("KV cache per 1000 tokens (MiB)", 1 / 2 ** 20),
+    "bits_per_cached_value": ("bits per cached value", 1)}
 SUFFIXES = {"_intactkv": "IntactKV", "_plain": "plain"}
 
 

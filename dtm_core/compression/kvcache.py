@@ -263,29 +263,72 @@ class KVHandle:
         self._put.clear()
 
 
-def record_absmax(model, comps: list[CacheComponent], sequences) -> dict[tuple[int, str], float]:
-    """max |entry| of each cache component over forward passes of ``model`` on ``sequences``
-    (token-id lists, one at a time: no padding entries): the calibration of static per-layer
-    scales, as engines calibrate their ``k_scale`` / ``v_scale``."""
-    seen: dict[tuple[int, str], float] = {}
+def _watch(model, comps: list[CacheComponent], see: Callable, sequences, use_cache=False):
+    """Forward passes of ``model`` on ``sequences`` (token-id lists, one at a time) with
+    ``see(component, entries)`` called on each component's stored entries; the last output."""
     handle = KVHandle()
 
-    def recorder(key):
-        def fn(x, key=key):
-            seen[key] = max(seen.get(key, 0.0), float(x.detach().abs().amax()))
+    def watcher(comp):
+        def fn(x):
+            see(comp, x)
             return x
         return fn
+    out = None
     try:
         for c in comps:
-            handle.add(c, recorder((c.layer, c.kind)))
+            handle.add(c, watcher(c))
         device = next(model.parameters()).device
         with torch.no_grad():
             for ids in sequences:
-                model(input_ids=torch.tensor([list(ids)], device=device), use_cache=False)
+                out = model(input_ids=torch.tensor([list(ids)], device=device),
+                            use_cache=use_cache)
     finally:
         handle.remove()
+    return out
+
+
+def record_absmax(model, comps: list[CacheComponent], sequences) -> dict[tuple[int, str], float]:
+    """max |entry| of each cache component over forward passes of ``model`` on ``sequences``
+    (no padding entries): the calibration of static per-layer scales, as engines calibrate
+    their ``k_scale`` / ``v_scale``."""
+    seen: dict[tuple[int, str], float] = {}
+
+    def see(c, x):
+        key = (c.layer, c.kind)
+        seen[key] = max(seen.get(key, 0.0), float(x.detach().abs().amax()))
+    _watch(model, comps, see, sequences)
     return seen
 
 
-__all__ = ["ATTR", "CacheComponent", "KVHandle", "fp8_quantize", "int_quantize", "mark_stored",
-           "record_absmax", "resolve_cache", "stored_quantizers"]
+@dataclass(frozen=True)
+class CacheSlot:
+    """What one cache component holds per token of context: ``values`` numbers (KV heads x head
+    dimension), on a sliding-window layer of ``window`` tokens (None: every token)."""
+
+    values: int
+    window: int | None = None
+
+    def tokens(self, context: int) -> int:
+        """Tokens this cache holds between steps with ``context`` tokens of context, as
+        transformers' cache holds them: every one, or the last ``window - 1`` on a
+        sliding-window layer (the next token's entry makes the window)."""
+        return context if self.window is None else min(context, self.window - 1)
+
+
+def cache_layout(model, comps: list[CacheComponent]) -> dict[str, CacheSlot]:
+    """Each cache component's :class:`CacheSlot`, read from what a one-token forward pass of
+    ``model`` stores: the entries its attention reads (their heads and head dimension) and the
+    window of the cache layer transformers gives it (sliding-window layers)."""
+    shapes: dict[str, int] = {}
+
+    def see(c, x):
+        shapes[c.name] = int(x.shape[-3] * x.shape[-1]) if x.dim() >= 3 else int(x.shape[-1])
+    out = _watch(model, comps, see, [[0]], use_cache=True)
+    layers = getattr(getattr(out, "past_key_values", None), "layers", None) or []
+    windows = {i: int(layer.sliding_window) for i, layer in enumerate(layers)
+               if getattr(layer, "is_sliding", False) and getattr(layer, "sliding_window", None)}
+    return {c.name: CacheSlot(shapes[c.name], windows.get(c.layer)) for c in comps}
+
+
+__all__ = ["ATTR", "CacheComponent", "CacheSlot", "KVHandle", "cache_layout", "fp8_quantize",
+           "int_quantize", "mark_stored", "record_absmax", "resolve_cache", "stored_quantizers"]

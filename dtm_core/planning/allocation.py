@@ -38,12 +38,16 @@ from dtm_core.compression.methods import parse_spec
 
 KEEP = "none"
 BUDGET_KINDS = ("bits", "sparsity", "bytes")
+KV_CONTEXT = 1000                          # a KV plan's cache memory is shown per this context
+KV_BYTES = "kv_cache_bytes_per_1k_tokens"  # its key in a plan's measure
+KV_DENSE = "kv_cache_bytes_per_1k_tokens_dense"   # the same with every cache kept
 
 
 @dataclass(frozen=True)
 class Budget:
     kind: str       # "bits" | "sparsity" | "bytes"
     value: float
+    per: str = "weight"     # what a bits budget averages over: "weight" or "cached value"
 
     def __post_init__(self):
         if self.kind not in BUDGET_KINDS:
@@ -54,7 +58,7 @@ class Budget:
             raise DTMError("The sparsity budget is a share of the weights in (0, 1), e.g. 0.5.")
 
     def __str__(self) -> str:
-        return {"bits": f"{self.value:g} bits per weight", "sparsity": f"{self.value:.0%} sparsity",
+        return {"bits": f"{self.value:g} bits per {self.per}", "sparsity": f"{self.value:.0%} sparsity",
                 "bytes": f"{self.value / 2 ** 30:.3g} GiB"}[self.kind]
 
     def costs(self, table: "ChoiceTable") -> tuple[np.ndarray, float]:
@@ -70,7 +74,7 @@ class Budget:
         return measure[{"bits": "avg_bits", "sparsity": "sparsity", "bytes": "bytes"}[self.kind]]
 
     def with_value(self, value: float) -> "Budget":
-        return Budget(self.kind, value)
+        return Budget(self.kind, value, self.per)
 
 
 @dataclass
@@ -87,17 +91,35 @@ class ChoiceTable:
     dtype_bits: int
     rest_bits: float             # every other parameter of the model at the working dtype
     family: str = "llama"
+    # a KV plan's table (components LAYER.kcache / LAYER.vcache): ``params`` are the values each
+    # cache stores per token, ``bits`` its bits per token, and ``stored`` the tokens it holds
+    # with KV_CONTEXT tokens of context (fewer on a sliding-window layer); None for weights
+    stored: np.ndarray | None = None
 
     @property
     def total_params(self) -> float:
         return float(self.params.sum())
 
+    @property
+    def unit(self) -> str:
+        """What bits are averaged over: a weight, or a cached value in a KV plan."""
+        return "weight" if self.stored is None else "cached value"
+
     def measure(self, assign) -> dict:
         """avg_bits (over the components), sparsity (share of their weights at zero) and bytes
-        (the whole model) of a plan."""
+        (the whole model) of a plan. A KV plan: avg_bits per cached value, bytes the model's
+        (its weights are untouched) and ``kv_cache_bytes_per_1k_tokens``, the cache's bytes
+        for KV_CONTEXT tokens of context (one sequence, scales included), and the same with every
+        cache kept (``kv_cache_bytes_per_1k_tokens_dense``)."""
         rows = np.arange(len(self.components))
         bits = float(self.bits[rows, assign].sum())
         kept = float(self.kept[rows, assign].sum())
+        if self.stored is not None:
+            return {"avg_bits": bits / self.total_params, "sparsity": 0.0,
+                    "bytes": int(math.ceil(self.rest_bits / 8.0)),
+                    KV_BYTES: int(math.ceil(float((self.bits[rows, assign]
+                                                   * self.stored).sum()) / 8.0)),
+                    KV_DENSE: int(math.ceil(float((self.bits[:, 0] * self.stored).sum()) / 8))}
         return {"avg_bits": bits / self.total_params,
                 "sparsity": 1.0 - kept / self.total_params,
                 "bytes": int(math.ceil((bits + self.rest_bits) / 8.0))}
@@ -157,6 +179,12 @@ def choice_table(dense_model, tables: dict[str, pd.DataFrame], new_tokens: int, 
         raise DTMError("Give at least one candidate spec.")
     first = next(iter(tables.values()))
     names = list(first.component)
+    caches = {parse_spec(s).targets_cache for s in tables if s != KEEP}
+    if len(caches) > 1:
+        raise DTMError("A plan is over weights or over KV caches: give weight specs "
+                       "(int4:g128, ...) or kv: specs (kv:int8, kv:int4, ...), not both.")
+    if caches == {True}:
+        return _cache_table(dense_model, tables, names, new_tokens, prompts)
     comps = {c.name: c for c in all_components(dense_model)}
     missing = [n for n in names if n not in comps]
     if missing:
@@ -191,6 +219,41 @@ def choice_table(dense_model, tables: dict[str, pd.DataFrame], new_tokens: int, 
     rest = sum(p.numel() for p in dense_model.parameters() if id(p) not in counted)
     return ChoiceTable(names, params, choices, bits, kept, fdt, kl, new_tokens, prompts,
                        dtype_bits, float(rest * dtype_bits), family_of(dense_model).name)
+
+
+def _cache_table(dense_model, tables, names, new_tokens, prompts) -> ChoiceTable:
+    """The choice table of a KV plan: each cache component costs its bits per cached value
+    (:meth:`KVQuant.cache_bits`, scales included; kept: the working dtype) times the values it
+    stores per token."""
+    from dtm_core.compression.kvcache import cache_layout, head_dim, resolve_cache
+    from dtm_core.models.families import family_of
+
+    comps = resolve_cache(dense_model, ",".join(names))
+    slots = cache_layout(dense_model, comps)
+    dtype_bits = next(dense_model.parameters()).element_size() * 8
+    choices = [KEEP] + [s for s in tables if s != KEEP]
+    n, m = len(comps), len(choices)
+    params = np.array([slots[c.name].values for c in comps], dtype=float)
+    bits = np.zeros((n, m))
+    fdt, kl = np.full((n, m), float(new_tokens)), np.zeros((n, m))
+    for j, spec in enumerate(choices):
+        sp = parse_spec(spec)
+        for i, c in enumerate(comps):
+            per = dtype_bits if spec == KEEP else sp.cache_bits(head_dim(dense_model, c))
+            bits[i, j] = per * params[i]
+        if spec == KEEP:
+            continue
+        t = tables[spec].set_index("component")
+        if set(t.index) != set(names):
+            raise DTMError(f"The sweep of {spec} covers other components than the first one's.")
+        fdt[:, j] = t.loc[[c.name for c in comps], "fdt_mean"].to_numpy(float)
+        kl[:, j] = t.loc[[c.name for c in comps], "kl_mean"].to_numpy(float)
+    rest = sum(p.numel() for p in dense_model.parameters())
+    stored = np.array([slots[c.name].tokens(KV_CONTEXT) for c in comps], dtype=float)
+    return ChoiceTable([c.name for c in comps], params, choices, bits,
+                       np.repeat(params[:, None], m, axis=1), fdt, kl, new_tokens, prompts,
+                       dtype_bits, float(rest * dtype_bits), family_of(dense_model).name,
+                       stored=stored)
 
 
 def losses(table: ChoiceTable, signal: str = "fdt") -> np.ndarray:

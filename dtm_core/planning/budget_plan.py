@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from dtm_core.planning.draft_plan import draft_columns, draft_length
-from dtm_core.planning.allocation import (KEEP, Budget, ChoiceTable, choice_table, closest_uniform,
+from dtm_core.planning.allocation import (KEEP, KV_BYTES, KV_DENSE, Budget, ChoiceTable, choice_table, closest_uniform,
                                           dtm_allocation, knapsack, losses, random_allocation,
                                           recipe_of)
 from dtm_core.compression.recipe import Recipe
@@ -129,7 +129,8 @@ class BudgetPlan:
         return {"recipe": self.recipe.to_json(), "assignments": self.assignments,
                 "specs": self.specs, "planner": self.planner,
                 "budget": None if self.budget is None else {"kind": self.budget.kind,
-                                                            "value": self.budget.value},
+                                                            "value": self.budget.value,
+                                                            "per": self.budget.per},
                 "target_fdt": self.target_fdt if self.objective == "fdt" else None,
                 **self.measure, "objective": self.objective,
                 **({"fdt_mean": self.fdt_mean} if self.objective == "fdt" else
@@ -155,11 +156,14 @@ class BudgetPlan:
             b = data.get("budget")
             held = data.get("holdout")
             return cls(assignments=dict(data["assignments"]), specs=list(data["specs"]),
-                       budget=Budget(b["kind"], float(b["value"])) if b else None,
+                       budget=Budget(b["kind"], float(b["value"]), b.get("per", "weight"))
+                       if b else None,
                        target_fdt=data.get("target_fdt") if data.get("objective", "fdt") == "fdt"
                        else data.get("target"),
                        planner=data["planner"],
-                       measure={k: data[k] for k in ("avg_bits", "sparsity", "bytes")},
+                       measure={k: data[k] for k in ("avg_bits", "sparsity", "bytes", KV_BYTES,
+                                                     KV_DENSE)
+                                if k in data or k not in (KV_BYTES, KV_DENSE)},
                        fdt_mean=float(data["fdt_mean"] if "fdt_mean" in data else
                                       data[f"{data['objective']}_mean"]),
                        new_tokens=int(data["new_tokens"]),
@@ -185,10 +189,16 @@ class BudgetPlan:
         value = (f"mean accepted per step drafting {draft_length(self.objective)} "
                  f"{self.fdt_mean:.3f}" if draft else
                  f"mean FDT {self.fdt_mean:.2f} of {self.new_tokens}")
+        if KV_BYTES in self.measure:
+            size = (f"{self.measure['avg_bits']:.3f} bits per cached value, KV cache "
+                    f"{self.measure[KV_BYTES] / 2 ** 20:.3g} MiB per 1000 tokens of context "
+                    f"(dense {self.measure[KV_DENSE] / 2 ** 20:.3g} MiB)")
+        else:
+            size = (f"{self.measure['avg_bits']:.3f} bits per weight, "
+                    f"{self.measure['sparsity']:.1%} sparsity, "
+                    f"{self.measure['bytes'] / 2 ** 20:.1f} MiB")
         return (f"{'draft ' if draft else ''}plan ({self.planner}{bud}{tgt}): {counts}; "
-                f"{self.measure['avg_bits']:.3f} bits "
-                f"per weight, {self.measure['sparsity']:.1%} sparsity, "
-                f"{self.measure['bytes'] / 2 ** 20:.1f} MiB; {value} on the "
+                f"{size}; {value} on the "
                 f"{len(self.fit_prompts)} fit prompts"
                 + (f" ({self.note})" if self.note else ""))
 
@@ -210,7 +220,6 @@ class _Verifier:
 
     def __call__(self, assign, why: str) -> float:
         from dtm_core.compression.recipe import apply_recipe
-        from dtm_core.models.components import resolve
         from dtm_core.compression.pair import shared_copy
         from dtm_core.analysis.sweep import cell_table
 
@@ -219,8 +228,8 @@ class _Verifier:
             recipe = self.table.recipe(assign)
             if self.work is None:
                 self.work = shared_copy(self.dense.model)
-            comps = [c for item in recipe.items if item.spec.changes_weights
-                     for c in resolve(self.work, item.selection)]
+            comps = [c for c, sp in recipe.components(self.work)
+                     if sp.changes_weights or sp.targets_cache]
             with apply_recipe(self.work, recipe, self.calib):
                 t = cell_table(self.work, self.ctx, min((c.layer for c in comps), default=0))
             self.done[key] = float(t[self.column].mean())
@@ -301,6 +310,14 @@ def make_budget_plan(dense: LoadedModel, specs, pset: PromptSet, new_tokens: int
 
     note = progress or (lambda f, m: None)
     specs = parse_specs(specs)
+    caches = {parse_spec(s).targets_cache for s in specs}
+    if len(caches) > 1:
+        raise DTMError("A plan is over weights or over KV caches: give weight specs "
+                       "(int4:g128, ...) or kv: specs (kv:int8, kv:int4, ...), not both.")
+    if caches == {True} and budget is not None and budget.kind != "bits":
+        raise DTMError("A KV plan's budget is bits per cached value (--budget-bits, scales "
+                       "included); its cache memory per 1000 tokens of context is shown with "
+                       "the plan.")
     k_draft = draft_length(objective)
     if k_draft is None and target_accept is not None:
         raise DTMError("--target-accept is a draft plan's target: give --objective "
@@ -348,6 +365,8 @@ def make_budget_plan(dense: LoadedModel, specs, pset: PromptSet, new_tokens: int
         return None
     table = objective_table(choice_table(dense.model, tables, new_tokens, len(ids)), tables,
                             objective, refs)
+    if table.stored is not None and budget is not None:
+        budget = Budget("bits", budget.value, table.unit)
     verify = _Verifier(dense, table, ctx, calib, note, "fdt" if k_draft is None else objective)
     want = None if target_fdt is None else (target_fdt if k_draft is not None
                                             else target_fdt * new_tokens)
@@ -397,7 +416,7 @@ def _smallest(table, want, planner, verify, max_evals):
     lo = float(cost.min(axis=1).sum()) / table.total_params
     hi = table.dtype_bits
     passing, failing = None, None      # (assign, real, threshold)
-    b = Budget("bits", lo)
+    b = Budget("bits", lo, table.unit)
     assign, thr = solve(table, b, planner)
     real = verify(assign, f"{planner} plan at the smallest size")
     if real >= want:
@@ -405,7 +424,7 @@ def _smallest(table, want, planner, verify, max_evals):
     failing = (assign, real, thr, lo)
     while verify.count < max(1, max_evals - 2) and hi - lo > 0.01:
         mid = (lo + hi) / 2
-        assign, thr = solve(table, Budget("bits", mid), planner)
+        assign, thr = solve(table, Budget("bits", mid, table.unit), planner)
         real = verify(assign, f"bisection at {mid:.3f} bits")
         if real >= want:
             hi, passing = mid, (assign, real, thr, mid)
@@ -427,7 +446,7 @@ def holdout_table(dense, table: ChoiceTable, plan: BudgetPlan, assign, pset: Pro
                   new_tokens: int, chat: bool, calib, seed: int, note) -> pd.DataFrame:
     """The plan and its baselines on the held-out prompts (see the module docstring)."""
     # every baseline at the plan's own budget (after any repair): same kind, its measured value
-    budget = plan.budget or Budget("bits", plan.measure["avg_bits"])
+    budget = plan.budget or Budget("bits", plan.measure["avg_bits"], table.unit)
     budget = budget.with_value(budget.of(plan.measure)) if budget.kind != "bytes" else \
         budget.with_value(max(budget.value, plan.measure["bytes"]))
     closest = closest_uniform(table, budget)
@@ -474,4 +493,5 @@ def holdout_table(dense, table: ChoiceTable, plan: BudgetPlan, assign, pset: Pro
         row.update(accuracy_vs_plan=d, accuracy_vs_plan_ci95_low=lo,
                    accuracy_vs_plan_ci95_high=hi)
     return pd.DataFrame(rows, columns=HOLDOUT_COLUMNS
+                        + ([KV_BYTES] if table.stored is not None else [])
                         + (DRAFT_COLUMNS if plan.objective != "fdt" else []))

@@ -130,6 +130,10 @@ def make_plan(dense: LoadedModel, sweep_table: pd.DataFrame, spec: str, prompt_i
 
 def save_compressed(dense: LoadedModel, recipe: Recipe, folder: str, calibration=None) -> None:
     """Write the compressed model (safetensors) and tokenizer with save_pretrained."""
+    if recipe.has_cache_specs and not any(i.spec.changes_weights for i in recipe.items):
+        raise DTMError("A KV-cache spec is applied as the model runs, not stored in its "
+                       "weights: there is nothing to save; serve it with the engine's cache "
+                       "setting (vLLM --kv-cache-dtype fp8, llama.cpp --cache-type-k/-v).")
     pair = make_pair(dense, recipe, calibration=calibration)
     pair.compressed.save_pretrained(folder)
     dense.tokenizer.save_pretrained(folder)

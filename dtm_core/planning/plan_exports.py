@@ -207,6 +207,10 @@ def export_plan(plan, kind: str, folder, model=None, bf16: bool = False) -> list
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     a = plan.assignments
+    if kind != "recipe" and plan.recipe.has_cache_specs:
+        raise DTMError(f"This plan sets KV-cache formats layer by layer; {kind} takes one cache "
+                       "type for the whole model (llama.cpp --cache-type-k/-v, llm-compressor's "
+                       "kv_cache_scheme, vLLM --kv-cache-dtype), so export it as a recipe.")
     if kind == "recipe":
         p = folder / "recipe.json"
         p.write_text(json.dumps({"recipe": plan.recipe.to_json()}, indent=2), encoding="utf-8")
