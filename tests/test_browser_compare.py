@@ -743,6 +743,53 @@ def test_kv_grid_fills_both_heatmaps_with_the_engines_cells(browser, app_url, tm
     assert_readable(page)
 
 
+def test_kv_cache_pair_streams_in_compare_and_explain_patches_a_cache(browser, app_url,
+                                                                     default_model):
+    """Compare with kv:int4 on every cache: the streamed first divergence is the engine's (the
+    compressed side decodes with its quantized cache), and Explain ranks the layers' caches,
+    the first one being the engine's own explanation's."""
+    from dtm_core.analysis.explain import explain
+    from dtm_core.compression.pair import make_pair
+    from dtm_core.compression.recipe import Recipe
+    from dtm_core.measure.divergence import divergence
+    from dtm_core.models.generation import encode_prompts
+
+    prompt = "The capital of France is"
+    page = browser.new_page(viewport={"width": 1500, "height": 1300})
+    page.goto(app_url)
+    page.locator("#preset input").click()
+    page.get_by_role("option", name="custom spec").click()
+    page.locator("#spec textarea, #spec input").first.fill("kv:int4")
+    page.locator("#components textarea, #components input").first.fill("*")
+    page.locator("#prompt textarea").fill(prompt)
+    set_tokens(page, 16)
+    page.locator("#generate").click()
+    page.wait_for_function("document.querySelector('#status').innerText.includes('Done')",
+                           timeout=WAIT_MS)
+    shown = int(page.locator("#fdt").inner_text())
+    pair = make_pair(default_model, Recipe.single("kv:int4", "*"))
+    engine = divergence(pair, [prompt], 16, generate_compressed=True)
+    assert shown == int(engine.table.fdt[0]) == int(engine.table.fdt_generated[0]) < 16
+    assert page.locator("#compressed-output .first-divergent").count() == 1
+    page.locator("#explain-run").click()
+    page.wait_for_function(
+        "document.querySelector('#explain-status').innerText.includes('is carried by')",
+        timeout=WAIT_MS)
+    status = page.locator("#explain-status").inner_text()
+    e = explain(pair, encode_prompts(default_model.tokenizer, [prompt])[0], 16)
+    top = e.ranked().component.iloc[0]
+    assert top.endswith("cache") and f"carried by: {top} (" in status, status
+    table = page.locator("#explain-table").inner_text()
+    assert "cache" in table and "patched by" in table
+    page.wait_for_selector("#explain-heatmap .js-plotly-plot", timeout=WAIT_MS)
+    kinds = page.evaluate("() => Array.from(document.querySelector("
+                          "'#explain-heatmap .js-plotly-plot')._fullData[0].x)")
+    assert {"kcache", "vcache"} <= set(kinds), kinds
+    page.locator("#explain-heatmap").scroll_into_view_if_needed()
+    shot(page, "compare_kv_explain")
+    assert_readable(page)
+
+
 # ---- the page's layout at 1280x800: first screens, Examples, Ctrl+Enter, readability ----
 
 READABLE = """() => {

@@ -234,15 +234,12 @@ def test_intactkv_keeps_the_pivot_entries_dense_in_a_quantized_cache(family):
         "keeping the pivots dense must change something"
 
 
-def test_estimated_sweeps_and_explain_refuse_caches_in_one_sentence():
-    from dtm_core.analysis.explain import explain
+def test_estimated_sweeps_refuse_caches_in_one_sentence():
     from dtm_core.analysis.sweep.estimate import estimate_sweep
 
     lm = make("qwen2")
     with pytest.raises(DTMError, match="Fisher of weights"):
         estimate_sweep(lm, "kv:int4", prompts(3, seed=1), 4)
-    with pytest.raises(DTMError, match="KV cache back is not built yet"):
-        explain(make_pair(lm, Recipe.parse("int4@*;kv:int4@*")), prompts(1, seed=1)[0], 4)
 
 
 def test_app_sweep_over_caches_and_the_cell_opened_in_compare(tmp_path, monkeypatch,

@@ -35,6 +35,7 @@ from dtm_core.measure.divergence import reference_continuations
 from dtm_core.errors import DTMError
 from dtm_core.models.families import family_of
 from dtm_core.models.generation import check_lengths, model_device
+from dtm_core.compression.kvcache import CacheComponent, cache_hooks, recorder, resolve_cache
 from dtm_core.compression.pair import Pair
 
 PATCH_COLUMNS = ["component", "layer", "kind", "restored_logp", "restores_argmax",
@@ -125,10 +126,11 @@ class _Pass:
     module_outputs: dict          # module path -> its full output (1, T, out)
     logits: torch.Tensor          # (V,) at the position, float64 log-softmax
     call_order: dict = field(default_factory=dict)   # module path -> when it first ran
+    cache_entries: dict = field(default_factory=dict)   # cache name -> what it stored
 
 
 @torch.no_grad()
-def _record(model, seq: list[int], paths: list[str]) -> _Pass:
+def _record(model, seq: list[int], paths: list[str], caches: Sequence = ()) -> _Pass:
     layers = family_of(model).decoder_layers(model)
     rec: list = [None] * len(layers)
     mods = {p: model.get_submodule(p) for p in paths}
@@ -142,10 +144,12 @@ def _record(model, seq: list[int], paths: list[str]) -> _Pass:
             if isinstance(out, tuple) else out.detach()
         order.setdefault(_names[i], len(order))
     x = torch.tensor([seq], device=model_device(model))
+    entries: dict = {}
     with hooks.recording(layers, rec), hooks.outputs(layers, lambda h: h[0].detach()) as lo, \
-            hooks.attached(list(mods.values()), keep):
+            hooks.attached(list(mods.values()), keep), cache_hooks(list(caches),
+                                                                   recorder(entries)):
         model.base_model(input_ids=x, use_cache=False)     # the head is applied at the position
-    return _Pass(rec, list(lo), outs, None, order)
+    return _Pass(rec, list(lo), outs, None, order, entries)
 
 
 def _lens_logits(model, hidden: torch.Tensor) -> torch.Tensor:
@@ -207,9 +211,11 @@ def _patched_logits(model, run: _Pass, source: _Pass, target: _Target, position:
     """``model`` from the target's layer on, with its components' outputs replaced by those of
     the source run (or their weights, for experts); log-probabilities at the position."""
     layers = family_of(model).decoder_layers(model)
-    swaps, out_mods = [], []
+    swaps, out_mods, caches = [], [], {}
     for mine, theirs in target.comps:
-        if mine.experts is not None:    # the source's matrices of these experts, the rest kept
+        if isinstance(mine, CacheComponent):     # the source's stored entries instead
+            caches[mine.name] = (mine, source.cache_entries[theirs.name])
+        elif mine.experts is not None:    # the source's matrices of these experts, the rest kept
             cur = getattr(mine.module, mine.param)
             new = cur.full() if hasattr(cur, "full") else cur.detach().clone()
             src = getattr(theirs.module, theirs.param)
@@ -226,12 +232,23 @@ def _patched_logits(model, run: _Pass, source: _Pass, target: _Target, position:
             return tuple(_patch_tensor(o, so, position, scope, None, len(seq_t))
                          if isinstance(o, torch.Tensor) else o for o, so in zip(out, src))
         return _patch_tensor(out, src, position, scope, mine.rows, len(seq_t))
+    def entries(comp, own):
+        src = caches[comp.name][1]
+
+        def fn(x):      # every position's entry, or the chosen position's (dim -2)
+            if scope == "all":
+                return src.to(x.dtype)
+            new = (own(x) if own is not None else x).clone()
+            new[..., position, :] = src[..., position, :].to(x.dtype)
+            return new
+        return fn
     seq_t = range(run.layer_outputs[0].shape[0])     # the sequence's positions
     saved = [(m, p, getattr(m, p)) for m, p, _ in swaps]
     try:
         for m, p, w in swaps:
             setattr(m, p, w)
-        with hooks.attached([c.module for c, _ in out_mods], patch):
+        with hooks.attached([c.module for c, _ in out_mods], patch), \
+                cache_hooks([c for c, _ in caches.values()], entries):
             args, kwargs = run.layer_inputs[target.layer]
             hidden = args[0] if args else kwargs["hidden_states"]
             for i in range(target.layer, len(layers)):
@@ -243,13 +260,24 @@ def _patched_logits(model, run: _Pass, source: _Pass, target: _Target, position:
     return _lens_logits(model, hidden[0, position])
 
 
-def _components(model, selection: str, extra: Sequence[str]) -> list[Component]:
-    """The components a selection names (``*``: every primary one), then the ``extra`` names
-    (a recipe's own slices or experts) not among them."""
-    comps = resolve(model, selection) if selection != "*" else all_components(model)
+def _is_cache(name: str) -> bool:
+    return name.strip().rpartition(".")[2].lower() in ("kcache", "vcache", "kv")
+
+
+def _components(model, selection: str, extra: Sequence[str]) -> list:
+    """The components a selection names (``*``: every primary weight component), then the
+    ``extra`` names (a recipe's own slices, experts and KV caches) not among them. KV caches
+    (``LAYER.kcache``, ``LAYER.vcache``, ``LAYERS.kv``) are named, or come from the recipe."""
+    parts = [p.strip() for p in selection.split(",") if p.strip()]
+    weights = ",".join(p for p in parts if not _is_cache(p))
+    caches = ",".join([p for p in parts if _is_cache(p)] + [n for n in extra if _is_cache(n)])
+    comps = all_components(model) if selection.strip() == "*" else \
+        resolve(model, weights) if weights else []
     have = {c.name for c in comps}
-    more = [c for name in extra if name not in have for c in resolve(model, name)]
-    return comps + list({c.name: c for c in more}.values())
+    more = [c for name in extra if name not in have and not _is_cache(name)
+            for c in resolve(model, name)]
+    kv = resolve_cache(model, caches) if caches else []
+    return comps + list({c.name: c for c in more + kv}.values())
 
 
 def _targets(patched_model, source_model, selection: str, granularity: str,
@@ -273,6 +301,14 @@ def _targets(patched_model, source_model, selection: str, granularity: str,
 # The explanation
 
 
+def _patched_by(t: _Target) -> str:
+    """How a target is patched: a cache's stored entries, expert weights, or module outputs."""
+    caches = [isinstance(m, CacheComponent) for m, _ in t.comps]
+    if any(not c and m.experts is not None for c, (m, _) in zip(caches, t.comps)):
+        return "weights"
+    return "cache" if all(caches) else "output and cache" if any(caches) else "output"
+
+
 def first_divergence(pair: Pair, prompt_ids: Sequence[int], reference: Sequence[int]) -> int | None:
     """The first position of the dense continuation where the compressed model's argmax (on the
     dense prefix) differs: FDT's position, or None when there is none."""
@@ -285,14 +321,6 @@ def first_divergence(pair: Pair, prompt_ids: Sequence[int], reference: Sequence[
     return next((t for t, (a, r) in enumerate(zip(arg, reference)) if a != r), None)
 
 
-@torch.no_grad()
-def _refuse_caches(pair: Pair) -> None:
-    if pair.recipe is not None and pair.recipe.has_cache_specs:
-        raise DTMError("Explain patches weights back to dense; patching a layer's KV cache back "
-                       "is not built yet: measure each cache alone with a sweep (--compress "
-                       "kv:... , the Heatmap) instead.")
-
-
 def explain(pair: Pair, prompt_ids: Sequence[int], new_tokens: int, *,
             position: int | None = None, scope: str = "all", granularity: str = "component",
             components: str = "*", reverse: bool = True, reference: Sequence[int] | None = None,
@@ -302,7 +330,6 @@ def explain(pair: Pair, prompt_ids: Sequence[int], new_tokens: int, *,
     if scope not in ("all", "position"):
         raise DTMError(f"Unknown scope '{scope}': use all (every position up to the chosen one) "
                        "or position (the chosen one only).")
-    _refuse_caches(pair)
     ids = list(prompt_ids)
     if not ids:
         raise DTMError("The prompt is empty.")
@@ -321,12 +348,17 @@ def explain(pair: Pair, prompt_ids: Sequence[int], new_tokens: int, *,
     dense_m, comp_m = pair.dense.model, pair.compressed
     # a recipe's own units (a slice of a fused weight, one expert) are targets too
     extra = [c.name for c, _ in pair.recipe.components(dense_m)] if pair.recipe else []
+    if components.strip() == "*" and pair.recipe is not None and pair.recipe.has_cache_specs \
+            and not any(i.spec.changes_weights for i in pair.recipe.items):
+        components = ""         # a KV-only recipe: its caches (the weights are the dense ones)
     targets = _targets(comp_m, dense_m, components, granularity, extra)
     paths = sorted({c.path for t in targets for pair_c in t.comps for c in pair_c})
+    kv = {k: [p[k] for t in targets for p in t.comps if isinstance(p[k], CacheComponent)]
+          for k in (0, 1)}
     # the same module path names the same component in both models (a shared copy or a
     # checkpoint of the same base)
-    d = _record(dense_m, seq, paths)
-    c = _record(comp_m, seq, paths)
+    d = _record(dense_m, seq, paths, kv[1])
+    c = _record(comp_m, seq, paths, kv[0])
     # every distribution at the position through the same path (last hidden state -> tail ->
     # head on one vector), so that an unchanged run compares exactly equal
     d.logits = _lens_logits(dense_m, d.layer_outputs[-1][at])
@@ -361,8 +393,7 @@ def explain(pair: Pair, prompt_ids: Sequence[int], new_tokens: int, *,
                "kl_after_patch": _kl(d.logits, x),
                "restored_share": (float(x[dense_tok] - c.logits[dense_tok]) / gap
                                   if abs(gap) > 1e-12 else float("nan")),
-               "patched_by": "weights" if any(m.experts is not None for m, _ in t.comps)
-               else "output"}
+               "patched_by": _patched_by(t)}
         if reverse:
             back = [(theirs, mine) for mine, theirs in t.comps]
             y = _patched_logits(dense_m, d, c, _Target(t.name, t.layer, t.kind, back), at, scope)
@@ -389,7 +420,6 @@ def explain_set(pair: Pair, prompt_ids: Sequence[Sequence[int]], new_tokens: int
     """Over a prompt set: each prompt's first divergent token explained (forward patching), and
     per component how often it ranks first and its mean restored share. Prompts that never
     diverge are skipped."""
-    _refuse_caches(pair)
     refs = references or reference_continuations(pair.dense, [list(p) for p in prompt_ids],
                                                  new_tokens)
     found: list[Explanation] = []

@@ -25,7 +25,9 @@ def add_parser(sub) -> None:
                                               "components, or all at once")
     ex.add_argument("--patch", default="*", metavar="SELECTION",
                     help="the components to patch (default: every one, and the recipe's own "
-                         "slices or experts)")
+                         "slices, experts and KV caches; with a kv:-only recipe, its caches); "
+                         "LAYER.kcache, LAYER.vcache or LAYERS.kv patch a layer's cache back "
+                         "to the dense entries")
     ex.add_argument("--no-reverse", action="store_true",
                     help="skip the reverse (the dense model with one compressed component)")
     ex.add_argument("--out", help="one row per component: component, layer, kind, "

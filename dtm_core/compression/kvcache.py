@@ -20,6 +20,7 @@ the context per step.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass
 from typing import Callable
@@ -263,27 +264,54 @@ class KVHandle:
         self._put.clear()
 
 
+@contextlib.contextmanager
+def cache_hooks(comps: list[CacheComponent], make: Callable):
+    """For the duration: each component's entries go through ``make(component, own)`` instead of
+    its own quantizer ``own`` (None on a dense model); the modules' quantizers are restored
+    after (explain records and patches cache entries with it)."""
+    saved = {}
+    for c in comps:
+        _install_wrappers(c.module)
+        saved.setdefault(id(c.module), (c.module, getattr(c.module, ATTR, None)))
+    try:
+        for c in comps:
+            quant = dict(getattr(c.module, ATTR, None) or {})
+            quant[c.cache] = make(c, (saved[id(c.module)][1] or {}).get(c.cache))
+            setattr(c.module, ATTR, quant)
+        yield
+    finally:
+        for module, old in saved.values():
+            if old is not None:
+                setattr(module, ATTR, old)
+            elif hasattr(module, ATTR):
+                delattr(module, ATTR)
+
+
+def recorder(store: dict) -> Callable:
+    """A :func:`cache_hooks` maker that keeps what each component stores (its own quantizer's
+    output, or the dense entries) in ``store[name]``."""
+    def make(comp, own):
+        def fn(x):
+            y = own(x) if own is not None else x
+            store[comp.name] = y.detach()
+            return y
+        return fn
+    return make
+
+
 def _watch(model, comps: list[CacheComponent], see: Callable, sequences, use_cache=False):
     """Forward passes of ``model`` on ``sequences`` (token-id lists, one at a time) with
     ``see(component, entries)`` called on each component's stored entries; the last output."""
-    handle = KVHandle()
-
-    def watcher(comp):
+    def make(comp, own):
         def fn(x):
             see(comp, x)
             return x
         return fn
     out = None
-    try:
-        for c in comps:
-            handle.add(c, watcher(c))
+    with cache_hooks(comps, make), torch.no_grad():
         device = next(model.parameters()).device
-        with torch.no_grad():
-            for ids in sequences:
-                out = model(input_ids=torch.tensor([list(ids)], device=device),
-                            use_cache=use_cache)
-    finally:
-        handle.remove()
+        for ids in sequences:
+            out = model(input_ids=torch.tensor([list(ids)], device=device), use_cache=use_cache)
     return out
 
 
@@ -330,5 +358,6 @@ def cache_layout(model, comps: list[CacheComponent]) -> dict[str, CacheSlot]:
     return {c.name: CacheSlot(shapes[c.name], windows.get(c.layer)) for c in comps}
 
 
-__all__ = ["ATTR", "CacheComponent", "CacheSlot", "KVHandle", "cache_layout", "fp8_quantize",
+__all__ = ["ATTR", "CacheComponent", "CacheSlot", "KVHandle", "cache_hooks", "cache_layout",
+           "fp8_quantize", "recorder",
            "int_quantize", "mark_stored", "record_absmax", "resolve_cache", "stored_quantizers"]
