@@ -97,7 +97,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=16)
-    ap.add_argument("--specs", default="int4:g64,int3:g64,magnitude:0.5")
+    ap.add_argument("--specs", default="int4:g64,int3:g64,magnitude:0.5,kv:int4")
     ap.add_argument("--kinds", default=None)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "dtm-bench-estimate"))
@@ -120,8 +120,6 @@ def main():
         for k, spec in enumerate(specs):
             agreement(dense, ids, args.new_tokens, spec, args.cache_dir, args.kinds,
                       probes=("gauss", "sample", "argmax") if k == 0 else ("gauss",))
-        print("| default | kv:int4 | - | - | - | - | - | - | - | - |  "
-              "(kv: specs arrive with issue 26)")
         cost(dense, ids, args.new_tokens, specs[0], args.batch_size, args.kinds)
     print("\ncells where estimate and exact disagree most (KL ranks, 1 = most sensitive):")
     print("\n".join(DISAGREE))

@@ -66,9 +66,8 @@ def _sweep_click(run_sweep, model, spec, upload, builtin, chat, new_tokens, laye
     refinement, yielding the heatmap as it fills."""
     base = (model, spec, upload, builtin, chat, new_tokens, layers, kinds, metric, ikv_text,
             view, calibration, calibration_file, calib_ctx, calib_samples, sequential, whole)
-    try:    # (KV caches have no weights to estimate from: their sweep is exact)
-        plain = not estimate_first or IntactKV.parse(ikv_text) is not None or \
-            parse_spec(spec).targets_cache
+    try:
+        plain = not estimate_first or IntactKV.parse(ikv_text) is not None
     except Exception:  # noqa: BLE001 - run_sweep reports a bad setting in its own words
         plain = True
     if plain:

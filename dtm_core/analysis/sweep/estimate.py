@@ -31,10 +31,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from dtm_core.analysis.sweep.probes import PROBES, _probe  # noqa: F401 (tests read _probe)
 from dtm_core.errors import DTMError
 from dtm_core.models.generation import model_device, pad_id_of, plan_batches, right_padded, vocab_size
 
-PROBES = ("gauss", "sample", "argmax")
 ESTIMATE_COLUMNS = ["layer", "kind", "component", "params", "kl_estimate", "fdt_estimate",
                     "exact", "kl_mean", "fdt_mean"]
 # (log c, a) of the flip probability q = c KL^a (:func:`fdt_curve`), fitted on the default
@@ -54,21 +54,6 @@ class Fisher:
 
     def of(self, comp) -> torch.Tensor:
         return self.diag[(id(comp.module), comp.param)]
-
-
-def _probe(z: torch.Tensor, probe: str, gen: torch.Generator) -> torch.Tensor:
-    """(positions, V) probe vectors u with E[u u'] = diag(p) - p p' (``argmax``: the greedy
-    token's score, onehot - p) for logits ``z``."""
-    p = torch.softmax(z.detach().float(), -1)
-    if probe == "gauss":
-        e = torch.randn(p.shape, generator=gen, device="cpu").to(p.device)
-        s = p.sqrt()
-        return s * e - p * (s * e).sum(-1, keepdim=True)
-    if probe == "sample":
-        t = torch.multinomial(p.cpu(), 1, generator=gen).to(p.device)
-    else:
-        t = p.argmax(-1, keepdim=True)
-    return torch.zeros_like(p).scatter_(-1, t, 1.0) - p
 
 
 def fisher_diagonal(dense, prompt_ids: Sequence[Sequence[int]], references, comps, *,
@@ -325,23 +310,27 @@ def estimate_sweep(dense, spec: str, prompt_ids: Sequence[Sequence[int]], new_to
     t0 = time.perf_counter()
     note = progress or (lambda f, m: None)
     sp = parse_spec(spec)
-    if sp.targets_cache:
-        raise DTMError(f"Estimated sweeps read the Fisher of weights, which a KV cache ({sp}) has "
-                       "none of; run the exact sweep (without --estimate, or untick Estimate "
-                       "first).")
     ikv = IntactKV.parse(intactkv)
     prompt_ids = [list(p) for p in prompt_ids]
-    comps = select_components(dense.model, layers, kinds)
+    comps = select_components(dense.model, layers, kinds, spec)
     _, cells, calib = sweep_store(dense, spec, prompt_ids, new_tokens, ikv, calibration,
                                   cache_dir)
     if references is None:
         note(0.0, "dense references")
         references = reference_continuations(dense, prompt_ids, new_tokens, batch_size)
     note(0.2, f"Fisher diagonal of {len(comps)} components (one forward and backward a batch)")
-    fisher = _fisher_for(dense, prompt_ids, [list(r) for r in references], comps, batch_size,
-                         probe, seed)
-    note(0.7, f"estimating {len(comps)} cells")
-    rows = estimate_rows(dense, fisher, sp, comps, calib)
+    refs = [list(r) for r in references]
+    if sp.targets_cache:        # the Fisher of the stored entries (estimate_kv)
+        from dtm_core.analysis.sweep.estimate_kv import cache_fisher_for, cache_rows
+
+        fisher = cache_fisher_for(dense, prompt_ids, refs, comps, batch_size, probe, seed)
+        note(0.7, f"estimating {len(comps)} cells")
+        rows = cache_rows(dense, fisher, sp, comps, calib)
+        fisher = Fisher(positions=fisher["positions"], seconds=fisher["seconds"], probe=probe)
+    else:
+        fisher = _fisher_for(dense, prompt_ids, refs, comps, batch_size, probe, seed)
+        note(0.7, f"estimating {len(comps)} cells")
+        rows = estimate_rows(dense, fisher, sp, comps, calib)
     stored = [r for r in (cells.get(c.name) for c in comps) if r is not None]
     exact = pd.DataFrame(stored, columns=cell_columns()) if stored else None
     table, curve = finish_table(rows, exact, new_tokens)
