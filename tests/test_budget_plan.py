@@ -585,3 +585,39 @@ def test_the_mixed_plan_tab_makes_a_draft_plan(tmp_path, monkeypatch):
     assert "accepted per step on the held-out prompts" in status, status
     assert "speed-up" in status and state["objective"] == "accept_len_k4"
     assert {"accept_len", "speedup"} <= set(table.columns), list(table.columns)
+
+
+def test_shortlisted_plan_measures_k_cells_per_spec_and_is_verified(tmp_path):
+    """--shortlist K (issue 30, point 4): every cell estimated, only the K most sensitive by
+    estimate of each spec measured exactly (the store holds just those), the others planned with
+    their estimates; the plan is still verified by a real evaluation of its pair."""
+    from dtm_core.analysis.sweep.estimate import estimate_sweep
+    from dtm_core.analysis.sweep.run import sweep_store
+
+    m = tiny_llama()
+    pset = number_set(8, seed=5)
+    plan = make_budget_plan(m, "int4:g16,int3:g16", pset, 8, budget=Budget("bits", 5.0),
+                            holdout=0.0, cache_dir=tmp_path, planner="fdt", shortlist=3,
+                            kinds="q,k,v,o,down")
+    ids = [[int(w) for w in pset.prompts[i].split()] for i in plan.fit_prompts]
+    n_cells = len(plan.assignments)
+    assert f"shortlist: 6 of {2 * n_cells} cells exact" in plan.note
+    cells = plan.cells.set_index(["component", "spec"])
+    for spec in ("int4:g16", "int3:g16"):
+        est = estimate_sweep(m, spec, ids, 8, cache_dir=tmp_path, kinds="q,k,v,o,down")
+        top = list(est.table.sort_values("kl_estimate", ascending=False).component[:3])
+        assert sorted(est.table[est.table.exact].component) == sorted(top)
+        _, store, _ = sweep_store(m, spec, ids, 8, None, None, tmp_path)
+        for r in est.table.itertuples():
+            got = cells.loc[(r.component, spec)]
+            if r.exact:     # measured: the stored cell
+                assert got.kl_mean == store.get(r.component)["kl_mean"]
+            else:           # planned from the estimate
+                assert store.get(r.component) is None
+                assert got.kl_mean == pytest.approx(r.kl_estimate)
+    refs = reference_continuations(m, ids, 8)
+    again = divergence(make_pair(m, plan.recipe), prompt_ids=ids, references=refs, new_tokens=8)
+    assert plan.fdt_mean == pytest.approx(float(again.table.fdt.mean()))
+    with pytest.raises(DTMError, match="leave out --shortlist"):
+        make_budget_plan(m, "int4:g16", pset, 8, budget=Budget("bits", 5.0), shortlist=2,
+                         objective="accept_len_k4")

@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 
 from dtm_core.models import hooks
-from dtm_core.models.components import Component, all_components, resolve
+from dtm_core.models.components import all_components, resolve
 from dtm_core.measure.divergence import reference_continuations
 from dtm_core.errors import DTMError
 from dtm_core.models.families import family_of

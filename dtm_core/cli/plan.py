@@ -44,6 +44,11 @@ def add_parser(sub) -> None:
                    help="a draft plan's cost of one draft forward over one dense forward, for "
                         "the expected speed-up (default: the draft's bits over the dense "
                         "model's)")
+    g.add_argument("--shortlist", type=int, metavar="K",
+                   help="estimate every cell first (one forward and backward of the dense model "
+                        "per batch) and measure only the K most sensitive cells of each spec "
+                        "exactly; the others enter the plan with their estimates (it is still "
+                        "verified by real evaluations)")
     g.add_argument("--holdout", type=float, default=0.3, metavar="SHARE",
                    help="share of the prompts held out for the comparison table "
                         "(default 0.3; 0: none)")
@@ -99,6 +104,7 @@ def budget_plan(args) -> int:
                              batch_size=args.batch_size, layers=args.layers, kinds=args.kinds,
                              rank=rank, world=world, store=store, objective=args.objective,
                              target_accept=args.target_accept, draft_cost=args.draft_cost,
+                             shortlist=args.shortlist,
                              progress=opt.stderr_progress if rank == 0 else None)
     if plan is None:
         return 0
@@ -152,9 +158,9 @@ def run(args) -> int:
                        "(with --budget-bits, --budget-sparsity, --budget-bytes or "
                        "--target-fdt).")
     if any(v is not None for v in (args.budget_bits, args.budget_sparsity, args.budget_bytes,
-                                   args.target_fdt)) or args.export:
-        raise DTMError("--budget-bits/--budget-sparsity/--budget-bytes/--target-fdt/--export "
-                       "go with --specs.")
+                                   args.target_fdt, args.shortlist)) or args.export:
+        raise DTMError("--budget-bits/--budget-sparsity/--budget-bytes/--target-fdt/--export/"
+                       "--shortlist go with --specs.")
     dense, ids, rank, world = sweep_setup(args)
     ctx = prepare(dense, ids, args.new_tokens, args.batch_size)
     res = sweep_variants(dense, args.compress, ids, args.new_tokens, **sweep_kw(args, rank, world),

@@ -22,20 +22,17 @@
 """
 from __future__ import annotations
 
-import json
 import random
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pandas as pd
 
 from dtm_core.planning.draft_plan import draft_columns, draft_length
-from dtm_core.planning.allocation import (KEEP, KV_BYTES, KV_DENSE, Budget, ChoiceTable, choice_table, closest_uniform,
-                                          dtm_allocation, knapsack, losses, random_allocation,
-                                          recipe_of)
-from dtm_core.compression.recipe import Recipe
+from dtm_core.planning.plan_record import BudgetPlan  # noqa: F401 (its home for most callers)
+from dtm_core.planning.allocation import (KEEP, KV_BYTES, Budget, ChoiceTable, choice_table,
+                                          closest_uniform, dtm_allocation, knapsack, losses,
+                                          random_allocation, recipe_of)  # noqa: F401
 from dtm_core.measure.divergence import reference_continuations
 from dtm_core.errors import DTMError
 from dtm_core.measure.evaluate import evaluate, paired_bootstrap
@@ -79,128 +76,6 @@ def split_prompts(n: int, holdout: float, seed: int = 0) -> tuple[list[int], lis
         raise DTMError(f"{n} prompt{'s' * (n != 1)} cannot be split with --holdout {holdout:g}: "
                        "both parts need at least one prompt.")
     return sorted(idx[:n - k]), sorted(idx[n - k:])
-
-
-@dataclass
-class BudgetPlan:
-    assignments: dict[str, str]          # component -> spec ("none": kept)
-    specs: list[str]
-    budget: Budget | None
-    target_fdt: float | None             # a share of N
-    planner: str
-    measure: dict                        # avg_bits, sparsity, bytes
-    fdt_mean: float                      # verified on the fit prompts
-    new_tokens: int
-    family: str
-    dtype_bits: int
-    fit_prompts: list[int]
-    holdout_prompts: list[int]
-    evaluations: list[dict] = field(default_factory=list)   # each real evaluation of a plan
-    holdout: pd.DataFrame | None = None
-    note: str = ""
-    threshold: float | None = None       # the DTM planner's FDT threshold
-    cells: pd.DataFrame | None = None    # every (component, choice) on the fit prompts
-    # what the plan optimizes: "fdt", or "accept_len_k{K}" (a draft plan: ``fdt_mean`` then
-    # holds the verified mean accepted length, ``target_fdt`` the target accepted length)
-    objective: str = "fdt"
-    draft_cost: float | None = None      # one draft forward over a dense one, when given
-
-    @property
-    def recipe(self) -> Recipe:
-        """One item per spec used; kept components are left out."""
-        return recipe_of(self.assignments)
-
-    @property
-    def components(self) -> list[str]:
-        return [c for c, s in self.assignments.items() if s != KEEP]
-
-    def counts(self) -> dict[str, int]:
-        out = {s: 0 for s in [KEEP] + self.specs}
-        for s in self.assignments.values():
-            out[s] = out.get(s, 0) + 1
-        return out
-
-    def to_json(self) -> dict:
-        from dtm_core.planning.plan_exports import llama_cpp_arguments
-        try:
-            llama = llama_cpp_arguments(self.assignments, self.family, self.dtype_bits)
-        except DTMError:
-            llama = None
-        return {"recipe": self.recipe.to_json(), "assignments": self.assignments,
-                "specs": self.specs, "planner": self.planner,
-                "budget": None if self.budget is None else {"kind": self.budget.kind,
-                                                            "value": self.budget.value,
-                                                            "per": self.budget.per},
-                "target_fdt": self.target_fdt if self.objective == "fdt" else None,
-                **self.measure, "objective": self.objective,
-                **({"fdt_mean": self.fdt_mean} if self.objective == "fdt" else
-                   {f"{self.objective}_mean": self.fdt_mean, "target": self.target_fdt,
-                    "draft_cost": self.draft_cost}),
-                "new_tokens": self.new_tokens,
-                "family": self.family, "dtype_bits": self.dtype_bits,
-                "fit_prompts": self.fit_prompts, "holdout_prompts": self.holdout_prompts,
-                "evaluations": self.evaluations, "threshold": self.threshold, "note": self.note,
-                "holdout": None if self.holdout is None else
-                json.loads(self.holdout.to_json(orient="records")),
-                "cells": None if self.cells is None else
-                json.loads(self.cells.to_json(orient="records")),
-                "llama_cpp_tensor_types": None if llama is None else llama["tensor_types"]}
-
-    def save(self, path: str) -> None:
-        Path(path).write_text(json.dumps(self.to_json(), indent=2), encoding="utf-8")
-
-    @classmethod
-    def from_json(cls, data: dict) -> "BudgetPlan":
-        """The plan a :meth:`to_json` (a plan.json) holds."""
-        try:
-            b = data.get("budget")
-            held = data.get("holdout")
-            return cls(assignments=dict(data["assignments"]), specs=list(data["specs"]),
-                       budget=Budget(b["kind"], float(b["value"]), b.get("per", "weight"))
-                       if b else None,
-                       target_fdt=data.get("target_fdt") if data.get("objective", "fdt") == "fdt"
-                       else data.get("target"),
-                       planner=data["planner"],
-                       measure={k: data[k] for k in ("avg_bits", "sparsity", "bytes", KV_BYTES,
-                                                     KV_DENSE)
-                                if k in data or k not in (KV_BYTES, KV_DENSE)},
-                       fdt_mean=float(data["fdt_mean"] if "fdt_mean" in data else
-                                      data[f"{data['objective']}_mean"]),
-                       new_tokens=int(data["new_tokens"]),
-                       objective=data.get("objective", "fdt"), draft_cost=data.get("draft_cost"),
-                       family=data["family"], dtype_bits=int(data["dtype_bits"]),
-                       fit_prompts=list(data["fit_prompts"]),
-                       holdout_prompts=list(data["holdout_prompts"]),
-                       evaluations=list(data.get("evaluations") or []),
-                       holdout=None if held is None else pd.DataFrame(held),
-                       note=data.get("note") or "", threshold=data.get("threshold"),
-                       cells=None if data.get("cells") is None else pd.DataFrame(data["cells"]))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise DTMError(f"This is not a mixed plan's JSON (from plan --specs): missing or bad "
-                           f"{exc}.") from None
-
-    def summary_line(self) -> str:
-        counts = ", ".join(f"{n} {s}" for s, n in self.counts().items() if n)
-        bud = f" within {self.budget}" if self.budget is not None else ""
-        draft = self.objective != "fdt"
-        tgt = "" if self.target_fdt is None else (
-            f", target {self.target_fdt:g} accepted per step" if draft
-            else f", target {self.target_fdt:g} x N")
-        value = (f"mean accepted per step drafting {draft_length(self.objective)} "
-                 f"{self.fdt_mean:.3f}" if draft else
-                 f"mean FDT {self.fdt_mean:.2f} of {self.new_tokens}")
-        if KV_BYTES in self.measure:
-            size = (f"{self.measure['avg_bits']:.3f} bits per cached value, KV cache "
-                    f"{self.measure[KV_BYTES] / 2 ** 20:.3g} MiB per 1000 tokens of context "
-                    f"(dense {self.measure[KV_DENSE] / 2 ** 20:.3g} MiB)")
-        else:
-            size = (f"{self.measure['avg_bits']:.3f} bits per weight, "
-                    f"{self.measure['sparsity']:.1%} sparsity, "
-                    f"{self.measure['bytes'] / 2 ** 20:.1f} MiB")
-        return (f"{'draft ' if draft else ''}plan ({self.planner}{bud}{tgt}): {counts}; "
-                f"{size}; {value} on the "
-                f"{len(self.fit_prompts)} fit prompts"
-                + (f" ({self.note})" if self.note else ""))
 
 
 class _Verifier:
@@ -293,7 +168,8 @@ def make_budget_plan(dense: LoadedModel, specs, pset: PromptSet, new_tokens: int
                      kinds: str | None = None, rank: int = 0, world: int = 1,
                      store=None, progress: Callable[[float | None, str], None] | None = None,
                      stop=None, objective: str = "fdt", target_accept: float | None = None,
-                     draft_cost: float | None = None) -> BudgetPlan | None:
+                     draft_cost: float | None = None,
+                     shortlist: int | None = None) -> BudgetPlan | None:
     """A plan of one spec per component (see the module docstring). ``calibration``: texts or a
     Calibration for methods that need statistics (default: the fit prompts, as the sweeps).
     Under torchrun (``world`` > 1 with the c10d ``store``) the ranks share the sweeps' cells and
@@ -303,7 +179,10 @@ def make_budget_plan(dense: LoadedModel, specs, pset: PromptSet, new_tokens: int
     ends the sweeps after the current cell (their finished cells stay stored).
     ``objective="accept_len_k{K}"`` makes it a draft plan (:mod:`dtm_core.planning.draft_plan`):
     ``target_accept`` a mean accepted length per step to reach, ``draft_cost`` one draft forward
-    over a dense one for the expected speed-up (default: bits over the dense model's)."""
+    over a dense one for the expected speed-up (default: bits over the dense model's).
+    ``shortlist`` K: each spec's cells are estimated first (:mod:`~dtm_core.analysis.sweep.
+    estimate`) and only the K most sensitive by estimate are measured exactly, the others enter
+    the choice table with their estimates; the plan is still verified by real evaluations."""
     from dtm_core.planning.draft_plan import objective_table
     from dtm_core.compression.calibration import calibration_from
     from dtm_core.analysis.sweep import prepare, sweep
@@ -339,6 +218,12 @@ def make_budget_plan(dense: LoadedModel, specs, pset: PromptSet, new_tokens: int
         raise DTMError(f"Unknown planner '{planner}': use {' or '.join(PLANNERS)}.")
     if max_evals < 1:
         raise DTMError("--max-evals must be at least 1.")
+    if shortlist is not None and k_draft is not None:
+        raise DTMError("A draft plan needs every cell's acceptance, which estimates do not give: "
+                       "leave out --shortlist.")
+    if shortlist is not None and (shortlist < 0 or world > 1):
+        raise DTMError("--shortlist K takes K >= 0 exact cells per spec, in one process (not "
+                       "under torchrun).")
     texts = pset.prompts
     fit, held = split_prompts(len(texts), holdout, seed)
     ids_all = encode_prompts(dense.tokenizer, texts, chat=chat)
@@ -352,11 +237,15 @@ def make_budget_plan(dense: LoadedModel, specs, pset: PromptSet, new_tokens: int
     ctx = prepare(dense, ids, new_tokens, batch_size, references=refs)
     tables = {}
     for k, spec in enumerate(specs):
+        tell = (lambda f, m, k=k, s=spec: note((k + f) / len(specs) * 0.8, f"sweep {s}: {m}"))
+        if shortlist is not None:
+            tables[spec] = _shortlisted(dense, spec, ids, new_tokens, shortlist, ctx, calib,
+                                        dict(cache_dir=cache_dir, batch_size=batch_size,
+                                             layers=layers, kinds=kinds, stop=stop), tell)
+            continue
         res = sweep(dense, spec, ids, new_tokens, cache_dir=cache_dir, ctx=ctx, calibration=calib,
                     batch_size=batch_size, layers=layers, kinds=kinds, rank=rank, world=world,
-                    store=store, stop=stop,
-                    progress=lambda f, m, k=k, s=spec: note((k + f) / len(specs) * 0.8,
-                                                          f"sweep {s}: {m}"))
+                    store=store, stop=stop, progress=tell)
         if res.stopped:
             raise DTMError(f"Stopped during the sweep of {spec}; the finished cells are stored "
                            "and the next plan over the same prompts reuses them.")
@@ -393,6 +282,11 @@ def make_budget_plan(dense: LoadedModel, specs, pset: PromptSet, new_tokens: int
     else:
         planner = "fdt" if planner == "auto" else planner
         assign, real, threshold, why_note = _smallest(table, want, planner, verify, max_evals)
+    if shortlist is not None:
+        exact = sum(int(t.exact.sum()) for t in tables.values())
+        why_note += ("; " if why_note else "") + (
+            f"shortlist: {exact} of {sum(len(t) for t in tables.values())} cells exact, the "
+            "others estimated")
     measure = table.measure(assign)
     plan = BudgetPlan(assignments=table.assignments(assign), specs=specs, budget=budget,
                       target_fdt=target_fdt, planner=planner, measure=measure, fdt_mean=real,
@@ -407,6 +301,24 @@ def make_budget_plan(dense: LoadedModel, specs, pset: PromptSet, new_tokens: int
                                      calib, seed, note)
     note(1.0, plan.summary_line())
     return plan
+
+
+def _shortlisted(dense, spec, ids, new_tokens, shortlist, ctx, calib, kw, tell) -> pd.DataFrame:
+    """A spec's cells for the choice table from estimates (:mod:`~dtm_core.analysis.sweep.
+    refine`): the ``shortlist`` most sensitive by estimate (and any already stored) exact, the
+    others their estimates (``kl_estimate``; ``fdt_estimate`` from the curve fitted on the
+    exact ones), with ``exact`` saying which."""
+    from dtm_core.analysis.sweep.refine import estimate_and_refine
+
+    r = estimate_and_refine(dense, spec, ids, new_tokens, refine=shortlist, ctx=ctx,
+                            calibration=calib, progress=tell, **kw)
+    if r.sweep is not None and r.sweep.stopped:
+        raise DTMError(f"Stopped during the sweep of {spec}; the finished cells are stored and "
+                       "the next plan over the same prompts reuses them.")
+    t = r.table.copy()
+    t["fdt_mean"] = t.fdt_mean.where(t.exact, t.fdt_estimate)
+    t["kl_mean"] = t.kl_mean.where(t.exact, t.kl_estimate)
+    return t
 
 
 def _smallest(table, want, planner, verify, max_evals):

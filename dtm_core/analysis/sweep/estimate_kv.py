@@ -67,7 +67,7 @@ def cache_fisher(dense, prompt_ids, references, comps, *, batch_size: int = 16,
             out["g2"][n].append(torch.zeros_like(x, dtype=torch.float32) if g is None
                                 else g.detach().float().square_())
         out["positions"] += len(rows)
-        del logits, z, seen
+        del logits, z
     out["seconds"] = time.perf_counter() - t0
     return out
 

@@ -59,8 +59,11 @@ def estimate_and_refine(dense, spec: str, prompt_ids: Sequence[Sequence[int]], n
     ``on_estimate`` sees the estimated table at once, ``on_table`` the merged table after each
     exact cell; ``kw`` as for :func:`~dtm_core.analysis.sweep.sweep` (layers, kinds, cache_dir,
     batch_size, calibration, intactkv)."""
+    given = kw.pop("ctx", None)     # a prepared context (its references serve the estimate)
     est_kw = {k: v for k, v in kw.items() if k in ("layers", "kinds", "cache_dir", "batch_size",
                                                    "calibration", "intactkv")}
+    if given is not None:
+        est_kw["references"] = given.references
     est = estimate_sweep(dense, spec, prompt_ids, new_tokens, probe=probe, seed=seed,
                          progress=progress, **est_kw)
     exact_rows = est.table[est.table.exact].component.tolist()
@@ -89,8 +92,8 @@ def estimate_and_refine(dense, spec: str, prompt_ids: Sequence[Sequence[int]], n
                                   new_tokens))
 
     names = exact_rows + order          # stored cells first, then by estimate
-    ctx = None
-    if order and (refine is None or refine > 0 or settle):
+    ctx = given
+    if ctx is None and order and (refine is None or refine > 0 or settle):
         from dtm_core.analysis.sweep.record import prepare
 
         ctx = prepare(dense, prompt_ids, new_tokens, kw.get("batch_size", 16),
