@@ -367,26 +367,34 @@ def _quantize_caches(model, caches, calibration, applied: Applied) -> None:
     """Put the KV specs' quantizers on the attention modules of the cache components (static
     scales from the calibration prompts on the dense model, shared by every pair of that
     calibration)."""
-    from dtm_core.compression.kvcache import KVHandle, head_dim, record_absmax
+    from dtm_core.compression.kvcache import KVHandle, head_dim
 
     handle = KVHandle()
     applied._hooks.append(handle)
-    absmax = {}
-    static = [c for c, sp in caches if sp.needs_calibration]
-    if static:
-        if calibration is None or isinstance(calibration, dict):
-            names = ", ".join(sorted({str(sp) for _, sp in caches if sp.needs_calibration}))
-            raise DTMError(f"{names} needs calibration prompts for its static scales: give a "
-                           "prompt set or --calibration.")
-        dense = calibration._model() or model
-        comps = [c for c, sp in caches]
-        absmax = calibration.memo(("kv_absmax", tuple(c.name for c in comps)),
-                                  lambda: record_absmax(dense, _same_caches(dense, comps),
-                                                        calibration.seqs))
+    absmax = cache_absmax(model, caches, calibration)
     for comp, spec in caches:
         fn = spec.quantizer(head_dim(model, comp), absmax.get((comp.layer, comp.kind)),
                             comp.name)
         handle.add(comp, fn)
+
+
+def cache_absmax(model, caches, calibration) -> dict:
+    """max |entry| per (layer, kind) of the (component, spec) pairs whose spec has static scales,
+    on the dense model over the calibration prompts (memoized on the calibration); {} when none
+    has."""
+    from dtm_core.compression.kvcache import record_absmax
+
+    if not any(sp.needs_calibration for _, sp in caches):
+        return {}
+    if calibration is None or isinstance(calibration, dict):
+        names = ", ".join(sorted({str(sp) for _, sp in caches if sp.needs_calibration}))
+        raise DTMError(f"{names} needs calibration prompts for its static scales: give a "
+                       "prompt set or --calibration.")
+    dense = calibration._model() or model
+    comps = [c for c, sp in caches]
+    return calibration.memo(("kv_absmax", tuple(c.name for c in comps)),
+                            lambda: record_absmax(dense, _same_caches(dense, comps),
+                                                  calibration.seqs))
 
 
 def _same_caches(model, comps):

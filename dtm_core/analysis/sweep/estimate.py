@@ -31,9 +31,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dtm_core.analysis.sweep.probes import PROBES, _probe  # noqa: F401 (tests read _probe)
+from dtm_core.analysis.sweep.probes import PROBES, _probe, probe_batches
 from dtm_core.errors import DTMError
-from dtm_core.models.generation import model_device, pad_id_of, plan_batches, right_padded, vocab_size
 
 ESTIMATE_COLUMNS = ["layer", "kind", "component", "params", "kl_estimate", "fdt_estimate",
                     "exact", "kl_mean", "fdt_mean"]
@@ -71,10 +70,6 @@ def fisher_diagonal(dense, prompt_ids: Sequence[Sequence[int]], references, comp
         raise DTMError("No components to estimate.")
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
-    full = [list(p) + list(r) for p, r in zip(prompt_ids, references)]
-    batches = plan_batches([len(s) for s in full], vocab_size(model), batch_size)
-    pad = pad_id_of(dense.tokenizer)
-    dev = model_device(model)
     out = Fisher(probe=probe)
     was = {k: w.requires_grad for k, w in params.items()}
     frozen = [w for w in model.parameters() if w.requires_grad]
@@ -84,16 +79,10 @@ def fisher_diagonal(dense, prompt_ids: Sequence[Sequence[int]], references, comp
         for w in params.values():
             w.requires_grad_(True)
             w.grad = None
-        for idx in batches:
-            rows = torch.cat([torch.full((len(references[i]),), j) for j, i in enumerate(idx)])
-            pos = torch.cat([torch.arange(len(references[i])) + len(prompt_ids[i]) - 1
-                             for i in idx])
-            if len(rows) == 0:
-                continue
+        for x_ids, rows, pos in probe_batches(dense, prompt_ids, references, batch_size):
             with torch.enable_grad():
-                logits = model(input_ids=right_padded([full[i] for i in idx], pad).to(dev),
-                               use_cache=False).logits
-                z = logits[rows.to(dev), pos.to(dev)].float()
+                logits = model(input_ids=x_ids, use_cache=False).logits
+                z = logits[rows, pos].float()
                 u = _probe(z, probe, gen)
                 torch.autograd.backward((z * u).sum(), inputs=list(params.values()))
             for k, w in params.items():

@@ -21,30 +21,20 @@ import time
 
 import torch
 
-from dtm_core.models.generation import model_device, pad_id_of, plan_batches, right_padded, \
-    vocab_size
 
 
 def cache_fisher(dense, prompt_ids, references, comps, *, batch_size: int = 16,
                  probe: str = "gauss", seed: int = 0) -> dict:
     """``{"entries": {name: [x per batch]}, "g2": {name: [squared gradient per batch]},
     "positions": continuation positions, "seconds": s}`` of the cache components ``comps``."""
-    from dtm_core.analysis.sweep.probes import _probe
+    from dtm_core.analysis.sweep.probes import _probe, probe_batches
     from dtm_core.compression.kvcache import cache_hooks
 
-    model = dense.model
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
-    full = [list(p) + list(r) for p, r in zip(prompt_ids, references)]
-    batches = plan_batches([len(s) for s in full], vocab_size(model), batch_size)
-    pad, dev = pad_id_of(dense.tokenizer), model_device(model)
     out = {"entries": {c.name: [] for c in comps}, "g2": {c.name: [] for c in comps},
            "positions": 0}
-    for idx in batches:
-        rows = torch.cat([torch.full((len(references[i]),), j) for j, i in enumerate(idx)])
-        pos = torch.cat([torch.arange(len(references[i])) + len(prompt_ids[i]) - 1 for i in idx])
-        if len(rows) == 0:
-            continue
+    for x_ids, rows, pos in probe_batches(dense, prompt_ids, references, batch_size):
         seen: dict = {}
 
         def make(comp, own):
@@ -55,9 +45,7 @@ def cache_fisher(dense, prompt_ids, references, comps, *, batch_size: int = 16,
                 return x
             return fn
         with torch.enable_grad(), cache_hooks(comps, make):
-            logits = model(input_ids=right_padded([full[i] for i in idx], pad).to(dev),
-                           use_cache=False).logits
-            z = logits[rows.to(dev), pos.to(dev)].float()
+            z = dense.model(input_ids=x_ids, use_cache=False).logits[rows, pos].float()
             names = [c.name for c in comps if c.name in seen]
             grads = torch.autograd.grad((z * _probe(z, probe, gen)).sum(),
                                         [seen[n] for n in names], allow_unused=True)
@@ -67,23 +55,17 @@ def cache_fisher(dense, prompt_ids, references, comps, *, batch_size: int = 16,
             out["g2"][n].append(torch.zeros_like(x, dtype=torch.float32) if g is None
                                 else g.detach().float().square_())
         out["positions"] += len(rows)
-        del logits, z
+        del z
     out["seconds"] = time.perf_counter() - t0
     return out
 
 
 def cache_rows(dense, fisher: dict, spec, comps, calibration=None) -> list[dict]:
     """Each cache quantized alone with ``spec``: 1/2 sum F (q(x) - x)^2 / positions."""
-    from dtm_core.compression.kvcache import head_dim, record_absmax
+    from dtm_core.compression.kvcache import head_dim
+    from dtm_core.compression.recipe import cache_absmax
 
-    absmax = {}
-    if spec.needs_calibration:
-        from dtm_core.errors import DTMError
-
-        if calibration is None or isinstance(calibration, dict):
-            raise DTMError(f"{spec} needs calibration prompts for its static scales: give a "
-                           "prompt set or --calibration.")
-        absmax = record_absmax(dense.model, comps, calibration.seqs)
+    absmax = cache_absmax(dense.model, [(c, spec) for c in comps], calibration)
     rows = []
     for c in comps:
         q = spec.quantizer(head_dim(dense.model, c), absmax.get((c.layer, c.kind)), c.name)

@@ -20,3 +20,21 @@ def _probe(z: torch.Tensor, probe: str, gen: torch.Generator) -> torch.Tensor:
     else:
         t = p.argmax(-1, keepdim=True)
     return torch.zeros_like(p).scatter_(-1, t, 1.0) - p
+
+
+def probe_batches(dense, prompt_ids, references, batch_size: int):
+    """Per batch of prompt + reference sequences (right-padded, on the model's device): the input
+    ids and, for every continuation position of the batch, its row and position (the logits
+    there are what the probes read). Batches without continuation positions are skipped."""
+    from dtm_core.models.generation import (model_device, pad_id_of, plan_batches,
+                                            right_padded, vocab_size)
+
+    full = [list(p) + list(r) for p, r in zip(prompt_ids, references)]
+    pad, dev = pad_id_of(dense.tokenizer), model_device(dense.model)
+    for idx in plan_batches([len(s) for s in full], vocab_size(dense.model), batch_size):
+        rows = torch.cat([torch.full((len(references[i]),), j) for j, i in enumerate(idx)])
+        pos = torch.cat([torch.arange(len(references[i])) + len(prompt_ids[i]) - 1
+                         for i in idx])
+        if len(rows):
+            yield (right_padded([full[i] for i in idx], pad).to(dev), rows.to(dev),
+                   pos.to(dev))
