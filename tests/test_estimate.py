@@ -16,6 +16,7 @@ from dtm_core.measure.divergence import reference_continuations
 from dtm_core.models.components import resolve
 
 from conftest import NumberTokenizer, make_tiny, random_prompts
+from test_families import FAMILIES, make
 
 
 @pytest.mark.parametrize("probe", ["gauss", "sample"])
@@ -27,6 +28,26 @@ def test_probes_have_the_logits_fisher_as_covariance(probe):
     want = torch.diag(p) - torch.outer(p, p)
     got = u.T @ u / len(u)
     assert torch.allclose(got, want, atol=4e-3), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt", *FAMILIES])
+def test_the_head_at_probed_positions_gives_the_full_logits_there(family):
+    """The Fisher passes run the LM head only at continuation positions (probes.head_at): the
+    logits there equal the full pass's, the family's post-processing included (Gemma's
+    soft-capping), and the head is whole again after the block."""
+    from dtm_core.analysis.sweep.probes import head_at
+
+    dense = make(family) if family in FAMILIES else make_tiny(family)
+    ids = torch.tensor([[1, 5, 9, 4, 7, 3], [1, 8, 2, 6, 0, 0]])
+    rows, pos = torch.tensor([0, 0, 1, 1]), torch.tensor([2, 5, 1, 3])
+    with torch.no_grad():
+        full = dense.model(input_ids=ids, use_cache=False).logits
+        with head_at(dense.model, rows, pos):
+            cut = dense.model(input_ids=ids, use_cache=False).logits
+        again = dense.model(input_ids=ids, use_cache=False).logits
+    assert cut.shape == (1, 4, full.shape[-1])
+    torch.testing.assert_close(cut[0], full[rows, pos], rtol=1e-5, atol=1e-5)
+    assert again.shape == full.shape
 
 
 def _kl_exact(dense, changed_model, ids, refs) -> float:

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dtm_core.analysis.sweep.probes import PROBES, _probe, probe_batches
+from dtm_core.analysis.sweep.probes import PROBES, _probe, head_at, probe_batches
 from dtm_core.errors import DTMError
 
 ESTIMATE_COLUMNS = ["layer", "kind", "component", "params", "kl_estimate", "fdt_estimate",
@@ -80,9 +80,9 @@ def fisher_diagonal(dense, prompt_ids: Sequence[Sequence[int]], references, comp
             w.requires_grad_(True)
             w.grad = None
         for x_ids, rows, pos in probe_batches(dense, prompt_ids, references, batch_size):
-            with torch.enable_grad():
+            with torch.enable_grad(), head_at(model, rows, pos):
                 logits = model(input_ids=x_ids, use_cache=False).logits
-                z = logits[rows, pos].float()
+                z = logits[0].float()
                 u = _probe(z, probe, gen)
                 torch.autograd.backward((z * u).sum(), inputs=list(params.values()))
             for k, w in params.items():

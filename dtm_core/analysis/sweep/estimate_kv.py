@@ -27,7 +27,7 @@ def cache_fisher(dense, prompt_ids, references, comps, *, batch_size: int = 16,
                  probe: str = "gauss", seed: int = 0) -> dict:
     """``{"entries": {name: [x per batch]}, "g2": {name: [squared gradient per batch]},
     "positions": continuation positions, "seconds": s}`` of the cache components ``comps``."""
-    from dtm_core.analysis.sweep.probes import _probe, probe_batches
+    from dtm_core.analysis.sweep.probes import _probe, head_at, probe_batches
     from dtm_core.compression.kvcache import cache_hooks
 
     t0 = time.perf_counter()
@@ -44,8 +44,8 @@ def cache_fisher(dense, prompt_ids, references, comps, *, batch_size: int = 16,
                 seen[comp.name] = x
                 return x
             return fn
-        with torch.enable_grad(), cache_hooks(comps, make):
-            z = dense.model(input_ids=x_ids, use_cache=False).logits[rows, pos].float()
+        with torch.enable_grad(), cache_hooks(comps, make), head_at(dense.model, rows, pos):
+            z = dense.model(input_ids=x_ids, use_cache=False).logits[0].float()
             names = [c.name for c in comps if c.name in seen]
             grads = torch.autograd.grad((z * _probe(z, probe, gen)).sum(),
                                         [seen[n] for n in names], allow_unused=True)
