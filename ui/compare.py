@@ -155,7 +155,7 @@ def build(pair: PairForm, ikv: IntactKVForm) -> CompareTab:
                             placeholder="The capital of France is")
         with gr.Column(scale=1):
             chat = gr.Checkbox(value=False, label="Chat template", elem_id="chat")
-            new_tokens = gr.Slider(1, 512, value=48, step=1, label="Max new tokens",
+            new_tokens = gr.Slider(1, 2048, value=48, step=1, label="Max new tokens",
                                    elem_id="new-tokens")
             with gr.Row():
                 generate = gr.Button("Generate", variant="primary", elem_id="generate",

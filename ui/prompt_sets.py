@@ -137,7 +137,7 @@ def build(pair: PairForm, ikv: IntactKVForm) -> SetsTab:
             builtin = gr.Dropdown(builtin_names(), value="general", label="Built-in set",
                                   elem_id="set-builtin")
             chat = gr.Checkbox(value=False, label="Chat template", elem_id="set-chat")
-            new_tokens = gr.Slider(1, 256, value=32, step=1, label="New tokens (N)",
+            new_tokens = gr.Slider(1, 2048, value=32, step=1, label="New tokens (N)",
                                    elem_id="set-new-tokens")
             with gr.Row():
                 run = gr.Button("Run set", variant="primary", elem_id="set-run")

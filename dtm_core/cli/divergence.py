@@ -17,6 +17,10 @@ def add_parser(sub) -> None:
     div.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
     div.add_argument("--generate-compressed", action="store_true",
                      help="also generate the compressed model's full greedy text (slower)")
+    div.add_argument("--free-run", action="store_true",
+                     help="both models generate greedily to their EOS or N and the texts are "
+                          "compared after the divergence too: len_dense, len_compressed, "
+                          "len_ratio, loop_dense, loop_compressed, rejoin_pos, edit_sim")
     div.add_argument("--out", help="one row per prompt: a plain CSV, or Parquet when the name "
                                    "ends in .parquet; the configuration goes to NAME.json "
                                    "beside it")
@@ -38,7 +42,8 @@ def run(args) -> int:
     ids = encode_prompts(pair.tokenizer, pset.prompts, chat=args.chat)
     variants = {"plain": None} if ikv is None else {"plain": None, "intactkv": ikv}
     cmp = compare_variants(pair, ids, args.new_tokens, variants, batch_size=args.batch_size,
-                           generate_compressed=args.generate_compressed)
+                           generate_compressed=args.generate_compressed,
+                           free_run=args.free_run)
     res = cmp.runs["plain"]
     header = (f"pair: {pair.dense.source} vs {pair.label}   prompts: {len(pset.records)}   "
               f"N: {args.new_tokens}")
@@ -56,7 +61,7 @@ def run(args) -> int:
         write_table(table, args.out, {
             "command": "divergence", "model": pair.dense.source, "pair": pair.label,
             "prompts": args.prompts, "prompt_count": len(pset.records),
-            "new_tokens": args.new_tokens, "chat": args.chat,
+            "new_tokens": args.new_tokens, "chat": args.chat, "free_run": args.free_run,
             "intactkv": None if ikv is None else ikv.label,
             "calibration": None if pair.calibration is None else pair.calibration.label})
     if args.json:

@@ -21,6 +21,12 @@ def add_parser(sub) -> None:
     ev.add_argument("--worst", type=int, default=5, metavar="K",
                     help="print the K prompts with the lowest FDT and the K with the highest KL, "
                          "with the text around each first divergent token (default 5; 0: none)")
+    ev.add_argument("--free-run", action="store_true",
+                    help="compare both models' free-running texts after the divergence too "
+                         "(lengths, loops, rejoin position, edit similarity)")
+    ev.add_argument("--answer-type", choices=["number"], default=None,
+                    help="every item's answer is a number: the final answer of a text (its last "
+                         "\\boxed{...}, else its last number) is compared numerically")
     opt.intactkv_args(ev)
 
 
@@ -29,12 +35,13 @@ def run(args) -> int:
     from dtm_core.measure.prompts import load_prompts
 
     opt.check_common(args)
-    pset = load_prompts(args.prompts)
+    pset = load_prompts(args.prompts).with_answer_type(args.answer_type)
     pair = opt.load_pair(args, pset.prompts)
     ikv = opt.intactkv_of(args, pair, pset.prompts)
     store, rank = opt.join_world(pair)
     res = evaluate(pair, pset, args.new_tokens, chat=args.chat, batch_size=args.batch_size,
-                   progress=opt.stderr_progress, intactkv=ikv, store=store)
+                   progress=opt.stderr_progress, intactkv=ikv, store=store,
+                   free_run=args.free_run)
     if rank != 0:       # torchrun: rank 0 reports the merged result
         return 0
     if res.rejected:

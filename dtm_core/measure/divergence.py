@@ -16,11 +16,13 @@ from typing import Callable, Sequence
 import pandas as pd
 import torch
 
-from dtm_core.models.generation import (check_lengths, encode_prompts, greedy_generate, pad_id_of,
-                                        plan_batches, teacher_forced_logits, vocab_size)
+from dtm_core.models.generation import (check_lengths, encode_prompts, greedy_generate, head_logits,
+                                        hidden_states_only, pad_id_of, plan_batches,
+                                        teacher_forced_hidden, vocab_size)
 from dtm_core.compression.intactkv import IntactKV, teacher_forced_pair
 from dtm_core.measure.diagnostics import TOP_K
-from dtm_core.measure.metrics import (ACCEPT_K, TokenMetrics, aggregate, metric_columns, perplexity,
+from dtm_core.measure.freerun import COLUMNS as FREE_RUN_COLUMNS, free_run_row, free_run_summary
+from dtm_core.measure.metrics import (ACCEPT_K, TokenMetrics, aggregate, concat, metric_columns,
                                       survival_curve, token_metrics)
 from dtm_core.models.load import LoadedModel, eos_ids
 from dtm_core.compression.pair import Pair
@@ -67,17 +69,21 @@ def divergence(pair: Pair, prompts: Sequence[str] | None = None, new_tokens: int
                prompt_ids: Sequence[Sequence[int]] | None = None,
                references: Sequence[Sequence[int]] | None = None,
                generate_compressed: bool = False,
+               free_run: bool = False,
                intactkv=None,
                progress: Progress | None = None) -> DivergenceResult:
     """FDT, SDT, KL, top-1 agreement, Δp and perplexities for each prompt, and their aggregates.
 
     ``prompt_ids`` / ``references`` may be given to reuse a tokenization or reference generation.
     With ``generate_compressed`` the compressed model's own greedy text is generated too (slower)
-    and ``fdt_generated`` records where the two generations first differ.
+    and ``fdt_generated`` records where the two generations first differ. ``free_run`` implies
+    it and adds the free-running comparison's columns and summaries
+    (:mod:`dtm_core.measure.freerun`: lengths, loops, rejoin position, edit similarity).
     ``intactkv`` (an :class:`~dtm_core.compression.intactkv.IntactKV`) runs the compressed model with the dense
     model's KV for the pivot tokens; the table then has a ``pivots`` column (K per prompt).
     """
     ikv = IntactKV.parse(intactkv)
+    generate_compressed = generate_compressed or free_run
     tok = pair.tokenizer
     note = progress or (lambda f, m: None)
     if prompt_ids is None:
@@ -98,27 +104,25 @@ def divergence(pair: Pair, prompts: Sequence[str] | None = None, new_tokens: int
     done = 0
     for idx in batches:
         seqs = [full[i] for i in idx]
-        if ikv is not None:
-            d_logits, c_logits = teacher_forced_pair(pair.dense.model, pair.compressed, seqs, pad,
-                                                     [ks[i] for i in idx], ikv)
-        else:
-            d_logits = teacher_forced_logits(pair.dense.model, seqs, pad)
-            c_logits = teacher_forced_logits(pair.compressed, seqs, pad)
+        d_h, c_h = pair_hidden(pair, seqs, pad, None if ks is None else [ks[i] for i in idx], ikv)
         for j, i in enumerate(idx):
             P, L = len(prompt_ids[i]), len(references[i])
+            chunks = _PairChunks(pair, d_h[j], c_h[j], None if ks is None else ks[i])
             ref = torch.tensor(references[i], dtype=torch.long)
-            tm = token_metrics(d_logits[j, P - 1:P - 1 + L], c_logits[j, P - 1:P - 1 + L], ref,
-                               new_tokens)
+            parts = [token_metrics(*chunks(P - 1 + a, P - 1 + min(a + POSITION_CHUNK, L)),
+                                   ref[a:a + POSITION_CHUNK], new_tokens)
+                     for a in range(0, L, POSITION_CHUNK)]
+            tm = parts[0] if len(parts) == 1 else concat(parts, new_tokens)
             tms[i] = tm
-            tgt = torch.tensor(prompt_ids[i][1:], dtype=torch.long)
+            tgt = prompt_ids[i][1:]
             row = {"prompt_index": i, **tm.summary(),
-                   "ppl_prompt_dense": perplexity(d_logits[j, :P - 1], tgt),
-                   "ppl_prompt_compressed": perplexity(c_logits[j, :P - 1], tgt),
+                   **dict(zip(("ppl_prompt_dense", "ppl_prompt_compressed"),
+                              chunks.perplexities(tgt))),
                    "ended_eos": bool(L and references[i][-1] in eos)}
             if ks is not None:
                 row["pivots"] = ks[i]
             rows[i] = row
-        del d_logits, c_logits
+        del d_h, c_h
         done += len(idx)
         note(done / len(full), f"teacher-forced {done}/{len(full)} prompts")
     comp_gen = None
@@ -134,6 +138,8 @@ def divergence(pair: Pair, prompts: Sequence[str] | None = None, new_tokens: int
             gen = comp_gen[i]
             row["compressed_text"] = tok.decode(gen, skip_special_tokens=True)
             row["fdt_generated"] = first_difference(ref, gen, new_tokens)
+            if free_run:
+                row.update(free_run_row(ref, gen, eos))
         else:
             # Up to and including the first divergent token, the compressed model's greedy output
             # is known exactly from teacher forcing; after it, it would need generating.
@@ -142,12 +148,56 @@ def divergence(pair: Pair, prompts: Sequence[str] | None = None, new_tokens: int
             row["compressed_text"] = tok.decode(own, skip_special_tokens=True)
     table = pd.DataFrame(rows)
     cols = table_columns() + (["fdt_generated"] if comp_gen is not None else []) \
-        + (["pivots"] if ks is not None else [])
+        + (FREE_RUN_COLUMNS if free_run else []) + (["pivots"] if ks is not None else [])
     table = table[[c for c in cols if c in table.columns]]   # a built-in metric unregistered
-    return DivergenceResult(table=table, summary=aggregate(table),
+    return DivergenceResult(table=table, summary={**aggregate(table), **free_run_summary(table)},
                             survival=survival_curve(table["fdt"], new_tokens),
                             new_tokens=new_tokens, tokens=tms, references=references,
                             prompt_ids=prompt_ids)
+
+
+POSITION_CHUNK = 256     # positions whose logits a teacher-forced pass holds at once, per model
+
+
+def pair_hidden(pair: Pair, seqs, pad: int, ks=None, ikv=None):
+    """Both models' final hidden states (B, T, H) of right-padded sequences, with IntactKV's
+    dense pivot K/V on the compressed side when ``ks`` are given (no logits formed)."""
+    if ks is None:
+        return (teacher_forced_hidden(pair.dense.model, seqs, pad),
+                teacher_forced_hidden(pair.compressed, seqs, pad))
+    calls: list = []
+    with hidden_states_only([pair.dense.model, pair.compressed], calls):
+        teacher_forced_pair(pair.dense.model, pair.compressed, seqs, pad, ks, ikv)
+    return calls[0], calls[1].to(calls[0].device)
+
+
+class _PairChunks:
+    """One sequence's logits of both models a chunk of positions at a time, from their hidden
+    states; at IntactKV's pivot positions (< k) the compressed side's are the dense model's."""
+
+    def __init__(self, pair: Pair, d_h, c_h, k: int | None):
+        self.pair, self.d_h, self.c_h, self.k = pair, d_h, c_h, k
+
+    def __call__(self, a: int, b: int):
+        d = head_logits(self.pair.dense.model, self.d_h[a:b])
+        c = head_logits(self.pair.compressed, self.c_h[a:b]).to(d.device)
+        if self.k is not None and a < self.k:
+            c[:self.k - a] = d[:self.k - a]
+        return d, c
+
+    def perplexities(self, targets: Sequence[int]) -> tuple[float, float]:
+        """Both models' perplexities of the prompt (positions 0..P-2 predict its tokens 1..)."""
+        if not targets:
+            return float("nan"), float("nan")
+        nll = [0.0, 0.0]
+        tgt = torch.tensor(list(targets), dtype=torch.long)
+        for a in range(0, len(tgt), POSITION_CHUNK):
+            t = tgt[a:a + POSITION_CHUNK]
+            for side, logits in enumerate(self(a, a + len(t))):
+                lp = torch.log_softmax(logits.double(), -1)
+                nll[side] -= float(lp.gather(-1, t.to(lp.device)[:, None]).sum())
+        return tuple(float(torch.exp(torch.tensor(x / len(tgt), dtype=torch.float64)))
+                     for x in nll)
 
 
 def first_difference(a: Sequence[int], b: Sequence[int], n: int) -> int:

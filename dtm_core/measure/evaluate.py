@@ -23,6 +23,7 @@ from dtm_core.errors import DTMError
 from dtm_core.models.generation import encode_prompts
 from dtm_core.compression.intactkv import IntactKV
 from dtm_core.measure.diagnostics import confidence_arrays, kl_by_confidence
+from dtm_core.measure.freerun import answer_columns, free_run_summary, numeric_correct
 from dtm_core.measure.metrics import aggregate, metric_columns, survival_curve
 from dtm_core.models.load import max_positions
 from dtm_core.compression.pair import Pair
@@ -193,6 +194,9 @@ def _score(recs, outputs) -> tuple[list, list]:
         if not r.answers:
             correct.append(np.nan)
             letters.append(None)
+        elif r.answer_type == "number":
+            letters.append(None)
+            correct.append(float(numeric_correct(out, r.answers)))
         elif r.choices:
             letter = chosen_letter(out, len(r.choices))
             letters.append(letter)
@@ -223,7 +227,8 @@ def run_config(pair: Pair, pset: PromptSet, new_tokens: int, chat: bool) -> dict
 def evaluate(pair: Pair, pset: PromptSet, new_tokens: int = 32, *, chat: bool = False,
              batch_size: int = 16, chunk: int = 16,
              progress: Callable[[float, str], None] | None = None,
-             stop: threading.Event | None = None, intactkv=None, store=None) -> EvalResult:
+             stop: threading.Event | None = None, intactkv=None, store=None,
+             free_run: bool = False) -> EvalResult:
     """Divergence metrics and (for sets with answers) accuracy of both models, chunk by chunk.
 
     Prompts too long for the model's context are rejected (listed with their line numbers), not
@@ -251,7 +256,7 @@ def evaluate(pair: Pair, pset: PromptSet, new_tokens: int = 32, *, chat: bool = 
     if not keep:
         raise DTMError("Every prompt is too long for the model's context: "
                        + "; ".join(f"line {n}: {r}" for n, r in rejected[:5]))
-    want_text = pset.has_answers
+    want_text = pset.has_answers or pset.numeric
     parts, stopped, done_ids, done_refs, done_div = [], False, [], [], []
     meter = Meter(len(keep), "prompt")
     starts = list(range(0, len(keep), chunk))
@@ -261,7 +266,8 @@ def evaluate(pair: Pair, pset: PromptSet, new_tokens: int = 32, *, chat: bool = 
         sel = keep[starts[k]:starts[k] + chunk]
         variants = {"plain": None} if ikv is None else {"plain": None, "intactkv": ikv}
         cmp = compare_variants(pair, [ids[i] for i in sel], new_tokens, variants,
-                               batch_size=batch_size, generate_compressed=want_text)
+                               batch_size=batch_size, generate_compressed=want_text,
+                               free_run=free_run)
         res = cmp.runs["plain"]
         t = cmp.wide("plain", intact_columns())
         if ikv is not None:
@@ -276,7 +282,8 @@ def evaluate(pair: Pair, pset: PromptSet, new_tokens: int = 32, *, chat: bool = 
         from dtm_core.distributed import shared_map
 
         key = hashlib.sha256(json.dumps([pair.label, pset.sha256 or pset.prompts, new_tokens,
-                                         chat, None if ikv is None else ikv.label]
+                                         chat, None if ikv is None else ikv.label, free_run,
+                                         pset.numeric]
                                         ).encode()).hexdigest()[:16]
         got = shared_map(len(starts), one, f"evaluate-{key}", store,
                          each=lambda k, n: note(n / len(starts), f"{n} chunks done here"))
@@ -305,7 +312,13 @@ def evaluate(pair: Pair, pset: PromptSet, new_tokens: int = 32, *, chat: bool = 
     table["line"] = [r.line for r in recs]
     table["prompt"] = [r.text() for r in recs]
     table["ppl_change"] = table.ppl_compressed / table.ppl_dense - 1
-    summary = aggregate(table)
+    if pset.numeric:
+        ans = answer_columns(table.dense_text, table.compressed_text)
+        for c in ans.columns:
+            table[c] = ans[c].to_numpy()
+    summary = {**aggregate(table), **free_run_summary(table)}
+    if pset.numeric:
+        summary["answer_agreement"] = float(table.answer_match.mean())
     sides = (("dense", "dense_text"), ("compressed", "compressed_text"))
     if ikv is not None:
         sides += (("compressed_intactkv", "compressed_text_intactkv"),)
@@ -348,6 +361,7 @@ def evaluate(pair: Pair, pset: PromptSet, new_tokens: int = 32, *, chat: bool = 
         summary["ppl_ratio_mean_intactkv"] = intact.get("ppl_ratio_mean")   # the older name
     config = run_config(pair, pset, new_tokens, chat)
     config["intactkv"] = None if ikv is None else ikv.label
+    config["free_run"] = free_run
     return EvalResult(table=table, summary=summary,
                       survival=survival_curve(table.fdt, new_tokens),
                       config=config, rejected=rejected, stopped=stopped, comparison=comparison,

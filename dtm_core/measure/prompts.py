@@ -2,7 +2,10 @@
 
 Field names: the prompt may be called ``prompt``, ``text``, ``question``, ``instruction`` or
 ``input``; answers ``answer``, ``answers`` (string or list) or ``target``; ``context`` is prepended
-(in-context QA); ``choices`` makes a multiple-choice item (answer = letter).
+(in-context QA); ``choices`` makes a multiple-choice item (answer = letter); ``answer_type: number`` makes the
+item's answer a number, compared with the output's final answer (its last ``\boxed{...}``, else its
+last number: :func:`dtm_core.measure.freerun.final_answer`). A whole set is marked so with
+:meth:`PromptSet.with_answer_type` (``evaluate --answer-type number``).
 
 Nothing is dropped silently: a rejected line is listed in :attr:`PromptSet.rejected` with its line
 number and the reason; a file that cannot be used at all raises :class:`DTMError`.
@@ -24,6 +27,7 @@ PROMPT_FIELDS = ("prompt", "text", "question", "instruction", "input")
 ANSWER_FIELDS = ("answer", "answers", "target")
 ASSETS = Path(__file__).resolve().parents[2] / "assets" / "prompts"
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+ANSWER_TYPES = ("number", "text")
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,7 @@ class PromptRecord:
     context: str | None = None
     choices: tuple[str, ...] | None = None
     line: int = 0
+    answer_type: str | None = None     # "number": compared with the final answer, numerically
 
     def text(self) -> str:
         """The text the models see: context, then the prompt, then lettered choices."""
@@ -61,6 +66,22 @@ class PromptSet:
     @property
     def has_answers(self) -> bool:
         return any(r.answers for r in self.records)
+
+    @property
+    def numeric(self) -> bool:
+        """Some item's answer is a number (its final answers are compared)."""
+        return any(r.answer_type == "number" for r in self.records)
+
+    def with_answer_type(self, kind: str | None) -> "PromptSet":
+        """The set with every item's answer type set (``number``; None leaves it as it is)."""
+        from dataclasses import replace
+
+        if kind is None:
+            return self
+        if kind not in ANSWER_TYPES:
+            raise DTMError(f"Unknown answer type '{kind}'; use one of {', '.join(ANSWER_TYPES)}.")
+        return PromptSet(name=self.name, sha256=self.sha256, rejected=list(self.rejected),
+                         records=[replace(r, answer_type=kind) for r in self.records])
 
     def rejection_message(self) -> str:
         if not self.rejected:
@@ -115,8 +136,14 @@ def _record(obj: dict, line: int) -> PromptRecord:
         answers = tuple(_letter(a, choices) for a in answers)
     context = obj.get("context")
     context = str(context) if context not in (None, "") else None
+    kind = obj.get("answer_type")
+    kind = str(kind).strip().lower() if kind not in (None, "") else None
+    if kind is not None and kind not in ANSWER_TYPES:
+        raise ValueError(f"answer_type '{kind}' is not one of {', '.join(ANSWER_TYPES)}")
+    if kind == "number" and choices:
+        raise ValueError("a multiple-choice item's answer is a letter, not a number")
     return PromptRecord(prompt=prompt, answers=answers, context=context, choices=choices,
-                        line=line)
+                        line=line, answer_type=kind)
 
 
 def _letter(answer: str, choices: tuple[str, ...]) -> str:

@@ -64,6 +64,7 @@ class VariantComparison:
 def compare_variants(pair: Pair, prompt_ids: Sequence[Sequence[int]], new_tokens: int,
                      variants: dict[str, IntactKV | None], *, references=None,
                      batch_size: int = 16, generate_compressed: bool = False,
+                     free_run: bool = False,
                      progress: Progress | None = None) -> VariantComparison:
     """Every variant ({name: IntactKV or None}) on the same prompts and dense references (the
     first run's, unless given), e.g. {"plain": None, "intactkv": IntactKV(k=1)}."""
@@ -71,7 +72,7 @@ def compare_variants(pair: Pair, prompt_ids: Sequence[Sequence[int]], new_tokens
     for n, (name, ikv) in enumerate(variants.items()):
         r = divergence(pair, prompt_ids=prompt_ids, new_tokens=new_tokens, references=refs,
                        batch_size=batch_size, generate_compressed=generate_compressed,
-                       intactkv=ikv)
+                       free_run=free_run, intactkv=ikv)
         refs = r.references
         runs[name] = r
         if progress:

@@ -6,6 +6,7 @@ pads on the right, where causal attention keeps the padding out of every real po
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Sequence
 
 import torch
@@ -177,3 +178,38 @@ def teacher_forced(model, seqs: Sequence[Sequence[int]], pad_id: int, **kwargs):
 def teacher_forced_logits(model, seqs: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
     """Logits (B, T, V) of right-padded sequences; row i is valid for its first len(seqs[i])."""
     return teacher_forced(model, seqs, pad_id).logits
+
+
+@contextmanager
+def hidden_states_only(models, calls: list):
+    """While in the block the models' LM heads are skipped: each call's final hidden states
+    (B, T, H; after the tail, before the head) are appended to ``calls`` in call order and
+    the logits come out with no positions. Long teacher-forced passes then apply the head a
+    chunk of positions at a time (:func:`head_logits`) instead of holding T x V logits."""
+    heads = {id(m.get_output_embeddings()): m.get_output_embeddings() for m in models}
+
+    def pre(mod, args):
+        calls.append(args[0])
+        return (args[0][..., :0, :], *args[1:])
+    hooks = [h.register_forward_pre_hook(pre) for h in heads.values()]
+    try:
+        yield calls
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def teacher_forced_hidden(model, seqs: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
+    """Final hidden states (B, T, H) of right-padded sequences (no logits formed)."""
+    calls: list = []
+    with hidden_states_only([model], calls):
+        teacher_forced(model, seqs, pad_id)
+    return calls[-1]
+
+
+def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's logits from final hidden states: its head, then the family's
+    post-processing (Gemma's soft-capping), as its own forward computes them."""
+    from dtm_core.models.families import family_of
+
+    return family_of(model).logits(model, hidden)
