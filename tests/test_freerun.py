@@ -188,3 +188,39 @@ def test_teacher_forced_passes_hold_a_chunk_of_positions_with_the_same_numbers(
     num = [c for c in whole.table.columns if whole.table[c].dtype.kind in "fiub"]
     assert (cut.table.fdt == whole.table.fdt).all()
     pd.testing.assert_frame_equal(cut.table[num], whole.table[num], rtol=1e-5, atol=1e-7)
+
+
+QWEN3_TAIL = ("{%- for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}"
+              "<|im_end|>\n{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n"
+              "{%- if enable_thinking is defined and enable_thinking is false %}"
+              "<think>\n\n</think>\n\n{%- endif %}{%- endif %}")
+
+
+def test_thinking_switch_and_thinking_lengths(default_model):
+    """--thinking reaches templates that take enable_thinking (Qwen3's own rule: off closes an
+    empty span in the prompt); lengths split at </think>, the span open or closed by the prompt."""
+    import copy
+
+    from dtm_core.models.generation import encode_prompts, takes_thinking, think_ids
+    from dtm_core.measure.freerun import thinking_length
+
+    tok = copy.deepcopy(default_model.tokenizer)
+    assert think_ids(tok) is None and not takes_thinking(tok)
+    # the plain template ignores the switch
+    assert encode_prompts(tok, ["Hi"], chat=True, thinking=False) == \
+        encode_prompts(tok, ["Hi"], chat=True)
+    tok.add_tokens(["<think>", "</think>"], special_tokens=True)
+    tok.chat_template = QWEN3_TAIL
+    assert takes_thinking(tok)
+    start, end = think_ids(tok)
+    on = encode_prompts(tok, ["Hi"], chat=True, thinking=True)[0]
+    off = encode_prompts(tok, ["Hi"], chat=True, thinking=False)[0]
+    assert end not in on and off[:len(on)] == on and off[len(on)] == start and end in off
+    # the model opens and closes its own span; the prompt closed it; never closed
+    assert thinking_length(on, [start, 5, 6, end, 7, 8], (start, end)) == 4
+    assert thinking_length(off, [7, 8, 9], (start, end)) == 0
+    assert thinking_length(on + [start], [5, 6, 7], (start, end)) == 3
+    assert thinking_length(on, [7, start, 5, end, 9], (start, end)) == 3
+    row = free_run_row([start, 5, end, 7, 2], [start, 5, 6, 6, 6], {2}, (on, (start, end)))
+    assert (row["len_thinking_dense"], row["len_answer_dense"]) == (3, 1)
+    assert (row["len_thinking_compressed"], row["len_answer_compressed"]) == (5, 0)

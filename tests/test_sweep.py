@@ -42,6 +42,29 @@ def test_cells_equal_single_component_divergence(tiny, spec, tmp_path):
     assert again.table.equals(res.table)
 
 
+@pytest.mark.parametrize("spec", ["int4:g16", "kv:int4"])
+def test_the_dense_side_forms_logits_a_chunk_of_positions_at_a_time(tiny, spec, tmp_path,
+                                                                     monkeypatch):
+    """Long N: the sweep's dense pass keeps hidden states and forms the continuation logits a
+    few positions at a time (never all of them per batch), with the one-chunk pass's cells."""
+    import dtm_core.analysis.sweep.record as record
+
+    prompts = random_prompts(5, seed=12)
+    whole = sweep(tiny, spec, prompts, 14, cache_dir=tmp_path / "a")
+    seen = []
+    real = record.head_logits
+    monkeypatch.setattr(record, "head_logits", lambda m, h: seen.append(len(h)) or real(m, h))
+    monkeypatch.setattr(record, "ROW_CHUNK", 6)
+    cut = sweep(tiny, spec, prompts, 14, cache_dir=tmp_path / "b")
+    assert seen and max(seen) == 6
+    cols = [c for c in whole.table.columns if c != "seconds" and
+            whole.table[c].dtype.kind in "fiub"]
+    assert (cut.table.fdt_mean == whole.table.fdt_mean).all()
+    for c in cols:
+        assert cut.table[c].to_numpy() == pytest.approx(whole.table[c].to_numpy(), rel=1e-6,
+                                                         abs=1e-9, nan_ok=True), c
+
+
 def cli(*args, **kw):
     return subprocess.run([sys.executable, "-m", "dtm_core", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=WAIT_S, **kw)

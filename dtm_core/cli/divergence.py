@@ -25,6 +25,7 @@ def add_parser(sub) -> None:
                                    "ends in .parquet; the configuration goes to NAME.json "
                                    "beside it")
     div.add_argument("--json", help="write the aggregates as JSON here")
+    opt.thinking_args(div)
     opt.intactkv_args(div)
 
 
@@ -39,7 +40,8 @@ def run(args) -> int:
     pair = opt.load_pair(args, pset.prompts)
     ikv = opt.intactkv_of(args, pair, pset.prompts)
     from dtm_core.models.generation import encode_prompts
-    ids = encode_prompts(pair.tokenizer, pset.prompts, chat=args.chat)
+    thinking = opt.thinking_of(args, pair.tokenizer)
+    ids = encode_prompts(pair.tokenizer, pset.prompts, chat=args.chat, thinking=thinking)
     variants = {"plain": None} if ikv is None else {"plain": None, "intactkv": ikv}
     cmp = compare_variants(pair, ids, args.new_tokens, variants, batch_size=args.batch_size,
                            generate_compressed=args.generate_compressed,
@@ -62,6 +64,7 @@ def run(args) -> int:
             "command": "divergence", "model": pair.dense.source, "pair": pair.label,
             "prompts": args.prompts, "prompt_count": len(pset.records),
             "new_tokens": args.new_tokens, "chat": args.chat, "free_run": args.free_run,
+            "thinking": thinking,
             "intactkv": None if ikv is None else ikv.label,
             "calibration": None if pair.calibration is None else pair.calibration.label})
     if args.json:

@@ -27,6 +27,7 @@ def add_parser(sub) -> None:
     ev.add_argument("--answer-type", choices=["number"], default=None,
                     help="every item's answer is a number: the final answer of a text (its last "
                          "\\boxed{...}, else its last number) is compared numerically")
+    opt.thinking_args(ev)
     opt.intactkv_args(ev)
 
 
@@ -41,7 +42,7 @@ def run(args) -> int:
     store, rank = opt.join_world(pair)
     res = evaluate(pair, pset, args.new_tokens, chat=args.chat, batch_size=args.batch_size,
                    progress=opt.stderr_progress, intactkv=ikv, store=store,
-                   free_run=args.free_run)
+                   free_run=args.free_run, thinking=opt.thinking_of(args, pair.tokenizer))
     if rank != 0:       # torchrun: rank 0 reports the merged result
         return 0
     if res.rejected:

@@ -183,3 +183,23 @@ def join_world(pair) -> tuple:
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // size))
     return init(str(next(pair.dense.model.parameters()).device.type)), rank
+
+
+def thinking_args(p) -> None:
+    p.add_argument("--thinking", choices=["on", "off"], default=None,
+                   help="with --chat: enable_thinking for chat templates that take it (Qwen3); "
+                        "default: the template's own")
+
+
+def thinking_of(args, tokenizer) -> bool | None:
+    """--thinking as a bool (None: not given); says on stderr when it cannot apply."""
+    from dtm_core.models.generation import takes_thinking
+
+    if args.thinking is None:
+        return None
+    if not args.chat:
+        raise DTMError("--thinking applies to chat templates: add --chat.")
+    if not takes_thinking(tokenizer):
+        print("warning: this model's chat template has no thinking switch (enable_thinking); "
+              "--thinking changes nothing.", file=sys.stderr)
+    return args.thinking == "on"

@@ -18,10 +18,11 @@ import torch
 
 from dtm_core.models.generation import (check_lengths, encode_prompts, greedy_generate, head_logits,
                                         hidden_states_only, pad_id_of, plan_batches,
-                                        teacher_forced_hidden, vocab_size)
+                                        teacher_forced_hidden, think_ids, vocab_size)
 from dtm_core.compression.intactkv import IntactKV, teacher_forced_pair
 from dtm_core.measure.diagnostics import TOP_K
-from dtm_core.measure.freerun import COLUMNS as FREE_RUN_COLUMNS, free_run_row, free_run_summary
+from dtm_core.measure.freerun import (COLUMNS as FREE_RUN_COLUMNS, THINK_COLUMNS, free_run_row,
+                                     free_run_summary)
 from dtm_core.measure.metrics import (ACCEPT_K, TokenMetrics, aggregate, concat, metric_columns,
                                       survival_curve, token_metrics)
 from dtm_core.models.load import LoadedModel, eos_ids
@@ -70,6 +71,7 @@ def divergence(pair: Pair, prompts: Sequence[str] | None = None, new_tokens: int
                references: Sequence[Sequence[int]] | None = None,
                generate_compressed: bool = False,
                free_run: bool = False,
+               thinking: bool | None = None,
                intactkv=None,
                progress: Progress | None = None) -> DivergenceResult:
     """FDT, SDT, KL, top-1 agreement, Δp and perplexities for each prompt, and their aggregates.
@@ -87,7 +89,7 @@ def divergence(pair: Pair, prompts: Sequence[str] | None = None, new_tokens: int
     tok = pair.tokenizer
     note = progress or (lambda f, m: None)
     if prompt_ids is None:
-        prompt_ids = encode_prompts(tok, list(prompts or []), chat=chat)
+        prompt_ids = encode_prompts(tok, list(prompts or []), chat=chat, thinking=thinking)
     prompt_ids = [list(s) for s in prompt_ids]
     check_lengths(pair.dense.model, prompt_ids, new_tokens)
     pad = pad_id_of(tok)
@@ -130,6 +132,7 @@ def divergence(pair: Pair, prompts: Sequence[str] | None = None, new_tokens: int
         note(1.0, "compressed model: greedy generation")
         comp_gen = greedy_generate(pair.compressed, prompt_ids, new_tokens, pad, eos, batch_size,
                                    intact=None if ikv is None else (pair.dense.model, ks, ikv))
+    marks = think_ids(tok) if free_run else None
     for i, row in enumerate(rows):
         ref = references[i]
         row["prompt"] = tok.decode(prompt_ids[i], skip_special_tokens=True)
@@ -139,7 +142,8 @@ def divergence(pair: Pair, prompts: Sequence[str] | None = None, new_tokens: int
             row["compressed_text"] = tok.decode(gen, skip_special_tokens=True)
             row["fdt_generated"] = first_difference(ref, gen, new_tokens)
             if free_run:
-                row.update(free_run_row(ref, gen, eos))
+                row.update(free_run_row(ref, gen, eos, None if marks is None
+                                        else (prompt_ids[i], marks)))
         else:
             # Up to and including the first divergent token, the compressed model's greedy output
             # is known exactly from teacher forcing; after it, it would need generating.
@@ -148,7 +152,8 @@ def divergence(pair: Pair, prompts: Sequence[str] | None = None, new_tokens: int
             row["compressed_text"] = tok.decode(own, skip_special_tokens=True)
     table = pd.DataFrame(rows)
     cols = table_columns() + (["fdt_generated"] if comp_gen is not None else []) \
-        + (FREE_RUN_COLUMNS if free_run else []) + (["pivots"] if ks is not None else [])
+        + (FREE_RUN_COLUMNS if free_run else []) \
+        + (THINK_COLUMNS if marks is not None else []) + (["pivots"] if ks is not None else [])
     table = table[[c for c in cols if c in table.columns]]   # a built-in metric unregistered
     return DivergenceResult(table=table, summary={**aggregate(table), **free_run_summary(table)},
                             survival=survival_curve(table["fdt"], new_tokens),

@@ -228,7 +228,7 @@ def evaluate(pair: Pair, pset: PromptSet, new_tokens: int = 32, *, chat: bool = 
              batch_size: int = 16, chunk: int = 16,
              progress: Callable[[float, str], None] | None = None,
              stop: threading.Event | None = None, intactkv=None, store=None,
-             free_run: bool = False) -> EvalResult:
+             free_run: bool = False, thinking: bool | None = None) -> EvalResult:
     """Divergence metrics and (for sets with answers) accuracy of both models, chunk by chunk.
 
     Prompts too long for the model's context are rejected (listed with their line numbers), not
@@ -242,7 +242,7 @@ def evaluate(pair: Pair, pset: PromptSet, new_tokens: int = 32, *, chat: bool = 
     note = progress or (lambda f, m: None)
     tok = pair.tokenizer
     texts = pset.prompts
-    ids = encode_prompts(tok, texts, chat=chat)
+    ids = encode_prompts(tok, texts, chat=chat, thinking=thinking)
     limit = max_positions(pair.dense.model)
     rejected = list(pset.rejected)
     keep = []
@@ -362,6 +362,7 @@ def evaluate(pair: Pair, pset: PromptSet, new_tokens: int = 32, *, chat: bool = 
     config = run_config(pair, pset, new_tokens, chat)
     config["intactkv"] = None if ikv is None else ikv.label
     config["free_run"] = free_run
+    config["thinking"] = thinking
     return EvalResult(table=table, summary=summary,
                       survival=survival_curve(table.fdt, new_tokens),
                       config=config, rejected=rejected, stopped=stopped, comparison=comparison,

@@ -83,11 +83,39 @@ def edit_similarity(a: Sequence[int], b: Sequence[int]) -> float:
     return float(Levenshtein.normalized_similarity(list(a), list(b)))
 
 
-def free_run_row(dense_tokens: Sequence[int], comp_tokens: Sequence[int], eos) -> dict:
-    """The :data:`COLUMNS` of one prompt from the two generations (EOS included or not)."""
+THINK_COLUMNS = ["len_thinking_dense", "len_answer_dense", "len_thinking_compressed",
+                 "len_answer_compressed"]
+
+
+def thinking_length(prompt: Sequence[int], tokens: Sequence[int], marks: tuple[int, int]) -> int:
+    """Tokens of a text's thinking span (``marks`` = the ids of ``<think>``, ``</think>``): up to
+    and including the first ``</think>`` when the span is open at the start (the prompt's last
+    mark is ``<think>``) or the text opens it; to the end when it never closes; 0 when the
+    prompt closed it (a template with thinking off) and the text opens none."""
+    start, end = marks
+    t = list(tokens)
+    last = next((x for x in reversed(list(prompt)) if x in marks), None)
+    first = 0 if last == start else (t.index(start) if start in t else None)
+    if first is None:
+        return 0
+    rest = t[first:]
+    return rest.index(end) + 1 if end in rest else len(rest)
+
+
+def free_run_row(dense_tokens: Sequence[int], comp_tokens: Sequence[int], eos,
+                 think: tuple | None = None) -> dict:
+    """The :data:`COLUMNS` of one prompt from the two generations (EOS included or not); with
+    ``think`` = (prompt ids, (``<think>`` id, ``</think>`` id)) for a tokenizer whose template
+    marks thinking, also :data:`THINK_COLUMNS`: each length split into thinking and answer
+    tokens."""
     d, c = generated(dense_tokens, eos), generated(comp_tokens, eos)
     j = rejoin_position(d, c)
-    return {"len_dense": len(d), "len_compressed": len(c),
+    split = {}
+    if think is not None:
+        for side, toks in (("dense", d), ("compressed", c)):
+            k = thinking_length(think[0], toks, think[1])
+            split.update({f"len_thinking_{side}": k, f"len_answer_{side}": len(toks) - k})
+    return {**split, "len_dense": len(d), "len_compressed": len(c),
             "len_ratio": len(c) / len(d) if d else math.nan,
             "loop_dense": ends_in_loop(d), "loop_compressed": ends_in_loop(c),
             "rejoin_pos": math.nan if j is None else j, "edit_sim": edit_similarity(d, c)}

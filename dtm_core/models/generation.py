@@ -15,17 +15,27 @@ from dtm_core.errors import DTMError
 from dtm_core.models.load import max_positions
 
 
-def encode_prompts(tokenizer, prompts: Sequence[str], chat: bool = False) -> list[list[int]]:
-    """Token ids of each prompt; with ``chat`` through the tokenizer's chat template."""
+def takes_thinking(tokenizer) -> bool:
+    """The tokenizer's chat template reads ``enable_thinking`` (Qwen3 and its kin)."""
+    return "enable_thinking" in str(getattr(tokenizer, "chat_template", None) or "")
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str], chat: bool = False,
+                   thinking: bool | None = None) -> list[list[int]]:
+    """Token ids of each prompt; with ``chat`` through the tokenizer's chat template, which gets
+    ``enable_thinking=thinking`` when it takes it (:func:`takes_thinking`; None: its default)."""
     out = []
     if chat and not getattr(tokenizer, "chat_template", None):
         raise DTMError("This tokenizer has no chat template; turn the chat switch off.")
+    extra = {"enable_thinking": bool(thinking)} \
+        if chat and thinking is not None and takes_thinking(tokenizer) else {}
     for i, p in enumerate(prompts):
         if not isinstance(p, str) or not p.strip():
             raise DTMError(f"Prompt {i} is empty.")
         if chat:
             text = tokenizer.apply_chat_template([{"role": "user", "content": p}],
-                                                 add_generation_prompt=True, tokenize=False)
+                                                 add_generation_prompt=True, tokenize=False,
+                                                 **extra)
             ids = tokenizer(text, add_special_tokens=False).input_ids
         else:
             ids = tokenizer(p).input_ids
@@ -213,3 +223,19 @@ def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     from dtm_core.models.families import family_of
 
     return family_of(model).logits(model, hidden)
+
+
+THINK_MARKS = ("<think>", "</think>")
+
+
+def think_ids(tokenizer) -> tuple[int, int] | None:
+    """The ids of ``<think>`` and ``</think>`` when the vocabulary has each as one token (a
+    template that marks thinking spans), else None."""
+    try:
+        ids = tokenizer.convert_tokens_to_ids(list(THINK_MARKS))
+    except Exception:       # tokenizers without the method
+        return None
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if not ids or any(t is None or t == unk for t in ids):
+        return None
+    return int(ids[0]), int(ids[1])

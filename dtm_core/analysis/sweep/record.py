@@ -16,8 +16,9 @@ from dtm_core.measure.metrics import TOPK, needs_distributions
 from dtm_core.models import hooks
 from dtm_core.models.components import decoder_layers, tail_modules
 from dtm_core.models.families import family_of
-from dtm_core.models.generation import (check_lengths, model_device, pad_id_of, plan_batches,
-                                        teacher_forced, vocab_size)
+from dtm_core.models.generation import (check_lengths, head_logits, hidden_states_only,
+                                        model_device, pad_id_of, plan_batches, teacher_forced,
+                                        vocab_size)
 from dtm_core.models.load import LoadedModel
 
 
@@ -79,26 +80,26 @@ def prepare(dense: LoadedModel, prompt_ids: Sequence[Sequence[int]], new_tokens:
     for idx in batches:
         seqs = [full[i] for i in idx]
         rec: list = [None] * len(layers)
+        calls: list = []
         if ikv is None:
-            with hooks.recording(layers, rec):
-                logits = teacher_forced(dense.model, seqs, pad).logits
+            with hooks.recording(layers, rec), hidden_states_only([dense.model], calls):
+                teacher_forced(dense.model, seqs, pad)
         else:
             kb = [ks[i] for i in idx]
             t0 = max(kb)
             mask = right_pad_mask(kb, t0)
             if ikv.calibrated is None:   # dense weights with dense pivots: the dense pass itself
                 kv = RecordingCache(dense.model.config, t0)
-                with hooks.recording(layers, rec):
-                    out = teacher_forced(dense.model, seqs, pad, use_cache=True,
-                                         past_key_values=kv)
-                logits = out.logits
+                with hooks.recording(layers, rec), hidden_states_only([dense.model], calls):
+                    teacher_forced(dense.model, seqs, pad, use_cache=True, past_key_values=kv)
                 source = pivot_source(ikv, kv, [0] * len(idx), t0, None)
-                del out, kv
+                del kv
             else:
                 # calibrated pivots change every layer's input, also before a cell's component:
                 # record the dense weights' layer inputs under them; the metrics' reference stays
                 # the plain dense pass
-                logits = teacher_forced(dense.model, seqs, pad).logits
+                with hidden_states_only([dense.model], calls):
+                    teacher_forced(dense.model, seqs, pad)
                 source = pivot_source(ikv, None, [0] * len(idx), t0,
                                       model_device(dense.model))
                 with hooks.recording(layers, rec):
@@ -106,39 +107,62 @@ def prepare(dense: LoadedModel, prompt_ids: Sequence[Sequence[int]], new_tokens:
                                    past_key_values=PivotCache(dense.model.config, mask, source))
         rows = torch.cat([torch.full((len(refs[i]),), j) for j, i in enumerate(idx)])
         pos = torch.cat([torch.arange(len(refs[i])) + len(prompt_ids[i]) - 1 for i in idx])
-        dev = logits.device
+        hidden = calls.pop()
+        dev = hidden.device
         ctx.layer_inputs.append(rec)
         ctx.rows.append(rows.to(dev))
         ctx.pos.append(pos.to(dev))
-        z = logits[rows.to(dev), pos.to(dev)]
-        d = torch.log_softmax(z.double(), -1)   # float64: see token_metrics
         ref = torch.cat([torch.tensor(refs[i], dtype=torch.long) for i in idx]).to(dev)
-        ctx.dense_argmax.append(z.argmax(-1))
-        ctx.dense_top.append(z.topk(min(TOPK, z.shape[-1]), -1).indices)
-        ctx.dense_lp_top.append(d.max(-1).values)
-        ctx.dense_lp_ref.append(d.gather(-1, ref[:, None])[:, 0])
         ctx.refs.append(ref)
+        # the continuation positions' logits a chunk at a time (no T x V logits for long N)
+        parts = [_dense_side(dense.model, hidden[rows[a:a + ROW_CHUNK].to(dev),
+                                                 pos[a:a + ROW_CHUNK].to(dev)],
+                             ref[a:a + ROW_CHUNK], head if fast else None)
+                 for a in range(0, len(ref), ROW_CHUNK)]
+        for name, out in (("dense_argmax", ctx.dense_argmax), ("dense_top", ctx.dense_top),
+                          ("dense_lp_top", ctx.dense_lp_top), ("dense_lp_ref", ctx.dense_lp_ref)):
+            out.append(torch.cat([p[name] for p in parts]))
         if fast:
-            p = d.exp()
-            # sum_v p_d(v) z_c(v) = (p_d @ W) . h_c for a linear head: an H-vector per position
-            # replaces the vocabulary-sized dense distribution in every cell (vocabulary in
-            # blocks, so no float64 copy of the whole head is made)
-            pw = torch.zeros((len(p), head.weight.shape[1]), dtype=torch.float64, device=dev)
-            for v in range(0, head.weight.shape[0], 8192):
-                pw += p[:, v:v + 8192] @ head.weight[v:v + 8192].to(dev, torch.float64)
-            ctx.dense_pw.append(pw)
+            ctx.dense_pw.append(torch.cat([p["pw"] for p in parts]))
             ctx.dense_pb.append(None if head.bias is None
-                                else p @ head.bias.to(dev, torch.float64))
-            ctx.dense_negent.append(torch.where(p > 0, p * d, torch.zeros_like(d)).sum(-1))
-            del p
+                                else torch.cat([p["pb"] for p in parts]))
+            ctx.dense_negent.append(torch.cat([p["negent"] for p in parts]))
         else:
-            ctx.dense_logits.append(z)
+            ctx.dense_logits.append(torch.cat([p["z"] for p in parts]))
         if ikv is not None:
             ctx.pivot_sources.append((mask.to(dev), source))
             ctx.pivot_rows.append(
                 pos < torch.cat([torch.full((len(refs[i]),), ks[i]) for i in idx]).to(dev))
-        del logits, d
+        del hidden
     return ctx
+
+
+ROW_CHUNK = 256     # continuation positions whose dense logits are formed at once
+
+
+def _dense_side(model, hidden: torch.Tensor, ref: torch.Tensor, head=None) -> dict:
+    """The dense half of the metrics at some continuation positions, from their final hidden
+    states: argmax, top-K, log p of the top and of the reference; with a linear ``head`` the
+    fast path's ``p_dense @ W``, ``p_dense . b`` and negative entropy, else the logits."""
+    z = head_logits(model, hidden)
+    d = torch.log_softmax(z.double(), -1)   # float64: see token_metrics
+    out = {"dense_argmax": z.argmax(-1), "dense_top": z.topk(min(TOPK, z.shape[-1]), -1).indices,
+           "dense_lp_top": d.max(-1).values, "dense_lp_ref": d.gather(-1, ref[:, None])[:, 0]}
+    if head is None:
+        out["z"] = z
+        return out
+    p = d.exp()
+    # sum_v p_d(v) z_c(v) = (p_d @ W) . h_c for a linear head: an H-vector per position
+    # replaces the vocabulary-sized dense distribution in every cell (vocabulary in blocks, so
+    # no float64 copy of the whole head is made)
+    dev = z.device
+    pw = torch.zeros((len(p), head.weight.shape[1]), dtype=torch.float64, device=dev)
+    for v in range(0, head.weight.shape[0], 8192):
+        pw += p[:, v:v + 8192] @ head.weight[v:v + 8192].to(dev, torch.float64)
+    out["pw"] = pw
+    out["pb"] = None if head.bias is None else p @ head.bias.to(dev, torch.float64)
+    out["negent"] = torch.where(p > 0, p * d, torch.zeros_like(d)).sum(-1)
+    return out
 
 
 @torch.no_grad()
