@@ -1,4 +1,5 @@
 """The Compare view in a real browser: Playwright driving Debian's Chromium."""
+import json
 import re
 import shutil
 
@@ -996,3 +997,32 @@ def test_sensitivity_estimates_first_then_exact_cells(browser, app_url, default_
     want = est.table.set_index("component").kl_estimate
     for name, value in estimated.items():
         assert value == pytest.approx(float(want[name]), rel=1e-3), name
+
+
+def test_prompt_set_free_run_lengths_loops_and_final_answers(browser, app_url, tmp_path):
+    """Free run on a numeric set: the cards say loop rates, length ratios, rejoins and final
+    answer agreement, the table has the free-run and answer columns, the length-ratio plot
+    draws."""
+    f = tmp_path / "sums.jsonl"
+    f.write_text("\n".join(json.dumps({"question": q, "answer": a, "answer_type": "number"})
+                           for q, a in [("What is 12 + 30?", "42"), ("What is 7 times 6?", "42"),
+                                        ("What is 100 minus 1?", "99")]), encoding="utf-8")
+    page = browser.new_page()
+    upload_to_tab(page, app_url, "Prompt sets", "#set-upload", f)
+    page.locator("#set-new-tokens input[type=number]").fill("24")
+    page.locator("#set-new-tokens input[type=number]").press("Enter")
+    page.locator("#set-free-run input[type=checkbox]").check()
+    page.locator("#set-chat input[type=checkbox]").check()
+    page.locator("#set-run").click()
+    page.wait_for_function("document.querySelector('#set-status').innerText.includes('Done')",
+                           timeout=WAIT_MS)
+    summary = page.locator("#set-summary").inner_text()
+    for card in ("Loop rate dense → compressed", "Length ratio compressed / dense",
+                 "Rejoin the dense text", "Final answers agree", "Accuracy dense → compressed"):
+        assert card in summary, card
+    table = page.locator("#set-table").inner_text()
+    for head in ("answer d", "answer c", "len c/d", "loop c", "rejoins at", "edit sim (%)"):
+        assert head in table, head
+    page.wait_for_selector("#set-len-ratio .js-plotly-plot", timeout=WAIT_MS)
+    shot(page, "prompt-sets-free-run")
+    assert_readable(page)

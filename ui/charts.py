@@ -139,3 +139,21 @@ def estimated_heatmap(table: pd.DataFrame, metric: str) -> go.Figure:
                             f"alone: {exact} of {len(t)} cells exact, ≈ estimated",
                       margin=dict(l=50, r=20, t=50, b=40), yaxis=dict(autorange="reversed"))
     return tidy(fig, ("yaxis",))
+
+
+def length_ratio_figure(res):
+    """Histogram of the free-running length ratios (compressed / dense) in log2 bins; None
+    without a free run."""
+    from dtm_core.measure.freerun import lengths_histogram
+
+    if "len_ratio" not in res.table:
+        return None
+    h = lengths_histogram(res.table.len_ratio)
+    labels = [f"{lo:.2g}–{hi:.2g}" for lo, hi in zip(h.low, h.high)]
+    fig = go.Figure(go.Bar(x=labels, y=h.prompts, marker_color="#7a5195",
+                           hovertemplate="ratio %{x}<br>%{y} prompts<extra></extra>"))
+    fig.add_vline(x=(len(labels) - 1) / 2, line_dash="dot", line_color="#888")
+    fig.update_layout(height=300, margin=dict(l=40, r=20, t=50, b=60),
+                      title="Length ratio c/d (free run)",
+                      xaxis_title="length ratio", yaxis_title="prompts")
+    return tidy(fig)

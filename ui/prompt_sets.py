@@ -15,13 +15,15 @@ from dtm_core.measure.prompts import builtin_names
 
 from . import common
 from .common import FIRST, STOPS, IntactKVForm, PairForm
-from .charts import confidence_figure, confidence_rows, confidence_view
+from .charts import confidence_figure, confidence_rows, confidence_view, length_ratio_figure
 from .render import friendly, readable_table, set_plots, significant, summary_cards
 
 TABLE_COLUMNS = ["prompt_index", "line", "fdt", "sdt", "kl_mean", "top1_agree", "ppl_dense",
                  "ppl_compressed", "correct_dense", "correct_compressed", "choice_dense",
                  "choice_compressed", "pivots", "fdt_intactkv", "sdt_intactkv", "kl_mean_intactkv",
-                 "correct_compressed_intactkv", "choice_compressed_intactkv", "prompt",
+                 "correct_compressed_intactkv", "choice_compressed_intactkv", "answer_dense",
+                 "answer_compressed", "len_ratio", "loop_compressed", "rejoin_pos", "edit_sim",
+                 "prompt",
                  "dense_text", "compressed_text", "compressed_text_intactkv"]
 
 
@@ -41,9 +43,10 @@ WORST_HEADERS = ["#", "line", "FDT (tokens)", "mean KL (nats)", "prompt", "… t
 def run_set(model, preset, spec, components, checkpoint, upload, builtin, chat, new_tokens,
             ikv_text="off", ikv_cal=False, calib_steps=50, calibration=None,
             calibration_file=None, calib_ctx=None, calib_samples=None, sequential=True,
-            request: gr.Request = None, progress=gr.Progress()):
+            free_run=False, thinking=None, request: gr.Request = None, progress=gr.Progress()):
     """Evaluate a prompt set on the current pair; returns table, cards, plots, files, message."""
     nothing = (None, "", None, None, None, None, None)
+    thinking = None if thinking is None or not chat else bool(thinking)
     try:
         pset = common.load_set(upload, builtin)
         req = common.pair_request(model, preset, spec, components, checkpoint, chat, calibration,
@@ -58,9 +61,10 @@ def run_set(model, preset, spec, components, checkpoint, upload, builtin, chat, 
         n = int(new_tokens)
         with STOPS.running("set", request) as stop:
             res = evaluate(pair, pset, n, chat=bool(chat), stop=stop, intactkv=ikv,
-                           progress=lambda f, m: progress(f, desc=m))
+                           progress=lambda f, m: progress(f, desc=m), free_run=bool(free_run),
+                           thinking=thinking)
     except Exception as exc:  # noqa: BLE001 - every failure becomes a message
-        return nothing + (friendly(exc), None, None, None, None, None, None)
+        return nothing + (friendly(exc), None, None, None, None, None, None, None)
     out_dir = Path(tempfile.mkdtemp(prefix="dtm-export-"))
     csv_path, json_path = out_dir / "dtm_results.csv", out_dir / "dtm_results.json"
     parquet_path = out_dir / "dtm_results.parquet"
@@ -109,7 +113,7 @@ def run_set(model, preset, spec, components, checkpoint, upload, builtin, chat, 
     return (table, summary_cards(res), *set_plots(res, n), str(csv_path), str(json_path), msg,
             state, comparison, str(parquet_path), worst,
             None if conf is None else confidence_rows(conf),
-            None if conf is None else confidence_figure(conf))
+            None if conf is None else confidence_figure(conf), length_ratio_figure(res))
 
 
 def open_in_compare(run_state, evt: gr.SelectData):
@@ -136,7 +140,13 @@ def build(pair: PairForm, ikv: IntactKVForm) -> SetsTab:
         with gr.Column():
             builtin = gr.Dropdown(builtin_names(), value="general", label="Built-in set",
                                   elem_id="set-builtin")
-            chat = gr.Checkbox(value=False, label="Chat template", elem_id="set-chat")
+            with gr.Row():
+                chat = gr.Checkbox(value=False, label="Chat template", elem_id="set-chat")
+                thinking = gr.Checkbox(value=True, label="Thinking (templates that take it)",
+                                       elem_id="set-thinking")
+                free_run = gr.Checkbox(value=False, label="Free run: compare the texts after "
+                                       "the divergence too (lengths, loops, rejoin)",
+                                       elem_id="set-free-run")
             new_tokens = gr.Slider(1, 2048, value=32, step=1, label="New tokens (N)",
                                    elem_id="set-new-tokens")
             with gr.Row():
@@ -156,6 +166,8 @@ def build(pair: PairForm, ikv: IntactKVForm) -> SetsTab:
                        elem_id="set-survival")
         scat = gr.Plot(label="Perplexity change against FDT, one dot per prompt (after a run)",
                        elem_id="set-scatter")
+    lengths = gr.Plot(label="Length ratio compressed / dense (after a run with Free run on)",
+                      elem_id="set-len-ratio")
     conf_table, conf_plot = confidence_view(
         "set-confidence", "KL by the dense model's confidence in its top token (after a run): "
         "where the damage sits", "KL by dense confidence (after a run)")
@@ -169,9 +181,11 @@ def build(pair: PairForm, ikv: IntactKVForm) -> SetsTab:
         json_file = gr.File(label="Export JSON", elem_id="set-json")
         parquet_file = gr.File(label="Export Parquet", elem_id="set-parquet")
     run_state = gr.State(None)
-    run.click(run_set, pair.side + [upload, builtin, chat, new_tokens] + ikv.inputs + pair.calib,
+    run.click(run_set, pair.side + [upload, builtin, chat, new_tokens] + ikv.inputs + pair.calib
+              + [free_run, thinking],
               [results, cards, hist, surv, scat, csv_file, json_file, status, run_state,
-               comparison, parquet_file, worst, conf_table, conf_plot], concurrency_id="model")
+               comparison, parquet_file, worst, conf_table, conf_plot, lengths],
+              concurrency_id="model")
     stop.click(STOPS.stopper("set", "Stopping after the current chunk…"), None, [status],
                queue=False)
     example.click(example_setup, None, [builtin, upload, chat, new_tokens], queue=False)

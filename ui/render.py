@@ -185,6 +185,14 @@ def summary_cards(res: EvalResult) -> str:
         cards.append(("Flips correct → wrong / wrong → correct",
                       f"{s['flips_correct_to_wrong']} / {s['flips_wrong_to_correct']} "
                       f"(McNemar p = {s['accuracy_mcnemar_p']:.3g})"))
+    if "loop_rate_compressed" in s:
+        cards.append(("Loop rate dense → compressed",
+                      f"{s['loop_rate_dense']:.1%} → {s['loop_rate_compressed']:.1%}"))
+        cards.append(("Length ratio compressed / dense (mean / median)",
+                      f"{s['len_ratio_mean']:.2f} / {s['len_ratio_median']:.2f}"))
+        cards.append(("Rejoin the dense text after diverging", f"{s['rejoin_share']:.1%}"))
+    if "answer_agreement" in s:
+        cards.append(("Final answers agree", f"{s['answer_agreement']:.1%}"))
     body = "".join(f'<div class="card"><div class="card-label">{html.escape(k)}</div>'
                    f'<div class="card-value">{html.escape(v)}</div></div>' for k, v in cards)
     return f'<div class="cards">{body}</div>'
@@ -203,6 +211,7 @@ def set_plots(res: EvalResult, n: int):
     for fig in (hist, surv, scat):
         fig.update_layout(height=300, margin=dict(l=40, r=20, t=50, b=40))
     return tidy(hist, ("xaxis",)), tidy(surv), tidy(scat)
+
 
 
 
@@ -401,6 +410,10 @@ def pareto_figure(holdout: pd.DataFrame, new_tokens: int | None = None,
 # Tables as people read them (exports keep the raw columns and full precision)
 
 HEADERS = {  # column -> (header with unit, scale: 100 shows a share as %)
+    "len_dense": ("len d", 1), "len_compressed": ("len c", 1), "len_ratio": ("len c/d", 1),
+    "loop_dense": ("loop d", 1), "loop_compressed": ("loop c", 1), "rejoin_pos": ("rejoins at", 1),
+    "edit_sim": ("edit sim (%)", 100), "answer_dense": ("answer d", 1),
+    "answer_compressed": ("answer c", 1), "answer_match": ("answers agree", 1),
     "prompt_index": ("#", 1), "line": ("line", 1), "fdt": ("FDT (tokens)", 1),
     "sdt": ("SDT (%)", 100), "kl_mean": ("mean KL (nats)", 1), "kl_max": ("max KL (nats)", 1),
     "top1_agree": ("top-1 agree (%)", 100), "ppl_dense": ("PPL dense", 1),

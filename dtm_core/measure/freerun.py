@@ -116,7 +116,7 @@ def free_run_row(dense_tokens: Sequence[int], comp_tokens: Sequence[int], eos,
             k = thinking_length(think[0], toks, think[1])
             split.update({f"len_thinking_{side}": k, f"len_answer_{side}": len(toks) - k})
     return {**split, "len_dense": len(d), "len_compressed": len(c),
-            "len_ratio": len(c) / len(d) if d else math.nan,
+            "len_ratio": len(c) / len(d) if d else (1.0 if not c else math.nan),
             "loop_dense": ends_in_loop(d), "loop_compressed": ends_in_loop(c),
             "rejoin_pos": math.nan if j is None else j, "edit_sim": edit_similarity(d, c)}
 
