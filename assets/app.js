@@ -40,6 +40,41 @@
       gd.dataset.clickReady = '1';   // tests wait on this, not on a fixed delay
     });
   }, 500);
+  // Long outputs: the two Compare columns scroll together (same share of their height), a
+  // click on a mark of the divergence strip scrolls both to that position, and the "Jump to
+  // the first divergent token" button to the first divergent token.
+  const COLS = ['#dense-output .tokens', '#compressed-output .tokens'];
+  let syncing = false;
+  document.addEventListener('scroll', (ev) => {
+    const t = ev.target;
+    if (syncing || !t.matches || !COLS.some((c) => t.matches(c))) return;
+    const other = document.querySelector(COLS.find((c) => !t.matches(c)));
+    if (!other) return;
+    const share = t.scrollTop / Math.max(1, t.scrollHeight - t.clientHeight);
+    syncing = true;
+    other.scrollTop = share * Math.max(0, other.scrollHeight - other.clientHeight);
+    requestAnimationFrame(() => { syncing = false; });
+  }, true);
+  const jump = (pos) => {
+    syncing = true;
+    COLS.forEach((c) => {
+      const box = document.querySelector(c);
+      const tok = box && box.querySelector(`[data-pos="${pos}"]`);
+      if (!box || !tok) return;
+      box.scrollTop = Math.max(0, tok.offsetTop - box.clientHeight / 3);
+      tok.classList.add('jumped');
+      setTimeout(() => tok.classList.remove('jumped'), 1500);
+    });
+    requestAnimationFrame(() => { syncing = false; });
+  };
+  window.dtmJumpFdt = () => {
+    const tok = document.querySelector('#dense-output .first-divergent');
+    if (tok) jump(tok.dataset.pos);
+  };
+  document.addEventListener('click', (ev) => {
+    const tick = ev.target.closest && ev.target.closest('.diff-strip .tick');
+    if (tick) jump(tick.dataset.pos);
+  });
   // Ctrl+Enter (Cmd+Enter) runs the tab in view: the first visible primary button (Generate,
   // Run set, Run sweep, Make mixed plan, Score text, ... of the selected tab and sub-tab).
   document.addEventListener('keydown', (ev) => {

@@ -1026,3 +1026,53 @@ def test_prompt_set_free_run_lengths_loops_and_final_answers(browser, app_url, t
     page.wait_for_selector("#set-len-ratio .js-plotly-plot", timeout=WAIT_MS)
     shot(page, "prompt-sets-free-run")
     assert_readable(page)
+
+
+def test_long_compare_strip_scrolls_columns_together_and_jumps(browser, app_url):
+    """A long answer: the columns scroll (together), the strip marks exactly the SDT map's red
+    positions, a mark and the jump button bring those tokens into view in both columns."""
+    page = browser.new_page()
+    page.set_viewport_size({"width": 1280, "height": 900})
+    page.goto(app_url)
+    page.locator("#spec textarea, #spec input").first.fill("int4:g64")
+    page.locator("#prompt textarea").fill("Write a long story about a dragon who learns to read.")
+    page.locator("#chat input[type=checkbox]").check()
+    set_tokens(page, 240)
+    page.locator("#generate").click()
+    page.wait_for_function("document.querySelector('#status').innerText.includes('Done')",
+                           timeout=WAIT_MS)
+    red = page.evaluate("[...document.querySelectorAll('#sdt-map .tok.disagree')]"
+                        ".map(t => +t.dataset.pos)")
+    ticks = page.evaluate("[...document.querySelectorAll('#diff-strip .tick')]"
+                          ".map(t => +t.dataset.pos)")
+    assert ticks == red and len(ticks) >= 2, (ticks, red)
+    fdt = int(page.locator("#fdt").inner_text().strip())
+    assert ticks[0] == fdt and "fdt" in page.locator("#diff-strip .tick").first.get_attribute(
+        "class")
+    boxes = ["#dense-output .tokens", "#compressed-output .tokens"]
+    heights = page.evaluate(f"{boxes}.map(s => [document.querySelector(s).scrollHeight, "
+                            "document.querySelector(s).clientHeight])")
+    assert all(h > c for h, c in heights), f"long outputs scroll inside their columns: {heights}"
+    # scrolling one column scrolls the other to the same share of its height
+    page.evaluate(f"document.querySelector('{boxes[0]}').scrollTop = 1e6")
+    page.wait_for_function(f"document.querySelector('{boxes[1]}').scrollTop > 0",
+                           timeout=WAIT_MS)
+
+    def visible(pos):
+        return page.evaluate(
+            "(pos) => " + str(boxes) + ".map(s => { const b = document.querySelector(s); "
+            "const t = b.querySelector(`[data-pos=\"${pos}\"]`); if (!t) return null; "
+            "const r = t.getBoundingClientRect(), q = b.getBoundingClientRect(); "
+            "return r.top >= q.top - 1 && r.bottom <= q.bottom + 1; })", pos)
+
+    page.locator("#jump-fdt").click()
+    page.wait_for_function("document.querySelector('#dense-output .jumped') !== null",
+                           timeout=WAIT_MS)
+    assert visible(fdt)[0] and visible(fdt)[1] in (True, None), visible(fdt)
+    last = ticks[-1]
+    page.locator(f'#diff-strip .tick[data-pos="{last}"]').click()
+    page.wait_for_function(f"document.querySelector('#dense-output [data-pos=\"{last}\"]')"
+                           ".classList.contains('jumped')", timeout=WAIT_MS)
+    assert visible(last)[0], visible(last)
+    shot(page, "compare-long-strip")
+    assert_readable(page)

@@ -17,6 +17,7 @@ from dtm_core.measure.streaming import stream_pair
 
 from . import common
 from .common import STOPS, IntactKVForm, PairForm
+from .strip import render_strip, stream_differs
 from .render import (ACCEPT_HINT, FDT_HINT, N_TOKENS, SDT_HINT, TokenTexts,
                      accept_from_sdt_map, card_head, card_sub, fdt_badge, friendly,
                      position_plot, render_column, render_sdt_map, sink_figures)
@@ -39,7 +40,7 @@ def compare(model, preset, spec, components, checkpoint, prompt, chat, new_token
 
     Inputs come positionally in the order API clients have always used; the calibration inputs
     came last."""
-    empty = ("", "", "–", "–", None, "")
+    empty = ("", "", "–", "–", None, "")    # + status, strip
     try:
         if not (prompt or "").strip():
             raise DTMError("Type a prompt first.")
@@ -47,18 +48,18 @@ def compare(model, preset, spec, components, checkpoint, prompt, chat, new_token
                                   calibration_file, calib_ctx, calib_samples,
                                   sequential)
         setting = common.intactkv_setting(ikv_text, ikv_cal, calib_steps)
-        yield empty + ("Starting…",)
+        yield empty + ("Starting…", "")
         if not common.CACHE.cached(req.model):
             yield empty + (
                 f"Loading {req.model}… (the first load of the default model de-quantizes its "
-                "GGUF, about 15 s; later loads use the cache)",)
+                "GGUF, about 15 s; later loads use the cache)", "")
         pair = common.CACHE.open(req, [prompt])
         n = int(new_tokens)
         tok = pair.tokenizer
         if setting.calibrated and setting.parse() is not None:
             yield empty + ("Calibrating the pivot KV on "
                            f"{req.calibration.texts([prompt], 'the prompt in use')[1]} (cached "
-                           "after the first time)…",)
+                           "after the first time)…", "")
         ikv = resolve_intactkv(setting, pair, [prompt], chat=bool(chat),
                                calibration=req.calibration,
                                progress=common.calib_progress(progress))
@@ -78,14 +79,16 @@ def compare(model, preset, spec, components, checkpoint, prompt, chat, new_token
                     continue  # the page is updated at most every UPDATE_EVERY_S seconds
                 last = now
                 yield (*columns(state, state.fdt), fdt_badge(state), f"{state.sdt:.0%}", None,
-                       "", f"Streaming… {len(state.steps)} tokens, {now - t0:.1f} s.{pivots}")
+                       "", f"Streaming… {len(state.steps)} tokens, {now - t0:.1f} s.{pivots}",
+                       render_strip(stream_differs(state), n, state.fdt))
         if state is None:
             return
         if state.stopped:
             f = state.fdt
             yield (*columns(state, f),
                    fdt_badge(state), f"{state.sdt:.0%}", position_plot(state), "",
-                   f"Stopped after {len(state.steps)} tokens.")
+                   f"Stopped after {len(state.steps)} tokens.",
+                   render_strip(stream_differs(state), n, f))
             return
         # The engine's batch computation on the same prompt: the numbers the CLI reports.
         variants = {"main": ikv} if ikv is None else {"main": ikv, "plain": None}
@@ -108,9 +111,10 @@ def compare(model, preset, spec, components, checkpoint, prompt, chat, new_token
                f"mean KL {row.kl_mean:.4f} nats, {pair.dense.source} vs {pair.label}"
                f"{f' with IntactKV {ikv.label}' if ikv else ''}{note}.{pivots} "
                f"{calib + ' ' if calib else ''}"
-               f"{DEFAULT_DESCRIPTION if pair.dense.source == 'default' else ''}")
+               f"{DEFAULT_DESCRIPTION if pair.dense.source == 'default' else ''}",
+               render_strip((~tm.agree).tolist(), n, f))
     except Exception as exc:  # noqa: BLE001 - every failure becomes a message
-        yield empty + (friendly(exc),)
+        yield empty + (friendly(exc), "")
 
 
 def run_sinks(model, preset, spec, components, checkpoint, ikv_text, prompt, chat, k,
@@ -179,6 +183,10 @@ def build(pair: PairForm, ikv: IntactKVForm) -> CompareTab:
             accept = gr.HTML("–", elem_id="accept")
             gr.HTML(card_sub("of 4 draft tokens, per verification step (when the run "
                              "finishes)"))
+    with gr.Row(equal_height=True):
+        strip = gr.HTML("", elem_id="diff-strip", scale=8)
+        gr.Button("Jump to the first divergent token", size="sm", elem_id="jump-fdt",
+                  scale=1, min_width=120).click(None, js="() => window.dtmJumpFdt()")
     with gr.Row():
         with gr.Column():
             gr.Markdown("### Dense", elem_classes="column-head")
@@ -193,7 +201,7 @@ def build(pair: PairForm, ikv: IntactKVForm) -> CompareTab:
     sdt_map = gr.HTML("", elem_id="sdt-map")
     # later inputs last: API clients written before them keep working (defaults: off)
     generate.click(compare, pair.side + [prompt, chat, new_tokens] + ikv.inputs + pair.calib,
-                   [dense_out, comp_out, fdt, sdt, plot, sdt_map, status],
+                   [dense_out, comp_out, fdt, sdt, plot, sdt_map, status, strip],
                    concurrency_id="model", api_name="compare"
                    ).then(accept_from_sdt_map, [sdt_map], [accept], queue=False,
                           show_progress="hidden")
