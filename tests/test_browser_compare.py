@@ -1047,6 +1047,9 @@ def test_long_compare_strip_scrolls_columns_together_and_jumps(browser, app_url)
                           ".map(t => +t.dataset.pos)")
     assert ticks == red and len(ticks) >= 2, (ticks, red)
     fdt = int(page.locator("#fdt").inner_text().strip())
+    status = page.locator("#status").inner_text()
+    assert re.search(r"free run: \d+ dense vs \d+ compressed tokens, edit similarity", status), \
+        status
     assert ticks[0] == fdt and "fdt" in page.locator("#diff-strip .tick").first.get_attribute(
         "class")
     boxes = ["#dense-output .tokens", "#compressed-output .tokens"]

@@ -11,13 +11,13 @@ from dtm_core import DTMError
 from dtm_core.models.generation import encode_prompts
 from dtm_core.compression.intactkv import describe_pivots
 from dtm_core.jobs import calibration_note, compare_variants, resolve_intactkv
-from dtm_core.models.load import DEFAULT_DESCRIPTION
+from dtm_core.models.load import DEFAULT_DESCRIPTION, eos_ids
 from dtm_core.analysis.sinks import pair_sinks
 from dtm_core.measure.streaming import stream_pair
 
 from . import common
 from .common import STOPS, IntactKVForm, PairForm
-from .strip import render_strip, stream_differs
+from .strip import free_run_note, render_strip, stream_differs
 from .render import (ACCEPT_HINT, FDT_HINT, N_TOKENS, SDT_HINT, TokenTexts,
                      accept_from_sdt_map, card_head, card_sub, fdt_badge, friendly,
                      position_plot, render_column, render_sdt_map, sink_figures)
@@ -109,6 +109,7 @@ def compare(model, preset, spec, components, checkpoint, prompt, chat, new_token
                render_sdt_map(tok, state.dense_tokens, tm.agree.tolist()),
                f"Done: {len(state.dense_tokens)} dense tokens, FDT {f}, SDT {row.sdt:.1%}, "
                f"mean KL {row.kl_mean:.4f} nats, {pair.dense.source} vs {pair.label}"
+               f"{free_run_note(state, eos_ids(pair.dense))}"
                f"{f' with IntactKV {ikv.label}' if ikv else ''}{note}.{pivots} "
                f"{calib + ' ' if calib else ''}"
                f"{DEFAULT_DESCRIPTION if pair.dense.source == 'default' else ''}",

@@ -26,3 +26,18 @@ def render_strip(differs: list[bool], n: int, fdt: int | None) -> str:
 def stream_differs(state) -> list[bool]:
     """Per dense position of a live stream: the forced argmax differs from the dense token."""
     return [s.forced_token != s.dense_token for s in state.steps if s.dense_token is not None]
+
+
+def free_run_note(state, eos) -> str:
+    """The free-running comparison of the two streamed texts, as a clause of the status line:
+    lengths, edit similarity, loops and where the compressed text rejoins the dense one."""
+    from dtm_core.measure.freerun import free_run_row
+
+    r = free_run_row(state.dense_tokens, state.comp_tokens, eos)
+    loops = [side for side in ("dense", "compressed") if r[f"loop_{side}"]]
+    rejoin = r["rejoin_pos"]
+    return (f"; free run: {r['len_dense']} dense vs {r['len_compressed']} compressed tokens, "
+            f"edit similarity {r['edit_sim']:.0%}, "
+            f"{'loops at the end: ' + ' and '.join(loops) if loops else 'no loop at the end'}, "
+            + ("never rejoins the dense text" if rejoin != rejoin else
+               f"rejoins the dense text at position {int(rejoin)}"))
