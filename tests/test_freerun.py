@@ -224,3 +224,28 @@ def test_thinking_switch_and_thinking_lengths(default_model):
     row = free_run_row([start, 5, end, 7, 2], [start, 5, 6, 6, 6], {2}, (on, (start, end)))
     assert (row["len_thinking_dense"], row["len_answer_dense"]) == (3, 1)
     assert (row["len_thinking_compressed"], row["len_answer_compressed"]) == (5, 0)
+
+
+def test_the_stream_passes_the_thinking_switch_to_the_template(default_model):
+    """Compare's stream encodes its prompt with the thinking switch (a template whose switch
+    adds in-vocabulary text, so both settings run on the real model)."""
+    import copy
+
+    from dtm_core.measure.streaming import stream_pair
+    from dtm_core.models.generation import encode_prompts
+
+    tok = copy.deepcopy(default_model.tokenizer)
+    tok.chat_template = ("{%- for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+                         "<|im_end|>\n{%- endfor %}<|im_start|>assistant\n"
+                         "{%- if enable_thinking is defined and enable_thinking %}Let me think."
+                         "{%- endif %}")
+    import dataclasses
+
+    pair = make_pair(dataclasses.replace(default_model, tokenizer=tok), Recipe.single("int8"))
+    got = {}
+    for on in (True, False):
+        last = list(stream_pair(pair, "Hi", 3, chat=True, thinking=on))[-1]
+        got[on] = last.prompt_ids
+        assert got[on] == encode_prompts(tok, ["Hi"], chat=True, thinking=on)[0]
+    assert tok.decode(got[True]).endswith("Let me think.") and \
+        not tok.decode(got[False]).endswith("Let me think.")

@@ -35,6 +35,7 @@ class CompareTab:
 def compare(model, preset, spec, components, checkpoint, prompt, chat, new_tokens,
             ikv_text="off", ikv_cal=False, calib_steps=50, calibration=None,
             calibration_file=None, calib_ctx=None, calib_samples=None, sequential=True,
+            thinking=None,
             request: gr.Request = None, progress=gr.Progress()):
     """Generator: stream both generations, then finalize with the engine's teacher-forced pass.
 
@@ -73,7 +74,9 @@ def compare(model, preset, spec, components, checkpoint, prompt, chat, new_token
                 return (render_column(tok, st, "dense", f, dtx),
                         render_column(tok, st, "comp", f, ctx))
 
-            for state in stream_pair(pair, prompt, n, chat=bool(chat), stop=stop, intactkv=ikv):
+            think = None if thinking is None or not chat else bool(thinking)
+            for state in stream_pair(pair, prompt, n, chat=bool(chat), stop=stop, intactkv=ikv,
+                                     thinking=think):
                 now = time.perf_counter()
                 if now - last < UPDATE_EVERY_S and not (state.dense_done and state.comp_done):
                     continue  # the page is updated at most every UPDATE_EVERY_S seconds
@@ -159,7 +162,11 @@ def build(pair: PairForm, ikv: IntactKVForm) -> CompareTab:
         prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt", scale=4,
                             placeholder="The capital of France is")
         with gr.Column(scale=1):
-            chat = gr.Checkbox(value=False, label="Chat template", elem_id="chat")
+            with gr.Row():
+                chat = gr.Checkbox(value=False, label="Chat template", elem_id="chat",
+                                   min_width=80)
+                thinking = gr.Checkbox(value=True, label="Thinking", elem_id="thinking",
+                                       min_width=80, info="for templates that take it")
             new_tokens = gr.Slider(1, 2048, value=48, step=1, label="Max new tokens",
                                    elem_id="new-tokens")
             with gr.Row():
@@ -185,9 +192,11 @@ def build(pair: PairForm, ikv: IntactKVForm) -> CompareTab:
             gr.HTML(card_sub("of 4 draft tokens, per verification step (when the run "
                              "finishes)"))
     with gr.Row(equal_height=True):
-        strip = gr.HTML("", elem_id="diff-strip", scale=8)
-        gr.Button("Jump to the first divergent token", size="sm", elem_id="jump-fdt",
-                  scale=1, min_width=120).click(None, js="() => window.dtmJumpFdt()")
+        with gr.Column(scale=6):
+            strip = gr.HTML("", elem_id="diff-strip")
+        with gr.Column(scale=1, min_width=180):
+            gr.Button("Jump to the first divergent token", size="sm", elem_id="jump-fdt"
+                      ).click(None, js="() => window.dtmJumpFdt()")
     with gr.Row():
         with gr.Column():
             gr.Markdown("### Dense", elem_classes="column-head")
@@ -201,7 +210,8 @@ def build(pair: PairForm, ikv: IntactKVForm) -> CompareTab:
                 "the dense prefix agrees, red where it differs")
     sdt_map = gr.HTML("", elem_id="sdt-map")
     # later inputs last: API clients written before them keep working (defaults: off)
-    generate.click(compare, pair.side + [prompt, chat, new_tokens] + ikv.inputs + pair.calib,
+    generate.click(compare, pair.side + [prompt, chat, new_tokens] + ikv.inputs + pair.calib
+                   + [thinking],
                    [dense_out, comp_out, fdt, sdt, plot, sdt_map, status, strip],
                    concurrency_id="model", api_name="compare"
                    ).then(accept_from_sdt_map, [sdt_map], [accept], queue=False,

@@ -84,14 +84,17 @@ def _top(logp: torch.Tensor) -> list[tuple[int, float]]:
 @torch.no_grad()
 def stream_pair(pair: Pair, prompt: str | None = None, new_tokens: int = 48, *, chat: bool = False,
                 prompt_ids: list[int] | None = None,
-                stop: threading.Event | None = None, intactkv=None) -> Iterator[StreamState]:
+                stop: threading.Event | None = None, intactkv=None,
+                thinking: bool | None = None) -> Iterator[StreamState]:
     """Yield the growing state after every lockstep step (and once at the end).
+
+    ``thinking`` goes to chat templates that take ``enable_thinking`` (None: their default).
 
     With ``intactkv`` both compressed rows start from the dense model's KV for the pivot tokens.
     """
     ikv = IntactKV.parse(intactkv)
     tok = pair.tokenizer
-    ids = list(prompt_ids) if prompt_ids is not None else encode_prompts(tok, [prompt], chat)[0]
+    ids = list(prompt_ids) if prompt_ids is not None else encode_prompts(tok, [prompt], chat, thinking)[0]
     check_lengths(pair.dense.model, [ids], new_tokens)
     pad, eos = pad_id_of(tok), eos_ids(pair.dense)
     state = StreamState(prompt_ids=ids, new_tokens=new_tokens)
