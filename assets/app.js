@@ -74,6 +74,7 @@
   document.addEventListener('click', (ev) => {
     const tick = ev.target.closest && ev.target.closest('.diff-strip .tick');
     if (tick) jump(tick.dataset.pos);
+    if (ev.target.closest && ev.target.closest('#jump-fdt')) window.dtmJumpFdt();
   });
   // Ctrl+Enter (Cmd+Enter) runs the tab in view: the first visible primary button (Generate,
   // Run set, Run sweep, Make mixed plan, Score text, ... of the selected tab and sub-tab).

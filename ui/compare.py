@@ -166,7 +166,7 @@ def build(pair: PairForm, ikv: IntactKVForm) -> CompareTab:
                 chat = gr.Checkbox(value=False, label="Chat template", elem_id="chat",
                                    min_width=80)
                 thinking = gr.Checkbox(value=True, label="Thinking", elem_id="thinking",
-                                       min_width=80, info="for templates that take it")
+                                       min_width=80)
             new_tokens = gr.Slider(1, 2048, value=48, step=1, label="Max new tokens",
                                    elem_id="new-tokens")
             with gr.Row():
@@ -191,15 +191,12 @@ def build(pair: PairForm, ikv: IntactKVForm) -> CompareTab:
             accept = gr.HTML("–", elem_id="accept")
             gr.HTML(card_sub("of 4 draft tokens, per verification step (when the run "
                              "finishes)"))
-    with gr.Row(equal_height=True):
-        with gr.Column(scale=6):
-            strip = gr.HTML("", elem_id="diff-strip")
-        with gr.Column(scale=1, min_width=180):
-            gr.Button("Jump to the first divergent token", size="sm", elem_id="jump-fdt"
-                      ).click(None, js="() => window.dtmJumpFdt()")
     with gr.Row():
         with gr.Column():
-            gr.Markdown("### Dense", elem_classes="column-head")
+            with gr.Row(elem_classes="column-head-row"):
+                gr.Markdown("### Dense", elem_classes="column-head")
+                # the divergence strip over the dense text, its jump button inside it (ui/strip)
+                strip = gr.HTML("", elem_id="diff-strip")
             dense_out = gr.HTML("", elem_id="dense-output")
         with gr.Column():
             gr.Markdown("### Compressed", elem_classes="column-head")

@@ -19,8 +19,10 @@ def render_strip(differs: list[bool], n: int, fdt: int | None) -> str:
                      f'title="{html.escape(f"position {pos}: the argmaxes differ")}"></span>')
     label = (f"{sum(differs)} of {len(differs)} positions differ"
              if differs else "no positions yet")
-    return (f'<div class="diff-strip" data-n="{n}" data-count="{sum(differs)}" '
-            f'title="{label}; click a mark to scroll both columns there">{"".join(ticks)}</div>')
+    return (f'<div class="strip-row"><div class="diff-strip" data-n="{n}" '
+            f'data-count="{sum(differs)}" title="{label}; click a mark to scroll both columns '
+            f'there">{"".join(ticks)}</div><button type="button" id="jump-fdt" '
+            f'title="Scroll both columns to the first divergent token">Jump to FDT</button></div>')
 
 
 def stream_differs(state) -> list[bool]:
@@ -34,10 +36,9 @@ def free_run_note(state, eos) -> str:
     from dtm_core.measure.freerun import free_run_row
 
     r = free_run_row(state.dense_tokens, state.comp_tokens, eos)
-    loops = [side for side in ("dense", "compressed") if r[f"loop_{side}"]]
-    rejoin = r["rejoin_pos"]
-    return (f"; free run: {r['len_dense']} dense vs {r['len_compressed']} compressed tokens, "
-            f"edit similarity {r['edit_sim']:.0%}, "
-            f"{'loops at the end: ' + ' and '.join(loops) if loops else 'no loop at the end'}, "
-            + ("never rejoins the dense text" if rejoin != rejoin else
-               f"rejoins the dense text at position {int(rejoin)}"))
+    loops = "/".join(side for side in ("dense", "compressed") if r[f"loop_{side}"])
+    j = r["rejoin_pos"]
+    return (f"; free run {r['len_dense']}/{r['len_compressed']} tokens, edit sim "
+            f"{r['edit_sim']:.0%}" + (f", loops: {loops}" if loops else "")
+            + ("" if r["edit_sim"] == 1 else
+               ", no rejoin" if j != j else f", rejoins at {int(j)}"))
