@@ -23,6 +23,7 @@ from dtm_core.compression.intactkv import IntactKV, teacher_forced_pair
 from dtm_core.measure.diagnostics import TOP_K
 from dtm_core.measure.freerun import (COLUMNS as FREE_RUN_COLUMNS, THINK_COLUMNS, free_run_row,
                                      free_run_summary)
+from dtm_core.measure.freerun import first_difference as first_difference_or_none
 from dtm_core.measure.metrics import (ACCEPT_K, TokenMetrics, aggregate, concat, metric_columns,
                                       survival_curve, token_metrics)
 from dtm_core.models.load import LoadedModel, eos_ids
@@ -207,7 +208,5 @@ class _PairChunks:
 
 def first_difference(a: Sequence[int], b: Sequence[int], n: int) -> int:
     """Index of the first differing token of two generations; n when they are identical."""
-    for t, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return t
-    return n if len(a) == len(b) else min(len(a), len(b))
+    f = first_difference_or_none(a, b)
+    return n if f is None else f
