@@ -147,15 +147,27 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--max-file-size", default="10mb", help="largest upload the server accepts")
+    ap.add_argument("--memory-limit", type=float, default=None, metavar="GIB",
+                    help="GiB of model tensors the app may hold (default: the free memory): "
+                         "Compare's stream, which holds a compressed copy beside the dense "
+                         "model, is refused beyond it; the other views run in one model's "
+                         "memory")
     ap.add_argument("--concurrency", type=int, default=1,
                     help="heavy jobs run at once per device (queued beyond that)")
     args = ap.parse_args(argv)
+    if args.memory_limit is not None and args.memory_limit <= 0:
+        raise SystemExit("error: --memory-limit is a positive number of GiB, e.g. 8.")
     try:
         load_plugins()   # modules in DTM_PLUGINS register methods, metrics and families
     except DTMError as exc:
         raise SystemExit(f"error: {exc}") from None
+    # in-place pairs (one model's memory) change the shared dense model while a job runs: only
+    # where heavy jobs run one at a time
     common.CACHE = PairCache(device=args.device, dtype=args.dtype,
-                             trust_remote_code=args.trust_remote_code)
+                             trust_remote_code=args.trust_remote_code,
+                             in_place=args.concurrency == 1,
+                             memory_limit=None if args.memory_limit is None
+                             else int(args.memory_limit * 2**30))
     demo = build_app(args.model)
     demo.queue(default_concurrency_limit=args.concurrency)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share,

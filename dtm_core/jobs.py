@@ -41,7 +41,8 @@ from dtm_core.models.generation import encode_prompts
 from dtm_core.compression.intactkv import IntactKV, calibrate
 from dtm_core.compression.methods import parse_spec
 from dtm_core.models.load import LoadedModel, load_model
-from dtm_core.compression.pair import Pair, checkpoint_pair, make_pair
+from dtm_core.compression.pair import (Pair, check_copy_fits, checkpoint_pair, in_place_pair,
+                                       make_pair)
 from dtm_core.planning.plan import Plan, make_plan
 from dtm_core.measure.prompts import load_prompts
 from dtm_core.analysis.kvgrid import grid_rows, kv_grid  # noqa: F401 (the app's and the CLI's K x V grid)
@@ -217,8 +218,13 @@ class IntactKVSetting:
 
 
 def build_pair(dense: LoadedModel, request: PairRequest, evaluated: Sequence[str] = (),
-               load: Callable[[str], LoadedModel] | None = None) -> Pair:
-    """The pair a request describes on an already loaded dense model."""
+               load: Callable[[str], LoadedModel] | None = None,
+               in_place: str | None = None, limit: int | None = None) -> Pair:
+    """The pair a request describes on an already loaded dense model. ``in_place`` (a keep mode
+    of :mod:`dtm_core.compression.inplace`): a recipe pair that compresses the dense model
+    itself when a view runs (one model's memory) instead of a compressed copy; a copy is
+    refused in one sentence when it does not fit in the free memory (or in ``limit`` bytes of
+    model tensors, :class:`PairCache`'s ``memory_limit``)."""
     request.validate()
     if request.compressed_model:
         from dtm_core.models.checkpoints import inspect
@@ -232,6 +238,10 @@ def build_pair(dense: LoadedModel, request: PairRequest, evaluated: Sequence[str
     calib = None
     if recipe.needs_calibration:
         calib = resolve_calibration(dense, request.calibration, evaluated, request.chat)
+    if in_place is not None:
+        return in_place_pair(dense, recipe, calibration=calib, sequential=request.sequential,
+                             keep=in_place)
+    check_copy_fits(dense, recipe, limit)
     return make_pair(dense, recipe, calibration=calib, sequential=request.sequential)
 
 
@@ -259,9 +269,16 @@ class PairCache:
     serializes loading. Only the most recent dense model and a few pairs built on it stay.
     """
 
-    def __init__(self, max_pairs: int = 3, **load_kwargs):
+    def __init__(self, max_pairs: int = 3, in_place: bool = True,
+                 memory_limit: int | None = None, **load_kwargs):
         self.load_kwargs = load_kwargs
         self.max_pairs = max_pairs
+        # bytes of model tensors the pairs may hold (the app's --memory-limit; None: the free
+        # memory is the limit)
+        self.memory_limit = memory_limit
+        # views that run one model after the other may compress the dense model in place (off
+        # where jobs run concurrently on one model: the app with --concurrency above 1)
+        self.in_place = in_place
         self._lock = threading.RLock()
         self._dense: tuple[str, LoadedModel] | None = None
         self._pairs: OrderedDict[tuple, Pair] = OrderedDict()
@@ -284,10 +301,16 @@ class PairCache:
         self.loads += 1
         return load_model(source, **self.load_kwargs)
 
-    def open(self, request: PairRequest, evaluated: Sequence[str] = ()) -> Pair:
+    def open(self, request: PairRequest, evaluated: Sequence[str] = (),
+             in_place: str | None = None) -> Pair:
         """The pair of a request (``evaluated``: the prompts the job runs on, the default
-        calibration set)."""
+        calibration set). ``in_place`` (a keep mode, e.g. ``auto``): a view that runs the two
+        models one after the other gets a pair that compresses the dense model itself (unless a
+        copy pair of the request is cached already: it costs nothing more); None: a pair of two
+        models (the stream, IntactKV, explain)."""
         request.validate()
+        if request.compressed_model or not self.in_place:
+            in_place = None
         calib_key = None
         if request.needs_calibration:
             texts, _ = request.calibration.texts(evaluated)
@@ -298,10 +321,20 @@ class PairCache:
                str(request.recipe) if request.recipe else None, request.compressed_model,
                calib_key, request.sequential)
         with self._lock:
-            if key in self._pairs:
-                self._pairs.move_to_end(key)
-                return self._pairs[key]
-            pair = build_pair(self.dense(model), request, evaluated, load=self._load_other)
+            for k in (key, key + (in_place,)) if in_place is not None else (key,):
+                if k in self._pairs:
+                    self._pairs.move_to_end(k)
+                    return self._pairs[k]
+            if in_place is None:     # a copy replaces the in-place pair of the same request
+                self._pairs = OrderedDict((k, p) for k, p in self._pairs.items()
+                                          if k[:len(key)] != key)
+            else:
+                key = key + (in_place,)
+            if in_place is None and self.memory_limit is not None:
+                self._pairs.clear()          # cached copies give their memory to this one
+                gc.collect()
+            pair = build_pair(self.dense(model), request, evaluated, load=self._load_other,
+                              in_place=in_place, limit=self.memory_limit)
             self._pairs[key] = pair
             while len(self._pairs) > self.max_pairs:
                 self._pairs.popitem(last=False)

@@ -1078,3 +1078,44 @@ def test_long_compare_strip_scrolls_columns_together_and_jumps(browser, app_url)
     assert visible(last)[0], visible(last)
     shot(page, "compare-long-strip")
     assert_readable(page)
+
+
+def says(page, selector: str, text: str) -> None:
+    """Wait until the element's text says ``text``."""
+    page.wait_for_function(f"document.querySelector({selector!r}).innerText.includes({text!r})",
+                           timeout=WAIT_MS)
+
+
+def test_compare_refuses_a_pair_that_does_not_fit_and_prompt_sets_run_in_one_model(browser,
+                                                                                   tmp_path):
+    """With room for the dense model but not a compressed copy beside it (--memory-limit 0.8
+    GiB; the default model holds 0.5 GiB, an int4 copy of every linear 0.39 GiB more), Compare
+    says so in one sentence with the memory it needs and the views that fit, and those views
+    run (the model compressed in place, restored after)."""
+    with running_app("--memory-limit", "0.8") as url:
+        page = browser.new_page()
+        page.goto(url)
+        page.locator("#prompt textarea").fill("The capital of France is")
+        set_tokens(page, 4)
+        page.locator("#generate").click()
+        says(page, "#status", "GiB are free")
+        status = page.locator("#status").inner_text()
+        assert "side-by-side stream" in status and "GiB more" in status
+        assert "Prompt sets, KLD" in status and "one model's memory" in status
+        shot(page, "compare-memory-refusal")
+        f = tmp_path / "two.jsonl"
+        f.write_text('{"question": "What is the capital of France?", "answer": "Paris"}\n'
+                     '{"question": "Name a primary colour.", "answer": "red"}\n')
+        upload_to_tab(page, url, "Prompt sets", "#set-upload", f)
+        page.locator("#set-new-tokens input[type=number]").fill("4")
+        page.locator("#set-new-tokens input[type=number]").press("Enter")
+        page.locator("#set-run").click()
+        says(page, "#set-status", "Done")
+        assert "Mean FDT" in page.locator("#set-summary").inner_text()
+        assert "in one model's memory" in page.locator("#set-status").inner_text()
+        shot(page, "prompt-sets-one-model")
+        # and the stream still refuses the same way: nothing was lost
+        page.get_by_role("tab", name="Compare").click()
+        page.locator("#prompt textarea").fill("The capital of France is")
+        page.locator("#generate").click()
+        says(page, "#status", "GiB are free")

@@ -31,7 +31,8 @@ def run_kld(model, preset, spec, components, checkpoint, text_file, ctx, calibra
                                   sequential)
         progress(0, desc="loading the pair")
         # the evaluated prompts of a text: its first 64 non-empty lines (as the CLI's kld)
-        pair = common.CACHE.open(req, [ln for ln in text.splitlines() if ln.strip()][:64])
+        pair = common.CACHE.open(req, [ln for ln in text.splitlines() if ln.strip()][:64],
+                                 in_place="auto")      # one model's memory
         stats, values = score_text(pair, text, int(ctx), progress=lambda f, m: progress(f, desc=m))
     except Exception as exc:  # noqa: BLE001 - every failure becomes a message
         return friendly(exc), None, None, None, None, None, None

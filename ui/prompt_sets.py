@@ -40,6 +40,9 @@ WORST_HEADERS = ["#", "line", "FDT (tokens)", "mean KL (nats)", "prompt", "… t
                  "dense token", "compressed token", "dense goes on"]
 
 
+IN_PLACE_NOTE = " (in one model's memory: the dense passes, then the model compressed in place)"
+
+
 def run_set(model, preset, spec, components, checkpoint, upload, builtin, chat, new_tokens,
             ikv_text="off", ikv_cal=False, calib_steps=50, calibration=None,
             calibration_file=None, calib_ctx=None, calib_samples=None, sequential=True,
@@ -54,7 +57,10 @@ def run_set(model, preset, spec, components, checkpoint, upload, builtin, chat, 
                                   sequential)
         setting = common.intactkv_setting(ikv_text, ikv_cal, calib_steps)
         progress(0, desc="loading the pair")
-        pair = common.CACHE.open(req, pset.prompts)
+        # one model's memory (the dense passes first, then the model compressed in place)
+        # unless IntactKV runs the two side by side
+        pair = common.CACHE.open(req, pset.prompts,
+                                 in_place=None if setting.parse() is not None else "auto")
         ikv = resolve_intactkv(setting, pair, pset.prompts, chat=bool(chat),
                                calibration=req.calibration,
                                progress=common.calib_progress(progress))
@@ -75,7 +81,8 @@ def run_set(model, preset, spec, components, checkpoint, upload, builtin, chat, 
                            sort=["fdt", "kl_mean"], ascending=[True, False])
     msg = (f"{'Stopped: ' if res.stopped else 'Done: '}{len(res.table)} prompts of "
            f"{pset.name} on {pair.dense.source} vs {pair.label}"
-           f"{f', with and without IntactKV {ikv.label}' if ikv else ''}."
+           f"{f', with and without IntactKV {ikv.label}' if ikv else ''}"
+           f"{IN_PLACE_NOTE if pair.in_place is not None else ''}."
            f"{common.pivot_note(pair.tokenizer, ikv, pset.prompts[0], chat, FIRST)}")
     if calibration_note(pair):
         msg += " " + calibration_note(pair)

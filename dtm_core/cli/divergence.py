@@ -27,6 +27,7 @@ def add_parser(sub) -> None:
     div.add_argument("--json", help="write the aggregates as JSON here")
     opt.thinking_args(div)
     opt.intactkv_args(div)
+    opt.one_model_args(div)
 
 
 def run(args) -> int:
@@ -37,7 +38,7 @@ def run(args) -> int:
     pset = load_prompts(args.prompts)
     if pset.rejected:
         print("warning: " + pset.rejection_message(), file=sys.stderr)
-    pair = opt.load_pair(args, pset.prompts)
+    pair = opt.load_pair(args, pset.prompts, in_place=opt.in_place_of(args))
     ikv = opt.intactkv_of(args, pair, pset.prompts)
     from dtm_core.models.generation import encode_prompts
     thinking = opt.thinking_of(args, pair.tokenizer)
@@ -66,6 +67,7 @@ def run(args) -> int:
             "new_tokens": args.new_tokens, "chat": args.chat, "free_run": args.free_run,
             "thinking": thinking,
             "intactkv": None if ikv is None else ikv.label,
+            "in_place": pair.in_place is not None,
             "calibration": None if pair.calibration is None else pair.calibration.label})
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:

@@ -29,6 +29,7 @@ def add_parser(sub) -> None:
                          "\\boxed{...}, else its last number) is compared numerically")
     opt.thinking_args(ev)
     opt.intactkv_args(ev)
+    opt.one_model_args(ev)
 
 
 def run(args) -> int:
@@ -37,7 +38,7 @@ def run(args) -> int:
 
     opt.check_common(args)
     pset = load_prompts(args.prompts).with_answer_type(args.answer_type)
-    pair = opt.load_pair(args, pset.prompts)
+    pair = opt.load_pair(args, pset.prompts, in_place=opt.in_place_of(args))
     ikv = opt.intactkv_of(args, pair, pset.prompts)
     store, rank = opt.join_world(pair)
     res = evaluate(pair, pset, args.new_tokens, chat=args.chat, batch_size=args.batch_size,

@@ -13,6 +13,7 @@ def add_parser(sub) -> None:
     opt.model_args(kl)
     kl.add_argument("--text", required=True, help="a UTF-8 text file")
     kl.add_argument("--ctx", type=int, default=512, help="chunk size in tokens (default 512)")
+    opt.one_model_args(kl)
     kl.add_argument("--json", help="write the statistics as JSON here")
     kl.add_argument("--out", help="the statistics as a CSV (statistic,value), or Parquet when the "
                                   "name ends in .parquet; the configuration in NAME.json beside")
@@ -24,7 +25,7 @@ def run(args) -> int:
 
     opt.check_common(args)
     text = read_text_file(args.text)
-    pair = opt.load_pair(args, [line for line in text.splitlines() if line.strip()][:64])
+    pair = opt.load_pair(args, [line for line in text.splitlines() if line.strip()][:64], in_place=opt.in_place_of(args))
     store, rank = opt.join_world(pair)
     stats, values = score_text(pair, text, args.ctx, progress=opt.stderr_progress, store=store)
     if rank != 0:       # torchrun: rank 0 reports the merged result
@@ -34,6 +35,7 @@ def run(args) -> int:
         from dtm_core.measure.kld import statistics_table
         write_table(statistics_table(stats), args.out,
                     {"command": "kld", "model": pair.dense.source, "pair": pair.label,
+                     "in_place": pair.in_place is not None,
                      "text": args.text, "ctx": args.ctx})
     conf = values.by_confidence()
     if args.json:

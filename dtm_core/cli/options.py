@@ -115,11 +115,36 @@ def pair_cache(args):
                      **({"gpus": gpus} if gpus else {}))
 
 
-def load_pair(args, prompts: list[str]):
-    """The pair of a command; ``prompts`` are the evaluated prompts (the default calibration)."""
+# set by the program's entry point (``python -m dtm_core``, ``dtm-inspector``): the process ends
+# with the command, so nothing it compresses in place needs restoring
+PROCESS_ENDS = False
+
+
+def one_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--two-models", action="store_true",
+                   help="keep a compressed copy beside the dense model (about twice the "
+                        "memory for a whole-model spec); default: one model's memory, the "
+                        "dense passes first, then the model compressed in place (same numbers)")
+
+
+def in_place_of(args) -> str | None:
+    """The keep mode of a command that may compress the dense model in place (None: a pair of
+    two models): run as a program, the process ends after the command, so the dense weights
+    need not come back (``none``); called from Python, the model is restored (``auto``)."""
+    from dtm_core.distributed import world
+
+    if getattr(args, "two_models", True) or getattr(args, "intactkv", None) \
+            or world()[1] > 1:
+        return None
+    return "none" if PROCESS_ENDS else "auto"
+
+
+def load_pair(args, prompts: list[str], in_place: str | None = None):
+    """The pair of a command; ``prompts`` are the evaluated prompts (the default calibration);
+    ``in_place``: see :meth:`dtm_core.jobs.PairCache.open`."""
     from dtm_core.jobs import calibration_note
 
-    pair = pair_cache(args).open(pair_request(args), prompts)
+    pair = pair_cache(args).open(pair_request(args), prompts, in_place=in_place)
     if pair.calibration is not None:
         print(calibration_note(pair), file=sys.stderr)
     if "checkpoint" in pair.config:

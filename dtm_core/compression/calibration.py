@@ -196,7 +196,10 @@ class Calibration:
                         raise _Unshared()
                     continue
                 if x is None:
-                    x = raw[live[0].to(raw.device)].float()          # (real tokens, width)
+                    m = live[0].to(raw.device)
+                    if raw.dim() == 2 and m.dim() == 2:   # OPT's MLP reads (B*T, width)
+                        m = m.reshape(-1)
+                    x = raw[m].float()                                # (real tokens, width)
                 state[key] = STATISTICS[s].add(state.get(key), x)
                 counts[key] = counts.get(key, 0) + len(x)
 

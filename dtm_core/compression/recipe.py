@@ -137,22 +137,37 @@ class Recipe:
 
 
 class Applied:
-    """Handle of an applied recipe: :meth:`restore` puts the original tensors back."""
+    """Handle of an applied recipe: :meth:`restore` puts the original tensors back.
 
-    def __init__(self):
-        self._saved: list[tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
+    ``keeper`` (an :class:`~dtm_core.compression.inplace.Keeper`) decides where a replaced tensor
+    waits until :meth:`restore` when the recipe compresses the dense model itself (in memory, in
+    CPU memory, re-read from the model's files, or dropped); None keeps it as it is (a copy's
+    tensors are the dense model's own)."""
+
+    def __init__(self, keeper=None):
+        self._saved: list[tuple[torch.nn.Module, str, object]] = []
         self._hooks: list = []
+        self.keeper = keeper
         self.changed_bytes = 0
         self.changed_params = 0
         self.layer_by_layer = False   # statistics gathered on the compressed layers' outputs
 
+    @property
+    def in_place(self) -> bool:
+        return self.keeper is not None
+
+    def save(self, module: torch.nn.Module, name: str, orig) -> None:
+        """Remember ``module.name``'s original tensor (through the keeper when in place)."""
+        held = orig if self.keeper is None else self.keeper.keep(module, name, orig)
+        self._saved.append((module, name, held))
+
     def restore(self) -> None:
         for h in self._hooks:
             h.remove()
-        for module, name, param in reversed(self._saved):
-            setattr(module, name, param)
-        self._saved.clear()
         self._hooks.clear()
+        saved, self._saved = self._saved, []
+        for module, name, held in reversed(saved):
+            setattr(module, name, held if self.keeper is None else self.keeper.back(held))
 
     def __enter__(self):
         return self
@@ -229,7 +244,8 @@ def gather_statistics(model, pairs, calibration) -> dict:
     return out
 
 
-def apply_recipe(model, recipe: Recipe, calibration=None, sequential: bool = False) -> Applied:
+def apply_recipe(model, recipe: Recipe, calibration=None, sequential: bool = False,
+                 keeper=None) -> Applied:
     """Compress the recipe's components in place, swapping in new tensors only for those.
 
     ``calibration`` provides the statistics the recipe's methods need: a
@@ -238,7 +254,8 @@ def apply_recipe(model, recipe: Recipe, calibration=None, sequential: bool = Fal
     With ``sequential`` the statistics of each layer's components are gathered on the outputs of
     the layers before it as already compressed (full-model GPTQ's order,
     :func:`dtm_core.compression.calibration.sequential`); otherwise every component sees the dense model's
-    inputs. A recipe of one layer's components is the same either way.
+    inputs. A recipe of one layer's components is the same either way. ``keeper``: compress
+    ``model`` itself, the replaced tensors held by it (:mod:`dtm_core.compression.inplace`).
     """
     pairs = recipe.components(model)  # validate before touching anything
     caches = [(c, sp) for c, sp in pairs if sp.targets_cache]
@@ -249,15 +266,15 @@ def apply_recipe(model, recipe: Recipe, calibration=None, sequential: bool = Fal
             raise DTMError(f"{spec} also changes the input of the whole module at {comp.path}, "
                            f"so it cannot apply to the part {comp.name} alone; give the whole "
                            "(fused or experts) kind instead.")
-    applied = Applied()
+    applied = Applied(keeper)
     fresh: dict[tuple[int, str], torch.Tensor] = {}   # (module, param) -> this recipe's copy
     fused = _fused_statistics(model, pairs)            # read before anything changes
+    # static cache scales come from the dense model: measured before any weight changes (in
+    # place, the dense model is the one being compressed)
+    absmax = cache_absmax(model, caches, calibration) if caches else {}
     try:
         needs = sorted({c.layer for c, sp in pairs if sp.needs})
-        # layer by layer only changes something when a compressed layer comes before a
-        # calibrated one; otherwise the shared statistics of the dense inputs are the same
-        if sequential and needs and not isinstance(calibration, dict) and \
-                calibration is not None and min(c.layer for c, _ in pairs) < max(needs):
+        if _layer_by_layer(pairs, calibration, sequential):
             from dtm_core.compression.calibration import sequential as layer_by_layer
 
             applied.layer_by_layer = True
@@ -276,11 +293,26 @@ def apply_recipe(model, recipe: Recipe, calibration=None, sequential: bool = Fal
             _compress(pairs, _merged(gather_statistics(model, pairs, calibration), fused),
                       applied, fresh)
         if caches:
-            _quantize_caches(model, caches, calibration, applied)
+            _quantize_caches(model, caches, absmax, applied)
     except BaseException:
         applied.restore()
         raise
     return applied
+
+
+def _layer_by_layer(pairs, calibration, sequential: bool) -> bool:
+    """Layer by layer only changes something when a compressed layer comes before a calibrated
+    one; otherwise the shared statistics of the dense inputs are the same."""
+    needs = [c.layer for c, sp in pairs if sp.needs and not sp.targets_cache]
+    pairs = [(c, sp) for c, sp in pairs if not sp.targets_cache]
+    return bool(sequential and needs and not isinstance(calibration, dict)
+                and calibration is not None and min(c.layer for c, _ in pairs) < max(needs))
+
+
+def runs_layer_by_layer(model, recipe: Recipe, calibration, sequential: bool) -> bool:
+    """Whether :func:`apply_recipe` would gather statistics layer by layer (told before it
+    runs)."""
+    return _layer_by_layer(recipe.components(model), calibration, sequential)
 
 
 def _fused_statistics(model, pairs) -> dict:
@@ -310,21 +342,29 @@ def _compress(pairs, stats: dict, applied: Applied, fresh: dict) -> None:
         if not spec.changes_weights:
             continue
         key = (id(comp.module), comp.param)
-        if comp.experts is not None:
+        if comp.experts is not None and not applied.in_place:
             _compress_experts(comp, spec, stats, applied, fresh, key)
             continue
         if key not in fresh:   # one copy per parameter, however many of its parts change
             orig = getattr(comp.module, comp.param)
             fresh[key] = orig.detach().clone(memory_format=torch.contiguous_format)
-            applied._saved.append((comp.module, comp.param, orig))
-            applied.changed_bytes += orig.numel() * orig.element_size()
-            applied.changed_params += orig.numel()
+            if comp.experts is None:
+                applied.changed_bytes += orig.numel() * orig.element_size()
+                applied.changed_params += orig.numel()
+            applied.save(comp.module, comp.param, orig)
             setattr(comp.module, comp.param,
                     torch.nn.Parameter(fresh[key], requires_grad=False))
+            del orig
         full = fresh[key]
-        # each (out, in) matrix is compressed on its own (with its own statistics)
-        for sk, m in zip(_stat_keys(comp), comp.matrices(full)):
-            _compress_matrix(m, comp, spec, stats.get((sk, spec), {}))
+        # each (out, in) matrix is compressed on its own (with its own statistics); in place,
+        # an experts parameter is copied whole and its experts' matrices compressed in it
+        experts = comp.experts if comp.experts is not None else [None]
+        for sk, m, e in zip(_stat_keys(comp), comp.matrices(full), experts):
+            if e is not None:
+                applied.changed_bytes += m.numel() * m.element_size()
+                applied.changed_params += m.numel()
+            _compress_matrix(m, comp, spec, stats.get((sk, spec), {}),
+                             None if e is None else int(e))
         hook = spec.runtime_hook_for(comp, stats.get((_stat_keys(comp)[0], spec), {}))
         if hook is not None:
             applied._hooks.append(comp.module.register_forward_pre_hook(hook))
@@ -339,7 +379,7 @@ def _compress_experts(comp: Component, spec: Method, stats: dict, applied: Appli
     if key not in fresh:
         orig = getattr(comp.module, comp.param)
         fresh[key] = ExpertOverrides(orig)
-        applied._saved.append((comp.module, comp.param, orig))
+        applied.save(comp.module, comp.param, orig)
         setattr(comp.module, comp.param, fresh[key])
     over = fresh[key]
     for sk, e in zip(_stat_keys(comp), comp.experts):
@@ -363,7 +403,7 @@ def _compress_matrix(m: torch.Tensor, comp: Component, spec: Method, stats,
         m.copy_(new)
 
 
-def _quantize_caches(model, caches, calibration, applied: Applied) -> None:
+def _quantize_caches(model, caches, absmax: dict, applied: Applied) -> None:
     """Put the KV specs' quantizers on the attention modules of the cache components (static
     scales from the calibration prompts on the dense model, shared by every pair of that
     calibration)."""
@@ -371,7 +411,6 @@ def _quantize_caches(model, caches, calibration, applied: Applied) -> None:
 
     handle = KVHandle()
     applied._hooks.append(handle)
-    absmax = cache_absmax(model, caches, calibration)
     for comp, spec in caches:
         fn = spec.quantizer(head_dim(model, comp), absmax.get((comp.layer, comp.kind)),
                             comp.name)

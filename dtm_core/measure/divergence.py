@@ -28,6 +28,7 @@ from dtm_core.measure.metrics import (ACCEPT_K, TokenMetrics, aggregate, concat,
                                       survival_curve, token_metrics)
 from dtm_core.models.load import LoadedModel, eos_ids
 from dtm_core.compression.pair import Pair
+from dtm_core.errors import DTMError
 
 Progress = Callable[[float, str], None]
 
@@ -74,6 +75,7 @@ def divergence(pair: Pair, prompts: Sequence[str] | None = None, new_tokens: int
                free_run: bool = False,
                thinking: bool | None = None,
                intactkv=None,
+               dense_side: "DenseSide | None" = None,
                progress: Progress | None = None) -> DivergenceResult:
     """FDT, SDT, KL, top-1 agreement, Δp and perplexities for each prompt, and their aggregates.
 
@@ -84,37 +86,107 @@ def divergence(pair: Pair, prompts: Sequence[str] | None = None, new_tokens: int
     (:mod:`dtm_core.measure.freerun`: lengths, loops, rejoin position, edit similarity).
     ``intactkv`` (an :class:`~dtm_core.compression.intactkv.IntactKV`) runs the compressed model with the dense
     model's KV for the pivot tokens; the table then has a ``pivots`` column (K per prompt).
+    ``dense_side``: the dense pass already run (:func:`dense_pass`), e.g. for every chunk of a
+    set before an in-place pair compresses its model once.
+
+    The dense model runs first (references and hidden states of every batch), then the
+    compressed one: so an in-place pair (:func:`dtm_core.compression.pair.in_place_pair`) is
+    compressed once per run and restored at its end.
     """
     ikv = IntactKV.parse(intactkv)
     generate_compressed = generate_compressed or free_run
     tok = pair.tokenizer
     note = progress or (lambda f, m: None)
+    if dense_side is not None:
+        prompt_ids, references = dense_side.prompt_ids, dense_side.references
     if prompt_ids is None:
         prompt_ids = encode_prompts(tok, list(prompts or []), chat=chat, thinking=thinking)
     prompt_ids = [list(s) for s in prompt_ids]
-    check_lengths(pair.dense.model, prompt_ids, new_tokens)
-    pad = pad_id_of(tok)
+    if ikv is not None and pair.in_place is not None:
+        raise DTMError("IntactKV runs the dense and the compressed model side by side, so it "
+                       "needs a pair of two models, not one compressed in place.")
+    with pair.session():
+        if dense_side is None:
+            dense_side = dense_pass(pair, prompt_ids, new_tokens, references=references,
+                                    batch_size=batch_size, keep_hidden=ikv is None,
+                                    progress=progress)
+        return _compressed_pass(pair, dense_side, new_tokens, batch_size, generate_compressed,
+                                free_run, ikv, note)
+
+
+@dataclass
+class DenseSide:
+    """What the compressed pass needs of the dense model: the prompts, the dense greedy
+    references, the batches and each batch's final hidden states (B, T, H), on the CPU when the
+    model is on a GPU (None when the compressed pass runs both models, IntactKV)."""
+
+    prompt_ids: list[list[int]]
+    references: list[list[int]]
+    batches: list[list[int]]
+    hidden: list
+
+
+def dense_pass(pair: Pair, prompt_ids: Sequence[Sequence[int]], new_tokens: int, *,
+               references: Sequence[Sequence[int]] | None = None, batch_size: int = 16,
+               keep_hidden: bool = True, progress: Progress | None = None) -> DenseSide:
+    """The dense half of :func:`divergence`: references (unless given) and the teacher-forced
+    hidden states, with the pair's model dense (an in-place pair is restored first)."""
+    note = progress or (lambda f, m: None)
+    model = pair.dense_model()
+    prompt_ids = [list(s) for s in prompt_ids]
+    check_lengths(model, prompt_ids, new_tokens)
+    pad = pad_id_of(pair.tokenizer)
     if references is None:
         note(0.0, "dense model: greedy reference continuations")
         references = reference_continuations(pair.dense, prompt_ids, new_tokens, batch_size)
     references = [list(r) for r in references]
+    full = [p + r for p, r in zip(prompt_ids, references)]
+    batches = plan_batches([len(s) for s in full], vocab_size(model), batch_size)
+    hidden = []
+    for idx in batches:
+        h = teacher_forced_hidden(model, [full[i] for i in idx], pad) if keep_hidden else None
+        hidden.append(h if h is None or h.device.type == "cpu" else h.to("cpu"))
+    return DenseSide(prompt_ids=prompt_ids, references=references, batches=batches,
+                     hidden=hidden)
+
+
+def _compressed_pass(pair: Pair, side: DenseSide, new_tokens: int, batch_size: int,
+                     generate_compressed: bool, free_run: bool, ikv, note) -> DivergenceResult:
+    """The compressed half of :func:`divergence`, with the pair's model compressed."""
+    tok = pair.tokenizer
+    prompt_ids, references = side.prompt_ids, side.references
+    comp = pair.compressed_model()
+    pad = pad_id_of(tok)
     eos = eos_ids(pair.dense)
     ks = ikv.pivot_lengths(tok, prompt_ids) if ikv is not None else None
     full = [p + r for p, r in zip(prompt_ids, references)]
     rows: list[dict | None] = [None] * len(full)
     tms: list[TokenMetrics | None] = [None] * len(full)
-    batches = plan_batches([len(s) for s in full], vocab_size(pair.dense.model), batch_size)
     done = 0
-    for idx in batches:
+    vocab = vocab_size(pair.dense.model)
+    for idx, d_h in zip(side.batches, side.hidden):
         seqs = [full[i] for i in idx]
-        d_h, c_h = pair_hidden(pair, seqs, pad, None if ks is None else [ks[i] for i in idx], ikv)
+        if d_h is None or ks is not None:
+            d_h, c_h = pair_hidden(pair, seqs, pad, None if ks is None else [ks[i] for i in idx],
+                                   ikv)
+        else:
+            c_h = teacher_forced_hidden(comp, seqs, pad)
+            d_h = d_h.to(c_h.device)
         for j, i in enumerate(idx):
             P, L = len(prompt_ids[i]), len(references[i])
             chunks = _PairChunks(pair, d_h[j], c_h[j], None if ks is None else ks[i])
             ref = torch.tensor(references[i], dtype=torch.long)
-            parts = [token_metrics(*chunks(P - 1 + a, P - 1 + min(a + POSITION_CHUNK, L)),
-                                   ref[a:a + POSITION_CHUNK], new_tokens)
-                     for a in range(0, L, POSITION_CHUNK)]
+            rows_at_once = metric_rows(vocab)
+            parts = []
+            for a in range(0, L, POSITION_CHUNK):
+                d, c = chunks(P - 1 + a, P - 1 + min(a + POSITION_CHUNK, L))
+                # the metrics' float64 work a few rows at a time (each row is on its own, so
+                # the numbers are those of the whole chunk)
+                parts += [token_metrics(d[r:r + rows_at_once], c[r:r + rows_at_once],
+                                        ref[a + r:a + min(r + rows_at_once, len(d))],
+                                        new_tokens)
+                          for r in range(0, len(d), rows_at_once)]
+                del d, c
             tm = parts[0] if len(parts) == 1 else concat(parts, new_tokens)
             tms[i] = tm
             tgt = prompt_ids[i][1:]
@@ -131,7 +203,7 @@ def divergence(pair: Pair, prompts: Sequence[str] | None = None, new_tokens: int
     comp_gen = None
     if generate_compressed:
         note(1.0, "compressed model: greedy generation")
-        comp_gen = greedy_generate(pair.compressed, prompt_ids, new_tokens, pad, eos, batch_size,
+        comp_gen = greedy_generate(comp, prompt_ids, new_tokens, pad, eos, batch_size,
                                    intact=None if ikv is None else (pair.dense.model, ks, ikv))
     marks = think_ids(tok) if free_run else None
     for i, row in enumerate(rows):
@@ -163,6 +235,13 @@ def divergence(pair: Pair, prompts: Sequence[str] | None = None, new_tokens: int
 
 
 POSITION_CHUNK = 256     # positions whose logits a teacher-forced pass holds at once, per model
+METRIC_BYTES = 8 << 20   # one float64 (positions x vocabulary) temporary of the metrics, at most
+
+
+def metric_rows(vocab: int) -> int:
+    """Positions the metrics work on at once: their float64 temporaries stay near METRIC_BYTES
+    each (a handful of them live together), whatever the vocabulary."""
+    return max(8, min(POSITION_CHUNK, METRIC_BYTES // (8 * max(1, vocab))))
 
 
 def pair_hidden(pair: Pair, seqs, pad: int, ks=None, ikv=None):
@@ -197,11 +276,14 @@ class _PairChunks:
             return float("nan"), float("nan")
         nll = [0.0, 0.0]
         tgt = torch.tensor(list(targets), dtype=torch.long)
+        step = metric_rows(vocab_size(self.pair.dense.model))
         for a in range(0, len(tgt), POSITION_CHUNK):
             t = tgt[a:a + POSITION_CHUNK]
             for side, logits in enumerate(self(a, a + len(t))):
-                lp = torch.log_softmax(logits.double(), -1)
-                nll[side] -= float(lp.gather(-1, t.to(lp.device)[:, None]).sum())
+                # float64 log-softmax a few rows at a time; the chunk's values summed at once
+                got = [torch.log_softmax(logits[r:r + step].double(), -1).gather(
+                    -1, t[r:r + step].to(logits.device)[:, None]) for r in range(0, len(t), step)]
+                nll[side] -= float(torch.cat(got).sum())
         return tuple(float(torch.exp(torch.tensor(x / len(tgt), dtype=torch.float64)))
                      for x in nll)
 

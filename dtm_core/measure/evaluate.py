@@ -29,6 +29,7 @@ from dtm_core.models.load import max_positions
 from dtm_core.compression.pair import Pair
 from dtm_core.progress import Meter
 from dtm_core.measure.prompts import LETTERS, PromptSet
+from dtm_core.measure.divergence import dense_pass
 from dtm_core.measure.variants import compare_variants
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -216,6 +217,7 @@ def run_config(pair: Pair, pset: PromptSet, new_tokens: int, chat: bool) -> dict
         "compressed": pair.label,
         "recipe": pair.recipe.to_json() if pair.recipe else None,
         "compressed_model": pair.compressed_source, "new_tokens": new_tokens, "chat": chat,
+        "in_place": pair.in_place is not None,
         "prompt_set": pset.name, "prompt_set_sha256": pset.sha256,
         "prompts": len(pset.records), "device": str(pair.dense.device),
         "dtype": str(pair.dense.dtype).replace("torch.", ""),
@@ -239,6 +241,9 @@ def evaluate(pair: Pair, pset: PromptSet, new_tokens: int = 32, *, chat: bool = 
     out over the ranks; rank 0 returns the result, exactly the one-process one, the others None.
     """
     ikv = IntactKV.parse(intactkv)
+    if ikv is not None and pair.in_place is not None:
+        raise DTMError("IntactKV runs the dense and the compressed model side by side, so it "
+                       "needs a pair of two models, not one compressed in place.")
     note = progress or (lambda f, m: None)
     tok = pair.tokenizer
     texts = pset.prompts
@@ -261,13 +266,13 @@ def evaluate(pair: Pair, pset: PromptSet, new_tokens: int = 32, *, chat: bool = 
     meter = Meter(len(keep), "prompt")
     starts = list(range(0, len(keep), chunk))
 
-    def one(k):
+    def one(k, dense_side=None):
         """Chunk k: its table, prompt ids, references and first divergent tokens."""
         sel = keep[starts[k]:starts[k] + chunk]
         variants = {"plain": None} if ikv is None else {"plain": None, "intactkv": ikv}
         cmp = compare_variants(pair, [ids[i] for i in sel], new_tokens, variants,
                                batch_size=batch_size, generate_compressed=want_text,
-                               free_run=free_run)
+                               free_run=free_run, dense_side=dense_side)
         res = cmp.runs["plain"]
         t = cmp.wide("plain", intact_columns())
         if ikv is not None:
@@ -289,6 +294,28 @@ def evaluate(pair: Pair, pset: PromptSet, new_tokens: int = 32, *, chat: bool = 
                          each=lambda k, n: note(n / len(starts), f"{n} chunks done here"))
         if got is None:
             return None
+    elif pair.in_place is not None:
+        # one model's memory: the dense pass of every chunk, then one in-place compression for
+        # the compressed passes (restored when the run ends)
+        got = []
+        with pair.session():
+            sides = []
+            for k in range(len(starts)):
+                if stop is not None and stop.is_set():
+                    stopped = True
+                    break
+                sel = keep[starts[k]:starts[k] + chunk]
+                sides.append(dense_pass(pair, [ids[i] for i in sel], new_tokens,
+                                        batch_size=batch_size))
+                done = min(starts[k] + chunk, len(keep))
+                note(done / len(keep) / 2, f"dense model: {done}/{len(keep)} prompts")
+            for k, side in enumerate(sides):
+                if stop is not None and stop.is_set():
+                    stopped = True
+                    break
+                got.append(one(k, side))
+                done = min(starts[k] + chunk, len(keep))
+                note(0.5 + done / len(keep) / 2, "compressed model: " + meter.line(done))
     else:
         got = []
         for k in range(len(starts)):

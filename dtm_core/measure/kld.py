@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from dtm_core.errors import DTMError
-from dtm_core.models.generation import model_device
+from dtm_core.models.generation import head_logits, hidden_states_only, model_device
 from dtm_core.measure.diagnostics import kl_by_confidence
 from dtm_core.measure.metrics import kl_per_position
 from dtm_core.compression.pair import Pair
@@ -147,17 +147,24 @@ def score_text(pair: Pair, text: str, ctx: int = 512,
     values = KLDValues()
     dev = model_device(pair.dense.model)
 
-    def one(k):
+    def inputs(k):
         start, positions = chunks[k]
         chunk = list(ids[start:start + ctx])
         if add_bos:  # llama.cpp puts BOS in place of each chunk's first token
             chunk[0] = bos
         x = torch.tensor([chunk], device=dev)
-        pos = torch.tensor(positions, device=dev)
+        return x, torch.tensor(positions, device=dev)
+
+    def one(k, dense_hidden=None):
+        x, pos = inputs(k)
         tgt = x[0, pos + 1]
+        if dense_hidden is None:
+            dense_logits = pair.dense_model()(input_ids=x).logits
+        else:   # kept by the dense pass of an in-place pair: the head as the forward applies it
+            dense_logits = head_logits(pair.dense.model, dense_hidden.to(dev))
         # float64 log-softmax, as llama.cpp sums its softmax in double
-        lb = torch.log_softmax(pair.dense.model(input_ids=x).logits[0, pos].double(), -1)
-        lc = torch.log_softmax(pair.compressed(input_ids=x).logits[0, pos].double(), -1)
+        lb = torch.log_softmax(dense_logits[0, pos].double(), -1)
+        lc = torch.log_softmax(pair.compressed_model()(input_ids=x).logits[0, pos].double(), -1)
         return (kl_per_position(lb, lc).cpu(), lb.gather(-1, tgt[:, None])[:, 0].cpu(),
                 lc.gather(-1, tgt[:, None])[:, 0].cpu(), (lb.argmax(-1) == lc.argmax(-1)).cpu(),
                 lb.max(-1).values.exp().cpu())
@@ -166,9 +173,31 @@ def score_text(pair: Pair, text: str, ctx: int = 512,
 
     key = hashlib.sha256(json.dumps([pair.label, len(ids), ctx]).encode() + text[:4096].encode()
                          ).hexdigest()[:16]
-    got = shared_map(len(chunks), one, f"kld-{key}", store,
-                     each=None if progress is None else
-                     (lambda k, n: progress(n / len(chunks), f"chunk {n}/{len(chunks)}")))
+    if pair.in_place is not None and store is None:
+        # one model's memory: every chunk's final hidden states from the dense model (a chunk x
+        # hidden size each), then the model compressed in place once, restored at the end
+        with pair.session():
+            dm, kept = pair.dense_model(), []
+            for k in range(len(chunks)):
+                calls: list = []
+                with hidden_states_only([dm], calls):
+                    dm(input_ids=inputs(k)[0])
+                kept.append(calls[-1].cpu() if calls[-1].device.type != "cpu" else calls[-1])
+                if progress is not None:
+                    progress((k + 1) / len(chunks) / 2, f"dense model: chunk {k + 1}/{len(chunks)}")
+            got = []
+            for k in range(len(chunks)):
+                got.append(one(k, kept[k]))
+                kept[k] = None
+                if progress is not None:
+                    progress(0.5 + (k + 1) / len(chunks) / 2,
+                             f"compressed model: chunk {k + 1}/{len(chunks)}")
+    else:
+        with pair.session():
+            got = shared_map(len(chunks), one, f"kld-{key}", store,
+                             each=None if progress is None else
+                             (lambda k, n: progress(n / len(chunks),
+                                                    f"chunk {n}/{len(chunks)}")))
     if got is None:       # another rank of a torchrun job: rank 0 reports
         return None, None
     for part in got:

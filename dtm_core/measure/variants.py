@@ -64,7 +64,7 @@ class VariantComparison:
 def compare_variants(pair: Pair, prompt_ids: Sequence[Sequence[int]], new_tokens: int,
                      variants: dict[str, IntactKV | None], *, references=None,
                      batch_size: int = 16, generate_compressed: bool = False,
-                     free_run: bool = False,
+                     free_run: bool = False, dense_side=None,
                      progress: Progress | None = None) -> VariantComparison:
     """Every variant ({name: IntactKV or None}) on the same prompts and dense references (the
     first run's, unless given), e.g. {"plain": None, "intactkv": IntactKV(k=1)}."""
@@ -72,7 +72,8 @@ def compare_variants(pair: Pair, prompt_ids: Sequence[Sequence[int]], new_tokens
     for n, (name, ikv) in enumerate(variants.items()):
         r = divergence(pair, prompt_ids=prompt_ids, new_tokens=new_tokens, references=refs,
                        batch_size=batch_size, generate_compressed=generate_compressed,
-                       free_run=free_run, intactkv=ikv)
+                       free_run=free_run, intactkv=ikv,
+                       dense_side=dense_side if n == 0 else None)
         refs = r.references
         runs[name] = r
         if progress:

@@ -121,6 +121,12 @@ def _from_pretrained(where, *, device, dtype, trust_remote_code, local_only, gpu
     return tok, model
 
 
+def _gguf_folder(path: Path, cache_dir=None) -> Path | None:
+    """The de-quantized safetensors cache of a GGUF (None until it is complete)."""
+    folder = cache_root(cache_dir) / "gguf" / _file_key(path)
+    return folder if (folder / "complete.json").is_file() else None
+
+
 def _load_gguf(path: Path, *, device, dtype, cache_dir, trust_remote_code, gpus=None):
     """Load a GGUF through its de-quantized safetensors cache; build the cache on a miss."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -134,6 +140,22 @@ def _load_gguf(path: Path, *, device, dtype, cache_dir, trust_remote_code, gpus=
             return tok, model, True
         except Exception:  # a cache from another transformers version: rebuild it
             shutil.rmtree(folder, ignore_errors=True)
+    from dtm_core.models.gguf_cache import streamable, write_cache
+
+    if streamable(path):
+        # tensor by tensor into the cache, then loaded from it as on a hit: never a float32
+        # state dict beside the model (transformers' own GGUF loading peaks at about 2.3x)
+        try:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
+            write_cache(path, tmp)
+            _seal(tmp, folder, path)
+            tok, model = _from_pretrained(str(folder), device=device, dtype=dtype,
+                                          trust_remote_code=trust_remote_code, local_only=True,
+                                          gpus=gpus)
+            return tok, model, False
+        except OSError:
+            pass  # an unwritable cache: transformers' own loading below
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                  dtype=torch.float32)
@@ -147,20 +169,25 @@ def _load_gguf(path: Path, *, device, dtype, cache_dir, trust_remote_code, gpus=
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        (tmp / "complete.json").write_text(json.dumps({"source": str(path.resolve()),
-                                                       "format": _CACHE_FORMAT}))
-        if folder.exists() and not (folder / "complete.json").is_file():
-            shutil.rmtree(folder, ignore_errors=True)  # left by a crash: never trusted
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process finished first: keep theirs
-            shutil.rmtree(tmp, ignore_errors=True)
+        _seal(tmp, folder, path)
     except OSError:
         pass  # an unwritable cache only costs speed
     model.to(dtype)
     if device.type == "cuda":
         model.to(device)
     return tok, model, False
+
+
+def _seal(tmp: Path, folder: Path, path: Path) -> None:
+    """Mark a written cache complete and move it into place atomically."""
+    (tmp / "complete.json").write_text(json.dumps({"source": str(path.resolve()),
+                                                   "format": _CACHE_FORMAT}))
+    if folder.exists() and not (folder / "complete.json").is_file():
+        shutil.rmtree(folder, ignore_errors=True)  # left by a crash: never trusted
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process finished first: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _available_bytes(device: torch.device) -> int:
@@ -220,7 +247,7 @@ def load_model(source: str = "default", *, device: str | None = None, dtype: str
     dt = resolve_dtype(dtype, dev)
     check_fits(source, kind, path, dev, dt)
     from_cache = False
-    checkpoint = None
+    checkpoint = snap = None
     try:
         if kind in ("default", "gguf"):
             tok, model, from_cache = _load_gguf(path, device=dev, dtype=dt, cache_dir=cache_dir,
@@ -260,6 +287,11 @@ def load_model(source: str = "default", *, device: str | None = None, dtype: str
     fingerprint = hashlib.sha256(f"{kind}|{key}|{dt}".encode()).hexdigest()[:16]
     loaded = LoadedModel(model=model, tokenizer=tok, source=source, description=description,
                          fingerprint=fingerprint, from_cache=from_cache)
+    # where the loaded tensors can be re-read from (an in-place compression's restore)
+    files = _gguf_folder(path, cache_dir) if kind in ("default", "gguf") else \
+        (path if kind == "folder" else snap)
+    if files is not None and not checkpoint and Path(files).is_dir():
+        loaded.extra["files"] = str(files)
     if checkpoint:
         loaded.extra["quant_method"] = checkpoint
         if getattr(model, "dtm_loader", None):

@@ -39,7 +39,7 @@ from dtm_core.measure.evaluate import evaluate, paired_bootstrap
 from dtm_core.models.generation import encode_prompts
 from dtm_core.compression.methods import parse_spec
 from dtm_core.models.load import LoadedModel
-from dtm_core.compression.pair import make_pair
+from dtm_core.compression.pair import in_place_pair
 from dtm_core.measure.prompts import PromptSet
 
 PLANNERS = ("auto", "fdt", "dtm")
@@ -380,7 +380,8 @@ def holdout_table(dense, table: ChoiceTable, plan: BudgetPlan, assign, pset: Pro
     rows, per = [], {}
     for k, (name, planner, a) in enumerate(configs):
         note(None, f"held-out evaluation {k + 1}/{len(configs)}: {name}")
-        pair = make_pair(dense, table.recipe(a), calibration=calib)
+        # one model's memory: the dense passes, then the model compressed in place, restored
+        pair = in_place_pair(dense, table.recipe(a), calibration=calib)
         ev = evaluate(pair, sub, new_tokens, chat=chat)
         del pair
         per[name] = ev.table

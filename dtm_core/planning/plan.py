@@ -19,7 +19,7 @@ from dtm_core.measure.divergence import divergence
 from dtm_core.errors import DTMError
 from dtm_core.models.families import Family, family_named, family_of
 from dtm_core.models.load import LoadedModel
-from dtm_core.compression.pair import make_pair
+from dtm_core.compression.pair import in_place_pair
 
 
 @dataclass
@@ -104,8 +104,8 @@ def make_plan(dense: LoadedModel, sweep_table: pd.DataFrame, spec: str, prompt_i
 
     def fdt_of(k: int) -> float:
         if k not in probes:
-            pair = make_pair(dense, Recipe.single(spec, ",".join(names[:k])),
-                             calibration=calibration)
+            pair = in_place_pair(dense, Recipe.single(spec, ",".join(names[:k])),
+                                 calibration=calibration)
             res = divergence(pair, prompt_ids=prompt_ids, references=references,
                              new_tokens=new_tokens)
             probes[k] = float(res.table.fdt.mean())
@@ -134,6 +134,7 @@ def save_compressed(dense: LoadedModel, recipe: Recipe, folder: str, calibration
         raise DTMError("A KV-cache spec is applied as the model runs, not stored in its "
                        "weights: there is nothing to save; serve it with the engine's cache "
                        "setting (vLLM --kv-cache-dtype fp8, llama.cpp --cache-type-k/-v).")
-    pair = make_pair(dense, recipe, calibration=calibration)
-    pair.compressed.save_pretrained(folder)
+    pair = in_place_pair(dense, recipe, calibration=calibration)   # restored once written
+    with pair.session():
+        pair.compressed_model().save_pretrained(folder)
     dense.tokenizer.save_pretrained(folder)
