@@ -16,7 +16,9 @@ verification); ``stream``: Compare's side-by-side stream, which holds both model
 or built) / the dense model's bytes. The peak is the kernel's own high-water mark (VmHWM), so
 pages of memory-mapped files count too. The tokenizer (about 125 MiB for SmolLM2's, measured in a
 process of its own) is part of every case whatever the model's size; "(peak - tokenizer) / model"
-leaves it out. Times are of the measured step alone (no load).
+leaves it out. Times are of the measured step alone (the load, for the load cases). For a paired
+timing of the whole command, use farm-bench on `python -m dtm_core divergence ...` with and
+without `--two-models`.
 """
 import argparse
 import json
@@ -144,6 +146,8 @@ def main():
         vs = (f"{r['step_s'] / two['step_s']:.2f}x time" if two and
               r["case"].startswith("divergence") else "")
         over = r["peak_mib"] - r["base_mib"]
+        if r["case"].startswith("load"):
+            r["step_s"] = r["load_s"]
         print(f"| {r['model']} | {r['case']} | {r['model_mib']:.0f} | {over:.0f} | "
               f"{r['ratio']:.2f} | {(over - tok) / r['model_mib']:.2f} | {r['step_s']:.1f} | "
               f"{vs} |")

@@ -235,7 +235,7 @@ def _compressed_pass(pair: Pair, side: DenseSide, new_tokens: int, batch_size: i
 
 
 POSITION_CHUNK = 256     # positions whose logits a teacher-forced pass holds at once, per model
-METRIC_BYTES = 8 << 20   # one float64 (positions x vocabulary) temporary of the metrics, at most
+METRIC_BYTES = 4 << 20   # one float64 (positions x vocabulary) temporary of the metrics, at most
 
 
 def metric_rows(vocab: int) -> int:
