@@ -25,7 +25,8 @@ def run(args) -> int:
 
     opt.check_common(args)
     text = read_text_file(args.text)
-    pair = opt.load_pair(args, [line for line in text.splitlines() if line.strip()][:64], in_place=opt.in_place_of(args))
+    pair = opt.load_pair(args, [line for line in text.splitlines() if line.strip()][:64],
+                         in_place=opt.in_place_of(args))
     store, rank = opt.join_world(pair)
     stats, values = score_text(pair, text, args.ctx, progress=opt.stderr_progress, store=store)
     if rank != 0:       # torchrun: rank 0 reports the merged result

@@ -21,8 +21,7 @@ again, and restore it. While compressed, each replaced tensor waits where a :cla
 """
 from __future__ import annotations
 
-import json
-import struct
+import functools
 from pathlib import Path
 
 import torch
@@ -33,18 +32,23 @@ AUTO, MEMORY, CPU, FILES, NONE = "auto", "memory", "cpu", "files", "none"
 KEEP_MODES = (AUTO, MEMORY, CPU, FILES, NONE)
 
 
+def check_keep(mode: str) -> None:
+    """One sentence for a keep mode that does not exist."""
+    if mode not in KEEP_MODES:
+        raise DTMError(f"Unknown keep mode '{mode}': use {', '.join(KEEP_MODES)}.")
+
+
 class FileTensors:
     """The tensors of a folder of safetensors files, by name, read one at a time."""
 
     def __init__(self, folder: str | Path):
+        from safetensors import safe_open
+
         self.folder = Path(folder)
         self.where: dict[str, Path] = {}
         for f in sorted(self.folder.glob("*.safetensors")):
-            with open(f, "rb") as fh:        # the header only: 8 bytes of length, then JSON
-                n = struct.unpack("<Q", fh.read(8))[0]
-                names = json.loads(fh.read(n))
-            for k in names:
-                if k != "__metadata__":
+            with safe_open(str(f), framework="pt") as fh:     # reads the header only
+                for k in fh.keys():
                     self.where.setdefault(k, f)
 
     def read(self, name: str) -> torch.Tensor | None:
@@ -83,6 +87,12 @@ def _mapped(t: torch.Tensor, ranges) -> bool:
     return any(lo <= a and b <= hi for lo, hi in ranges)
 
 
+@functools.lru_cache(maxsize=1)
+def _libc():
+    import ctypes
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def _release(t: torch.Tensor) -> None:
     """Give back the resident pages of a file-mapped tensor (the kernel reads them from the file
     again if the tensor is ever read); only whole pages inside the tensor."""
@@ -94,8 +104,7 @@ def _release(t: torch.Tensor) -> None:
     b = a + t.numel() * t.element_size()
     lo, hi = -(-a // page) * page, b // page * page
     if hi > lo:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)   # MADV_DONTNEED
+        _libc().madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)   # MADV_DONTNEED
 
 
 class _InFile:
@@ -123,8 +132,7 @@ class Keeper:
     """Where an in-place compression's replaced tensors wait (see the module's text)."""
 
     def __init__(self, model: torch.nn.Module, mode: str = "auto", files: FileTensors | None = None):
-        if mode not in KEEP_MODES:
-            raise DTMError(f"Unknown keep mode '{mode}': use {', '.join(KEEP_MODES)}.")
+        check_keep(mode)
         dev = next(model.parameters()).device
         if mode == AUTO:
             mode = CPU if dev.type != "cpu" else (FILES if files is not None else MEMORY)
@@ -168,10 +176,9 @@ class Keeper:
                 if torch.equal(got, orig.detach().cpu()):
                     self.dropped += 1
                     return _InFile(name, orig.dtype, orig.device, is_param)
-        if self.mode == CPU and orig.device.type != "cpu":
-            self.kept_bytes += orig.numel() * orig.element_size()
-            return _Moved(orig.detach().to("cpu"), orig.device, is_param)
         self.kept_bytes += orig.numel() * orig.element_size()
+        if self.mode == CPU and orig.device.type != "cpu":
+            return _Moved(orig.detach().to("cpu"), orig.device, is_param)
         return orig
 
     def back(self, held):

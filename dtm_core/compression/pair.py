@@ -39,6 +39,13 @@ class Pair:
     def tokenizer(self):
         return self.dense.tokenizer
 
+    def require_two_models(self, what: str) -> None:
+        """One sentence when ``what`` (run with both models side by side) meets an in-place
+        pair."""
+        if self.in_place is not None:
+            raise DTMError(f"{what} runs the dense and the compressed model side by side, so it "
+                           "needs a pair of two models, not one compressed in place.")
+
     def dense_model(self) -> torch.nn.Module:
         """The dense model, as dense (an in-place pair is restored first)."""
         if self.in_place is not None:
@@ -74,14 +81,12 @@ class InPlace:
 
     def __init__(self, dense: LoadedModel, recipe: Recipe, calibration, sequential: bool,
                  keep: str = "auto"):
-        from dtm_core.compression.inplace import KEEP_MODES
+        from dtm_core.compression.inplace import check_keep
 
-        if keep not in KEEP_MODES:
-            raise DTMError(f"Unknown keep mode '{keep}': use {', '.join(KEEP_MODES)}.")
+        check_keep(keep)
         self.dense, self.recipe, self.calibration = dense, recipe, calibration
         self.sequential, self.keep = sequential, keep
         self.applied: Applied | None = None
-        self.spent = False
         self.lock = _model_lock(dense)
         self.compressions = 0        # how many times the recipe was applied (tests check reuse)
         self.depth = 0               # sessions open (nested runs restore at the outermost end)
@@ -90,11 +95,10 @@ class InPlace:
         from dtm_core.compression.inplace import Keeper, model_files
 
         if self.applied is None:
-            if self.spent:
+            if self.ends_run and self.compressions:
                 raise DTMError("This model was compressed in place for a run that ended and its "
                                "dense weights were dropped; load it again.")
             keeper = Keeper(self.dense.model, self.keep, model_files(self.dense))
-            self.spent = self.ends_run
             self.applied = apply_recipe(self.dense.model, self.recipe, self.calibration,
                                         sequential=self.sequential, keeper=keeper)
             self.compressions += 1

@@ -28,7 +28,6 @@ from dtm_core.measure.metrics import (ACCEPT_K, TokenMetrics, aggregate, concat,
                                       survival_curve, token_metrics)
 from dtm_core.models.load import LoadedModel, eos_ids
 from dtm_core.compression.pair import Pair
-from dtm_core.errors import DTMError
 
 Progress = Callable[[float, str], None]
 
@@ -102,9 +101,8 @@ def divergence(pair: Pair, prompts: Sequence[str] | None = None, new_tokens: int
     if prompt_ids is None:
         prompt_ids = encode_prompts(tok, list(prompts or []), chat=chat, thinking=thinking)
     prompt_ids = [list(s) for s in prompt_ids]
-    if ikv is not None and pair.in_place is not None:
-        raise DTMError("IntactKV runs the dense and the compressed model side by side, so it "
-                       "needs a pair of two models, not one compressed in place.")
+    if ikv is not None:
+        pair.require_two_models("IntactKV")
     with pair.session():
         if dense_side is None:
             dense_side = dense_pass(pair, prompt_ids, new_tokens, references=references,
@@ -163,7 +161,7 @@ def _compressed_pass(pair: Pair, side: DenseSide, new_tokens: int, batch_size: i
     rows: list[dict | None] = [None] * len(full)
     tms: list[TokenMetrics | None] = [None] * len(full)
     done = 0
-    vocab = vocab_size(pair.dense.model)
+    rows_at_once = metric_rows(vocab_size(pair.dense.model))
     for idx, d_h in zip(side.batches, side.hidden):
         seqs = [full[i] for i in idx]
         if d_h is None or ks is not None:
@@ -176,7 +174,6 @@ def _compressed_pass(pair: Pair, side: DenseSide, new_tokens: int, batch_size: i
             P, L = len(prompt_ids[i]), len(references[i])
             chunks = _PairChunks(pair, d_h[j], c_h[j], None if ks is None else ks[i])
             ref = torch.tensor(references[i], dtype=torch.long)
-            rows_at_once = metric_rows(vocab)
             parts = []
             for a in range(0, L, POSITION_CHUNK):
                 d, c = chunks(P - 1 + a, P - 1 + min(a + POSITION_CHUNK, L))

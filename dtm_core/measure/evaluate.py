@@ -241,9 +241,8 @@ def evaluate(pair: Pair, pset: PromptSet, new_tokens: int = 32, *, chat: bool = 
     out over the ranks; rank 0 returns the result, exactly the one-process one, the others None.
     """
     ikv = IntactKV.parse(intactkv)
-    if ikv is not None and pair.in_place is not None:
-        raise DTMError("IntactKV runs the dense and the compressed model side by side, so it "
-                       "needs a pair of two models, not one compressed in place.")
+    if ikv is not None:
+        pair.require_two_models("IntactKV")
     note = progress or (lambda f, m: None)
     tok = pair.tokenizer
     texts = pset.prompts

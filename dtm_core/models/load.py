@@ -121,9 +121,14 @@ def _from_pretrained(where, *, device, dtype, trust_remote_code, local_only, gpu
     return tok, model
 
 
+def _gguf_cache(path: Path, cache_dir=None) -> Path:
+    """Where the de-quantized safetensors cache of a GGUF lives."""
+    return cache_root(cache_dir) / "gguf" / _file_key(path)
+
+
 def _gguf_folder(path: Path, cache_dir=None) -> Path | None:
     """The de-quantized safetensors cache of a GGUF (None until it is complete)."""
-    folder = cache_root(cache_dir) / "gguf" / _file_key(path)
+    folder = _gguf_cache(path, cache_dir)
     return folder if (folder / "complete.json").is_file() else None
 
 
@@ -131,7 +136,7 @@ def _load_gguf(path: Path, *, device, dtype, cache_dir, trust_remote_code, gpus=
     """Load a GGUF through its de-quantized safetensors cache; build the cache on a miss."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = cache_root(cache_dir) / "gguf" / _file_key(path)
+    folder = _gguf_cache(path, cache_dir)
     if (folder / "complete.json").is_file():
         try:
             tok, model = _from_pretrained(str(folder), device=device, dtype=dtype,
@@ -145,6 +150,7 @@ def _load_gguf(path: Path, *, device, dtype, cache_dir, trust_remote_code, gpus=
     if streamable(path):
         # tensor by tensor into the cache, then loaded from it as on a hit: never a float32
         # state dict beside the model (transformers' own GGUF loading peaks at about 2.3x)
+        tmp = None
         try:
             folder.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
@@ -154,8 +160,9 @@ def _load_gguf(path: Path, *, device, dtype, cache_dir, trust_remote_code, gpus=
                                           trust_remote_code=trust_remote_code, local_only=True,
                                           gpus=gpus)
             return tok, model, False
-        except OSError:
-            pass  # an unwritable cache: transformers' own loading below
+        except OSError:  # an unwritable cache: transformers' own loading below
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                  dtype=torch.float32)
@@ -386,7 +393,7 @@ def gguf_weights(path: str) -> "checkpoints.CheckpointWeights":
     """A GGUF's tensors from its de-quantized safetensors cache (built by one load on a miss),
     read one at a time."""
     gguf = default_gguf_path() if path == "default" else Path(path)
-    folder = cache_root() / "gguf" / _file_key(gguf)
+    folder = _gguf_cache(gguf)
     if not (folder / "complete.json").is_file():
         load_model(str(gguf), device="cpu", dtype="float32")
     if not (folder / "complete.json").is_file():
