@@ -1,7 +1,7 @@
 """One model's memory (issue 32): peak memory over the dense model's size, each case in a fresh
 process, on the default model and on a random-weight model of Qwen2-1.5B's shape.
 
-    .venv/bin/python bench/bench_one_model.py [--models default,qwen2-1.5b] [--spec int4:g128]
+    .venv/bin/python bench/bench_one_model.py [--models default,qwen2-1.5b,gptq] [--spec int4:g128]
                                               [--prompts 4] [--new-tokens 32]
 
 Cases: ``load (first)``: the default GGUF into an empty cache (de-quantized tensor by tensor);
@@ -11,6 +11,11 @@ the model compressed in place, never restored (what the CLI does: the command en
 ``divergence (in place, files)``: the same, the replaced tensors dropped and re-read from the
 model's safetensors to restore it bit for bit (the app's Prompt sets and KLD tabs, plans'
 verification); ``stream``: Compare's side-by-side stream, which holds both models.
+Checkpoint cases (``--compressed-model``): on the default model a Q4_0 re-quantization of its GGUF,
+on ``gptq`` a random Llama of about 0.75 GiB and its GPTQ checkpoint (both written by the tests'
+writers); ``checkpoint load``: the GPTQ checkpoint de-quantized into its architecture;
+``checkpoint divergence (two models)``: today's checkpoint pair; ``(in place)``: the checkpoint's
+tensors read one at a time into the dense model.
 
 "peak / model" is (the process's peak resident memory - its memory before the model was loaded
 or built) / the dense model's bytes. The peak is the kernel's own high-water mark (VmHWM), so
@@ -27,8 +32,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from dtm_core.models.load import build_gguf_cache, default_gguf_path  # noqa: E402
 
 CHILD = r"""
 import json, sys, time
@@ -60,8 +68,13 @@ if case == "tokenizer":
     tok = AutoTokenizer.from_pretrained(str(cache_root({cache!r}) / "gguf" / _file_key(default_gguf_path())))
     print(json.dumps({{"case": case, "peak_mib": status("VmHWM"), "base_mib": base}}))
     sys.exit(0)
-if which == "default":
+checkpoint = {checkpoint!r}      # the compressed side of the checkpoint cases
+if case == "checkpoint load":    # the compressed checkpoint itself, loaded alone
+    dense = load_model(checkpoint, cache_dir={cache!r})
+elif which == "default":
     dense = load_model("default", cache_dir={cache!r})
+elif which == "gptq":
+    dense = load_model({ck_base!r}, cache_dir={cache!r})
 else:
     cfg = transformers.Qwen2Config(vocab_size=151936, hidden_size=1536, intermediate_size=8960,
                                    num_hidden_layers=28, num_attention_heads=12,
@@ -87,6 +100,16 @@ if case.startswith("divergence"):
         pair = in_place_pair(dense, recipe, keep="files" if "files" in case else "none")
     res = divergence(pair, prompt_ids=ids, new_tokens={n})
     extra = {{"fdt_mean": float(res.table.fdt.mean()), "kl_mean": float(res.table.kl_mean.mean())}}
+elif case.startswith("checkpoint divergence"):
+    from dtm_core.compression.pair import checkpoint_in_place_pair
+    from dtm_core.jobs import PairRequest, build_pair
+    if "two models" in case:
+        pair = build_pair(dense, PairRequest(model=dense.source, compressed_model=checkpoint),
+                          load=lambda s: load_model(s, cache_dir={cache!r}))
+    else:
+        pair = checkpoint_in_place_pair(dense, checkpoint, keep="none", cache_dir={cache!r})
+    res = divergence(pair, prompt_ids=ids, new_tokens={n})
+    extra = {{"fdt_mean": float(res.table.fdt.mean()), "kl_mean": float(res.table.kl_mean.mean())}}
 elif case == "stream":
     pair = make_pair(dense, Recipe.single(spec))
     for _ in stream_pair(pair, prompt_ids=ids[0], new_tokens={n}):
@@ -103,18 +126,41 @@ print(json.dumps({{"case": case, "model": which, "model_mib": model_mib, "base_m
 """
 
 
-def run(case, which, spec, cache, prompts, n):
+def run(case, which, spec, cache, prompts, n, checkpoint="", ck_base=""):
     code = CHILD.format(root=ROOT, case=case, which=which, spec=spec, cache=cache,
-                        prompts=prompts, n=n)
+                        prompts=prompts, n=n, checkpoint=checkpoint, ck_base=ck_base)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"{case} on {which} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def prepare_checkpoints(cache, models):
+    """The compressed checkpoints of the checkpoint cases: a Q4_0 re-quantization of the default
+    GGUF (gguf-py, decoder matrices only; its de-quantized cache built here, as a second run
+    finds it), and for ``gptq`` a random Llama of about 0.75 GiB (hidden 1024, 8 layers, the
+    default vocabulary) with its GPTQ checkpoint (4 bits, g32, act-order), written by the tests'
+    writers."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    out = {}
+    root = os.path.join(cache, "checkpoints")
+    os.makedirs(root, exist_ok=True)
+    if "default" in models:
+        from gguf_requant import requantize
+        q4 = os.path.join(root, "q4_0.gguf")
+        requantize(str(default_gguf_path()), q4, "Q4_0")
+        out["default"] = (q4, "")
+    if "gptq" in models:
+        import checkpoint_writers as W
+        W.base_model(Path(root) / "base", layers=8, hidden=1024, intermediate=2816)
+        W.write_gptq(Path(root) / "base", Path(root) / "gptq", act_order=True)
+        out["gptq"] = (os.path.join(root, "gptq"), os.path.join(root, "base"))
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--models", default="default,qwen2-1.5b")
+    ap.add_argument("--models", default="default,qwen2-1.5b,gptq")
     ap.add_argument("--spec", default="int4:g128")
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=32)
@@ -124,15 +170,24 @@ def main():
         run("load (first)", "default", args.spec, cache, 1, 1)      # the cache the others read
         t = run("tokenizer", "default", args.spec, cache, 1, 1)
         tok = t["peak_mib"] - t["base_mib"]
+        checkpoints = prepare_checkpoints(cache, args.models.split(","))
         for which in args.models.split(","):
-            cases = (["load (first)", "load (cached)"] if which == "default" else []) + [
-                "divergence (two models)", "divergence (in place)"] + (
-                ["divergence (in place, files)"] if which == "default" else []) + ["stream"]
+            cases = (["load (first)", "load (cached)"] if which == "default" else []) + ([
+                "divergence (two models)", "divergence (in place)"] if which != "gptq" else []) + (
+                ["divergence (in place, files)"] if which == "default" else []) + (
+                ["stream"] if which != "gptq" else []) + (
+                (["checkpoint load"] if which == "gptq" else []) + [
+                 "checkpoint divergence (two models)", "checkpoint divergence (in place)"]
+                if which in checkpoints else [])
             for case in cases:
                 if case == "load (first)":
                     for f in os.listdir(cache):
-                        shutil.rmtree(os.path.join(cache, f))
-                r = run(case, which, args.spec, cache, args.prompts, args.new_tokens)
+                        if f != "checkpoints":
+                            shutil.rmtree(os.path.join(cache, f))
+                ck, ck_base = checkpoints.get(which, ("", ""))
+                if case.startswith("checkpoint") and which == "default":
+                    build_gguf_cache(Path(ck), cache)    # as a second run finds it
+                r = run(case, which, args.spec, cache, args.prompts, args.new_tokens, ck, ck_base)
                 rows.append(r)
                 print(json.dumps(r), file=sys.stderr)
     print(f"spec {args.spec}, {args.prompts} prompts, N = {args.new_tokens}; the tokenizer "

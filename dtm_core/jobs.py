@@ -41,8 +41,8 @@ from dtm_core.models.generation import encode_prompts
 from dtm_core.compression.intactkv import IntactKV, calibrate
 from dtm_core.compression.methods import parse_spec
 from dtm_core.models.load import LoadedModel, load_model
-from dtm_core.compression.pair import (Pair, check_copy_fits, checkpoint_pair, in_place_pair,
-                                       make_pair)
+from dtm_core.compression.pair import (Pair, check_copy_fits, checkpoint_in_place_pair,
+                                       checkpoint_pair, in_place_pair, make_pair)
 from dtm_core.planning.plan import Plan, make_plan
 from dtm_core.measure.prompts import load_prompts
 from dtm_core.analysis.kvgrid import grid_rows, kv_grid  # noqa: F401 (the app's and the CLI's K x V grid)
@@ -219,17 +219,26 @@ class IntactKVSetting:
 
 def build_pair(dense: LoadedModel, request: PairRequest, evaluated: Sequence[str] = (),
                load: Callable[[str], LoadedModel] | None = None,
-               in_place: str | None = None, limit: int | None = None) -> Pair:
+               in_place: str | None = None, limit: int | None = None,
+               cache_dir: str | None = None) -> Pair:
     """The pair a request describes on an already loaded dense model. ``in_place`` (a keep mode
     of :mod:`dtm_core.compression.inplace`): a recipe pair that compresses the dense model
-    itself when a view runs (one model's memory) instead of a compressed copy; a copy is
+    itself when a view runs (one model's memory) instead of a compressed copy, and a checkpoint
+    pair whose format allows it reads the checkpoint into the dense model instead of loading
+    it beside (:func:`checkpoint_in_place_pair`); a copy is
     refused in one sentence when it does not fit in the free memory (or in ``limit`` bytes of
-    model tensors, :class:`PairCache`'s ``memory_limit``)."""
+    model tensors, :class:`PairCache`'s ``memory_limit``). ``cache_dir``: where GGUF caches
+    live."""
     request.validate()
     if request.compressed_model:
         from dtm_core.models.checkpoints import inspect
 
         info = inspect(request.compressed_model, base=dense.source)
+        if in_place is not None:
+            pair = checkpoint_in_place_pair(dense, request.compressed_model, info, keep=in_place,
+                                            cache_dir=cache_dir)
+            if pair is not None:
+                return pair
         other = (load or load_model)(request.compressed_model)
         info.loader = other.extra.get("loader", info.loader)
         return checkpoint_pair(dense, other, info)
@@ -309,7 +318,7 @@ class PairCache:
         copy pair of the request is cached already: it costs nothing more); None: a pair of two
         models (the stream, IntactKV, explain)."""
         request.validate()
-        if request.compressed_model or not self.in_place:
+        if not self.in_place:
             in_place = None
         calib_key = None
         if request.needs_calibration:
@@ -334,7 +343,8 @@ class PairCache:
                 self._pairs.clear()          # cached copies give their memory to this one
                 gc.collect()
             pair = build_pair(self.dense(model), request, evaluated, load=self._load_other,
-                              in_place=in_place, limit=self.memory_limit)
+                              in_place=in_place, limit=self.memory_limit,
+                              cache_dir=self.load_kwargs.get("cache_dir"))
             self._pairs[key] = pair
             while len(self._pairs) > self.max_pairs:
                 self._pairs.popitem(last=False)

@@ -76,6 +76,18 @@ def tiny(request) -> LoadedModel:
 
 
 @pytest.fixture(scope="session")
+def default_q4_gguf(tmp_path_factory):
+    """A Q4_0 re-quantization of the default GGUF (gguf-py; only the decoder's matrices change),
+    written once per session: its de-quantized cache is then built once too."""
+    from gguf_requant import requantize
+    from dtm_core.models.load import default_gguf_path
+
+    out = tmp_path_factory.mktemp("gguf") / "q4_0.gguf"
+    requantize(str(default_gguf_path()), str(out), "Q4_0")
+    return out
+
+
+@pytest.fixture(scope="session")
 def default_model(tmp_path_factory) -> LoadedModel:
     """The real embedded default model (SmolLM2-135M-Instruct), loaded once per test session."""
     return load_model("default")

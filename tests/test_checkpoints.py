@@ -356,15 +356,11 @@ def test_plan_and_prompt_sets_with_a_checkpoint(ck, base, tmp_path):
     assert ev.table.fdt.tolist() == d.table.fdt.tolist()
 
 
-def test_from_a_gguf_file_on_every_component_is_that_gguf(default_model, tmp_path):
+def test_from_a_gguf_file_on_every_component_is_that_gguf(default_model, default_q4_gguf):
     """A llama.cpp checkpoint as a per-component map: from:FILE.gguf on every component of the
     default model equals the GGUF pair (the requantized file differs only in the decoder's
     matrices), and one component alone changes only from that layer on."""
-    from dtm_core.models.load import default_gguf_path
-    from gguf_requant import requantize
-
-    q4 = tmp_path / "q4_0.gguf"
-    requantize(str(default_gguf_path()), str(q4), "Q4_0")
+    q4 = default_q4_gguf
     whole = load_model(str(q4), device="cpu")
     pair = make_pair(default_model, Recipe.single(f"from:{q4}", "*"))
     ids = default_model.tokenizer("The capital of France is").input_ids

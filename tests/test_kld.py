@@ -89,12 +89,10 @@ def test_uncertainty_formulas_small_sample():
     assert s["same_top_p_unc"] == pytest.approx(100 * math.sqrt((11 / 12) * (1 / 12) / 11))
 
 
-def test_two_gguf_files_as_a_pair(tmp_path):
+def test_two_gguf_files_as_a_pair(tmp_path, default_q4_gguf):
     from dtm_core.models.load import default_gguf_path
-    from gguf_requant import requantize
 
-    q4 = tmp_path / "q4_0.gguf"
-    requantize(str(default_gguf_path()), str(q4), "Q4_0")
+    q4 = default_q4_gguf
     same = tmp_path / "copy.gguf"
     shutil.copy(default_gguf_path(), same)
     # the first 12,000 characters of the shipped texts: 20 chunks of 128 tokens, a quarter of

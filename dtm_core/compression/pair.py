@@ -10,7 +10,7 @@ import copy
 import itertools
 import threading
 import weakref
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -58,6 +58,13 @@ class Pair:
             self.applied = self.in_place.compress()
         return self.compressed
 
+    def dense_head(self):
+        """A block in which the model's LM head is the dense one (an in-place pair whose
+        compression replaced the head: the dense side's logits from kept hidden states)."""
+        applied = self.in_place.applied if self.in_place is not None else None
+        head = getattr(applied, "dense_head", None)
+        return head() if head is not None else nullcontext()
+
     @contextmanager
     def session(self):
         """A run of a view: an in-place pair holds its model's lock and is dense again when the
@@ -77,21 +84,23 @@ class Pair:
 
 
 class InPlace:
-    """A recipe applied to the dense model itself on demand, and undone bit for bit."""
+    """A compression applied to the dense model itself on demand, and undone bit for bit.
 
-    def __init__(self, dense: LoadedModel, recipe: Recipe, calibration, sequential: bool,
-                 keep: str = "auto"):
+    ``apply(keeper)`` compresses the dense model, handing each replaced tensor to the
+    :class:`~dtm_core.compression.inplace.Keeper`, and returns what restores it: a recipe's
+    :class:`Applied`, or a checkpoint's :class:`~dtm_core.compression.swap.Swapped`."""
+
+    def __init__(self, dense: LoadedModel, apply, keep: str = "auto"):
         from dtm_core.compression.inplace import check_keep
 
         check_keep(keep)
-        self.dense, self.recipe, self.calibration = dense, recipe, calibration
-        self.sequential, self.keep = sequential, keep
-        self.applied: Applied | None = None
+        self.dense, self.apply, self.keep = dense, apply, keep
+        self.applied = None
         self.lock = _model_lock(dense)
         self.compressions = 0        # how many times the recipe was applied (tests check reuse)
         self.depth = 0               # sessions open (nested runs restore at the outermost end)
 
-    def compress(self) -> Applied:
+    def compress(self):
         from dtm_core.compression.inplace import Keeper, model_files
 
         if self.applied is None:
@@ -99,8 +108,7 @@ class InPlace:
                 raise DTMError("This model was compressed in place for a run that ended and its "
                                "dense weights were dropped; load it again.")
             keeper = Keeper(self.dense.model, self.keep, model_files(self.dense))
-            self.applied = apply_recipe(self.dense.model, self.recipe, self.calibration,
-                                        sequential=self.sequential, keeper=keeper)
+            self.applied = self.apply(keeper)
             self.compressions += 1
         return self.applied
 
@@ -176,8 +184,11 @@ def in_place_pair(dense: LoadedModel, recipe: Recipe, calibration=None, chat: bo
     calib, sequential = _prepared(dense, recipe, calibration, chat, sequential)
     label = str(recipe) + (" (sequential)" if runs_layer_by_layer(dense.model, recipe, calib,
                                                                     sequential) else "")
+    def apply(keeper):
+        return apply_recipe(dense.model, recipe, calib, sequential=sequential, keeper=keeper)
+
     return Pair(dense=dense, compressed=dense.model, label=label, recipe=recipe,
-                calibration=calib, in_place=InPlace(dense, recipe, calib, sequential, keep))
+                calibration=calib, in_place=InPlace(dense, apply, keep))
 
 
 def checkpoint_pair(dense: LoadedModel, compressed: LoadedModel, info=None) -> Pair:
@@ -199,6 +210,42 @@ def checkpoint_pair(dense: LoadedModel, compressed: LoadedModel, info=None) -> P
     config = {"checkpoint": info.to_json()} if info is not None else {}
     return Pair(dense=dense, compressed=compressed.model, label=compressed.source,
                 compressed_source=compressed.source, config=config)
+
+
+def checkpoint_in_place_pair(dense: LoadedModel, source: str, info=None, keep: str = "auto",
+                             cache_dir=None) -> Pair | None:
+    """A checkpoint pair that costs one model's memory: the checkpoint's tensors are read one at
+    a time into the dense model itself when a view's compressed pass runs, and put back when it
+    ends (:mod:`dtm_core.compression.swap`); None where the checkpoint's format does not allow it
+    (then :func:`checkpoint_pair` loads it as a model of its own). Refuses what
+    :func:`checkpoint_pair` refuses, in the same words. ``cache_dir``: where a GGUF's
+    de-quantized cache lives."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from dtm_core.compression.swap import LOADER, swap_in, swap_reader
+    from dtm_core.models.checkpoints import config_differences
+
+    found = swap_reader(dense, source, cache_dir)
+    if found is None:
+        return None
+    reader, folder = found
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    if not same_tokenizer(dense.tokenizer, tok):
+        raise DTMError(f"The tokenizers of '{dense.source}' and '{source}' differ, so "
+                       "their tokens cannot be compared; pick checkpoints of the same base model.")
+    diff = config_differences(dense.model.config, AutoConfig.from_pretrained(str(folder)))
+    if diff:
+        raise DTMError(f"'{source}' is not a compression of '{dense.source}': "
+                       f"{'; '.join(diff[:3])}.")
+    if info is not None:
+        info.loader = LOADER
+    config = {"checkpoint": info.to_json()} if info is not None else {}
+
+    def apply(keeper):
+        return swap_in(dense.model, reader, keeper)
+
+    return Pair(dense=dense, compressed=dense.model, label=source, compressed_source=source,
+                config=config, in_place=InPlace(dense, apply, keep))
 
 
 def tensor_bytes(*models: torch.nn.Module) -> int:

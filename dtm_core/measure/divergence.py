@@ -261,7 +261,8 @@ class _PairChunks:
         self.pair, self.d_h, self.c_h, self.k = pair, d_h, c_h, k
 
     def __call__(self, a: int, b: int):
-        d = head_logits(self.pair.dense.model, self.d_h[a:b])
+        with self.pair.dense_head():
+            d = head_logits(self.pair.dense.model, self.d_h[a:b])
         c = head_logits(self.pair.compressed, self.c_h[a:b]).to(d.device)
         if self.k is not None and a < self.k:
             c[:self.k - a] = d[:self.k - a]

@@ -161,7 +161,8 @@ def score_text(pair: Pair, text: str, ctx: int = 512,
         if dense_hidden is None:
             dense_logits = pair.dense_model()(input_ids=x).logits
         else:   # kept by the dense pass of an in-place pair: the head as the forward applies it
-            dense_logits = head_logits(pair.dense.model, dense_hidden.to(dev))
+            with pair.dense_head():
+                dense_logits = head_logits(pair.dense.model, dense_hidden.to(dev))
         # float64 log-softmax, as llama.cpp sums its softmax in double
         lb = torch.log_softmax(dense_logits[0, pos].double(), -1)
         lc = torch.log_softmax(pair.compressed_model()(input_ids=x).logits[0, pos].double(), -1)

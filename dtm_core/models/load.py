@@ -145,24 +145,11 @@ def _load_gguf(path: Path, *, device, dtype, cache_dir, trust_remote_code, gpus=
             return tok, model, True
         except Exception:  # a cache from another transformers version: rebuild it
             shutil.rmtree(folder, ignore_errors=True)
-    from dtm_core.models.gguf_cache import streamable, write_cache
-
-    if streamable(path):
-        # tensor by tensor into the cache, then loaded from it as on a hit: never a float32
-        # state dict beside the model (transformers' own GGUF loading peaks at about 2.3x)
-        tmp = None
-        try:
-            folder.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
-            write_cache(path, tmp)
-            _seal(tmp, folder, path)
-            tok, model = _from_pretrained(str(folder), device=device, dtype=dtype,
-                                          trust_remote_code=trust_remote_code, local_only=True,
-                                          gpus=gpus)
-            return tok, model, False
-        except OSError:  # an unwritable cache: transformers' own loading below
-            if tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
+    if build_gguf_cache(path, cache_dir) is not None:
+        tok, model = _from_pretrained(str(folder), device=device, dtype=dtype,
+                                      trust_remote_code=trust_remote_code, local_only=True,
+                                      gpus=gpus)
+        return tok, model, False
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                  dtype=torch.float32)
@@ -183,6 +170,32 @@ def _load_gguf(path: Path, *, device, dtype, cache_dir, trust_remote_code, gpus=
     if device.type == "cuda":
         model.to(device)
     return tok, model, False
+
+
+def build_gguf_cache(path: Path, cache_dir=None) -> Path | None:
+    """The GGUF's de-quantized safetensors cache, written tensor by tensor on a miss without
+    loading a model (never a float32 state dict beside the model: transformers' own GGUF loading
+    peaks at about 2.3x); None where this cannot be done (an architecture of transformers' newer
+    packed GGUF path, an unwritable cache): then a whole load writes it."""
+    folder = _gguf_folder(path, cache_dir)
+    if folder is not None:
+        return folder
+    from dtm_core.models.gguf_cache import streamable, write_cache
+
+    if not streamable(path):
+        return None
+    folder = _gguf_cache(path, cache_dir)
+    tmp = None
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
+        write_cache(path, tmp)
+        _seal(tmp, folder, path)
+    except OSError:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return None
+    return _gguf_folder(path, cache_dir)
 
 
 def _seal(tmp: Path, folder: Path, path: Path) -> None:
@@ -390,13 +403,14 @@ def max_positions(model) -> int | None:
 
 
 def gguf_weights(path: str) -> "checkpoints.CheckpointWeights":
-    """A GGUF's tensors from its de-quantized safetensors cache (built by one load on a miss),
-    read one at a time."""
+    """A GGUF's tensors from its de-quantized safetensors cache (written tensor by tensor on a
+    miss), read one at a time."""
     gguf = default_gguf_path() if path == "default" else Path(path)
-    folder = _gguf_cache(gguf)
-    if not (folder / "complete.json").is_file():
+    folder = build_gguf_cache(gguf)
+    if folder is None:                      # transformers' packed path: one whole load writes it
         load_model(str(gguf), device="cpu", dtype="float32")
-    if not (folder / "complete.json").is_file():
+        folder = _gguf_folder(gguf)
+    if folder is None:
         return LoadedWeights(path)          # an unwritable cache: hold the model instead
     return checkpoints.PlainWeights(folder)
 
