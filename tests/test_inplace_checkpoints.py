@@ -165,3 +165,19 @@ def test_a_gguf_checkpoint_of_the_default_model_runs_in_its_memory(default_model
     assert "fdt_mean" in same and len(same) > 10
     assert all(got[k] == a.summary[k] or got[k] != got[k] and a.summary[k] != a.summary[k]
                for k in same)
+
+
+def test_a_gpt_oss_mxfp4_checkpoint_fills_the_experts_parameters_in_place(tmp_path):
+    """gpt-oss's MXFP4 experts (transformers' ``*_blocks`` / ``*_scales`` layout, one 3-D
+    parameter per projection): read into the dense model's experts parameters, the numbers of
+    the pair of two models, the dense model restored bit for bit."""
+    from dtm_core.models.load import load_model
+
+    W.base_model(tmp_path / "base", family="gpt_oss", layers=2, hidden=64)
+    ck = W.write_transformers_mxfp4(tmp_path / "base", tmp_path / "mx")
+    dense = load_model(str(tmp_path / "base"))
+    before = _state(dense.model)
+    info, one, a, b = _two_and_one(dense, str(ck))
+    assert a.table.equals(b.table) and b.references == a.references
+    assert b.table.kl_mean.min() > 0
+    assert _same_state(dense.model, before)
