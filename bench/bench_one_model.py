@@ -164,6 +164,7 @@ def main():
     ap.add_argument("--spec", default="int4:g128")
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--only", default="", help="run only the cases whose name holds this text")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as cache:
@@ -179,7 +180,7 @@ def main():
                 (["checkpoint load"] if which == "gptq" else []) + [
                  "checkpoint divergence (two models)", "checkpoint divergence (in place)"]
                 if which in checkpoints else [])
-            for case in cases:
+            for case in [c for c in cases if args.only in c]:
                 if case == "load (first)":
                     for f in os.listdir(cache):
                         if f != "checkpoints":

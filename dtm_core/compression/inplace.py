@@ -63,7 +63,7 @@ class FileTensors:
             return fh.get_tensor(name).clone()
 
 
-def _file_mappings() -> list[tuple[int, int]]:
+def file_mappings() -> list[tuple[int, int]]:
     """The address ranges of this process mapped from files (memory-mapped safetensors)."""
     out = []
     try:
@@ -78,7 +78,7 @@ def _file_mappings() -> list[tuple[int, int]]:
     return out
 
 
-def _mapped(t: torch.Tensor, ranges) -> bool:
+def in_file_mapping(t: torch.Tensor, ranges) -> bool:
     """Whether ``t``'s bytes lie in a file mapping (a CPU tensor memory-mapped from its file)."""
     if t.device.type != "cpu" or not t.is_contiguous():
         return False
@@ -93,7 +93,7 @@ def _libc():
     return ctypes.CDLL(None, use_errno=True)
 
 
-def _release(t: torch.Tensor) -> None:
+def release_pages(t: torch.Tensor) -> None:
     """Give back the resident pages of a file-mapped tensor (the kernel reads them from the file
     again if the tensor is ever read); only whole pages inside the tensor."""
     import ctypes
@@ -146,7 +146,7 @@ class Keeper:
 
     def _ranges(self):
         if self._maps is None:
-            self._maps = _file_mappings()
+            self._maps = file_mappings()
         return self._maps
 
     def _name(self, module, attr: str) -> str:
@@ -155,17 +155,17 @@ class Keeper:
 
     def keep(self, module: torch.nn.Module, attr: str, orig: torch.Tensor):
         is_param = isinstance(orig, torch.nn.Parameter)
-        mapped = self.mode in (NONE, FILES) and _mapped(orig, self._ranges())
+        mapped = self.mode in (NONE, FILES) and in_file_mapping(orig, self._ranges())
         if self.mode == NONE:
             if mapped:
-                _release(orig)
+                release_pages(orig)
             self.dropped += 1
             return _Dropped(self._name(module, attr))
         if mapped:
             # a tensor memory-mapped from the model's file (a model loaded from safetensors on
             # the CPU): its pages go back to the kernel and come back from the same file (the
             # mapping holds the file as it was when loaded, even if it is replaced since)
-            _release(orig)
+            release_pages(orig)
             self.dropped += 1
             return orig
         if self.mode == FILES:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from dtm_core.compression.inplace import file_mappings, in_file_mapping, release_pages
 from dtm_core.errors import DTMError
 
 LOADER = "tensor by tensor into the base model's structure (one model's memory)"
@@ -139,6 +140,7 @@ def swap_in(model: torch.nn.Module, reader, keeper) -> Swapped:
     out = Swapped(keeper)
     modules = dict(model.named_modules())
     names = set(reader.names())
+    maps = file_mappings()
     head = model.get_output_embeddings()
     head_params = {id(p) for p in head.parameters()} if head is not None else set()
     try:
@@ -153,6 +155,8 @@ def swap_in(model: torch.nn.Module, reader, keeper) -> Swapped:
                                "this base.")
             got = got.to(device=param.device, dtype=param.dtype)
             if torch.equal(got, param.data):
+                if in_file_mapping(got, maps):   # read from the checkpoint's mapped file: its
+                    release_pages(got)           # pages go back (they count as resident)
                 continue
             if id(param) in head_params:     # kept as it is (see Swapped._head)
                 out._head[param] = param.data
