@@ -5,6 +5,7 @@ families, the probes side by side, and the cells where estimate and exact disagr
 
     python bench/bench_estimate.py                      # 8 'general' prompts, N = 16, all cells
     python bench/bench_estimate.py --prompts 16 --new-tokens 32 --specs int4:g64
+    python bench/bench_estimate.py --tiny               # the tiny families only, experts views too
 
 Exact cells are stored (``--cache-dir``), so a second run only times the estimates.
 """
@@ -90,6 +91,7 @@ def agreement(dense, ids, n, spec, cache, kinds, probes=("gauss",)) -> None:
 
 
 DISAGREE: list[str] = []
+EXPERTS = "e*.gate,e*.up,e*.down"
 SPECS_FIT = "int4:g64"
 
 
@@ -114,6 +116,17 @@ def main():
         tiny.source = f"tiny-{fam}"
         for spec in ("int3:g32", "int4:g32", "magnitude:0.5"):
             agreement(tiny, random_prompts(10, seed=1), 12, spec, args.cache_dir, None)
+    # an experts view: every expert's matrices one cell each, on two tiny mixture-of-experts
+    # families (the cost in forward-equivalents printed for the first)
+    from test_families import make
+
+    for k, fam in enumerate(("qwen3_moe", "mixtral")):
+        moe = make(fam)
+        moe.source = f"tiny-{fam} experts"
+        for spec in ("int3:g32", "int4:g32", "magnitude:0.5"):
+            agreement(moe, random_prompts(10, seed=1), 12, spec, args.cache_dir, EXPERTS)
+        if k == 0:
+            cost(moe, random_prompts(10, seed=1), 12, "int3:g32", args.batch_size, EXPERTS)
     if not args.tiny:
         dense = load_model("default")
         ids = encode_prompts(dense.tokenizer, load_prompts("general").prompts[:args.prompts])

@@ -13,7 +13,8 @@ model's safetensors to restore it bit for bit (the app's Prompt sets and KLD tab
 verification); ``stream``: Compare's side-by-side stream, which holds both models.
 Checkpoint cases (``--compressed-model``): on the default model a Q4_0 re-quantization of its GGUF,
 on ``gptq`` a random Llama of about 0.75 GiB and its GPTQ checkpoint (both written by the tests'
-writers); ``checkpoint load``: the GPTQ checkpoint de-quantized into its architecture;
+writers); ``checkpoint load``: the GPTQ checkpoint de-quantized into its architecture
+(``(compressed-tensors)``: a W4A16 checkpoint of the same model through transformers);
 ``checkpoint divergence (two models)``: today's checkpoint pair; ``(in place)``: the checkpoint's
 tensors read one at a time into the dense model.
 
@@ -71,6 +72,8 @@ if case == "tokenizer":
 checkpoint = {checkpoint!r}      # the compressed side of the checkpoint cases
 if case == "checkpoint load":    # the compressed checkpoint itself, loaded alone
     dense = load_model(checkpoint, cache_dir={cache!r})
+elif case == "checkpoint load (compressed-tensors)":
+    dense = load_model(checkpoint.replace("gptq", "ct-w4a16"), cache_dir={cache!r})
 elif which == "default":
     dense = load_model("default", cache_dir={cache!r})
 elif which == "gptq":
@@ -154,6 +157,7 @@ def prepare_checkpoints(cache, models):
         import checkpoint_writers as W
         W.base_model(Path(root) / "base", layers=8, hidden=1024, intermediate=2816)
         W.write_gptq(Path(root) / "base", Path(root) / "gptq", act_order=True)
+        W.write_ct(Path(root) / "base", Path(root) / "ct-w4a16", "W4A16")
         out["gptq"] = (os.path.join(root, "gptq"), os.path.join(root, "base"))
     return out
 
@@ -177,7 +181,8 @@ def main():
                 "divergence (two models)", "divergence (in place)"] if which != "gptq" else []) + (
                 ["divergence (in place, files)"] if which == "default" else []) + (
                 ["stream"] if which != "gptq" else []) + (
-                (["checkpoint load"] if which == "gptq" else []) + [
+                (["checkpoint load", "checkpoint load (compressed-tensors)"]
+                 if which == "gptq" else []) + [
                  "checkpoint divergence (two models)", "checkpoint divergence (in place)"]
                 if which in checkpoints else [])
             for case in [c for c in cases if args.only in c]:
@@ -202,7 +207,7 @@ def main():
         vs = (f"{r['step_s'] / two['step_s']:.2f}x time" if two and
               r["case"].startswith("divergence") else "")
         over = r["peak_mib"] - r["base_mib"]
-        if r["case"].startswith("load"):
+        if r["case"].startswith(("load", "checkpoint load")):
             r["step_s"] = r["load_s"]
         print(f"| {r['model']} | {r['case']} | {r['model_mib']:.0f} | {over:.0f} | "
               f"{r['ratio']:.2f} | {(over - tok) / r['model_mib']:.2f} | {r['step_s']:.1f} | "

@@ -659,6 +659,29 @@ def test_mixed_plan_pareto_chart_holdout_table_and_exports(browser, app_url, tmp
     page.locator("#mplan-status").scroll_into_view_if_needed()
     shot(page, "draft_plan")
     assert_readable(page)
+    # a shortlist (specs not swept yet): every cell estimated, one per spec measured exactly,
+    # the plan still verified by a real evaluation
+    fill(page, "mplan-specs", "int4:g128,int2:g64")
+    choose(page, "mplan-objective", "first divergent token (FDT)")
+    fill(page, "mplan-shortlist", 1)
+    page.locator("#mplan-run").click()
+    done = r"/others estimated\); \d+ real evaluation/"     # the final line, not the progress
+    page.wait_for_function(f"{done}.test(document.querySelector('#mplan-status').innerText)",
+                           timeout=WAIT_MS)
+    status = page.locator("#mplan-status").inner_text()
+    # one exact cell per spec (more where an earlier run of the app stored others)
+    exact = re.search(r"shortlist: (\d+) of 8 cells exact, the others estimated", status)
+    assert exact and int(exact.group(1)) >= 2, status
+    assert "uniform int2:g64" in page.locator("#mplan-table").inner_text()
+    page.locator("#mplan-shortlist").scroll_into_view_if_needed()
+    shot(page, "mixed_plan_shortlist")
+    # a bad shortlist is one sentence, and the plan on the page stays
+    fill(page, "mplan-shortlist", -1)
+    page.locator("#mplan-run").click()
+    page.wait_for_function("document.querySelector('#mplan-status').innerText"
+                           ".includes('1 or more, or 0')", timeout=WAIT_MS)
+    assert "uniform int2:g64" in page.locator("#mplan-table").inner_text()
+    page.wait_for_selector("#mplan-chart .js-plotly-plot", timeout=WAIT_MS)
 
 
 def test_level_curves_across_formats_and_format_presets(browser, app_url, tmp_path):

@@ -34,7 +34,8 @@ def budget_of(kind: str, value) -> Budget | None:
 def run_budget_plan(model, upload, builtin, chat, new_tokens, layers, kinds, specs, kind, value,
                     target, holdout, planner, calibration=None, calibration_file=None,
                     calib_ctx=None, calib_samples=None, sequential=True, objective="fdt",
-                    draft_cost=0, request: gr.Request = None, progress=gr.Progress()):
+                    draft_cost=0, shortlist=None, request: gr.Request = None,
+                    progress=gr.Progress()):
     """Status, Pareto chart, held-out table, plan JSON, the state the exports read and the
     per-kind curves of the cells."""
     last = [0.0]
@@ -53,6 +54,10 @@ def run_budget_plan(model, upload, builtin, chat, new_tokens, layers, kinds, spe
             raise DTMError("Give a budget above 0 or a target above 0.")
         cost = float(draft_cost) if draft_cost not in (None, "") and float(draft_cost) > 0 \
             else None
+        k = int(shortlist) if shortlist not in (None, "") and int(shortlist) != 0 else None
+        if k is not None and k < 0:
+            raise DTMError("The shortlist is a number of exact cells per spec: 1 or more, or 0 "
+                           "for every cell exact.")
         progress(0, desc="loading the model")
         dense = common.CACHE.dense(model)
         with common.STOPS.running("mixed-plan", request) as stop:
@@ -64,9 +69,10 @@ def run_budget_plan(model, upload, builtin, chat, new_tokens, layers, kinds, spe
                                      chat=bool(chat), calibration=setting,
                                      layers=(layers or "").strip() or None,
                                      kinds=(kinds or "").strip() or None, progress=tell,
-                                     stop=stop)
+                                     stop=stop, shortlist=k)
     except Exception as exc:  # noqa: BLE001 - every failure becomes a message
-        return friendly(exc), None, None, None, None, None
+        # the last plan's chart, table, file and cells stay on the page
+        return friendly(exc), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
     path = Path(tempfile.mkdtemp(prefix="dtm-mixed-plan-")) / "plan.json"
     plan.save(str(path))
     msg = (f"{plan.summary_line()[0].upper()}{plan.summary_line()[1:]}; "
@@ -140,6 +146,11 @@ def build(model, upload, builtin, chat, new_tokens, layers, kinds, calib) -> Non
                                      "draft, the mean drafted tokens accepted per step")
         draft_cost = gr.Number(value=0, label="Draft cost (0: its bits over the dense "
                                               "model's)", elem_id="mplan-draft-cost")
+        shortlist = gr.Number(value=0, precision=0, label="Shortlist: exact cells per spec",
+                              elem_id="mplan-shortlist",
+                              info="0: every cell exact; K: every cell estimated first (one "
+                                   "forward and backward), only the K most sensitive measured "
+                                   "exactly; the plan is still verified")
     with gr.Row():
         run = gr.Button("Make mixed plan", variant="primary", elem_id="mplan-run")
         stop = gr.Button("Stop", variant="stop", elem_id="mplan-stop")
@@ -163,7 +174,7 @@ def build(model, upload, builtin, chat, new_tokens, layers, kinds, calib) -> Non
     state = gr.State(None)
     run.click(run_budget_plan, [model, upload, builtin, chat, new_tokens, layers, kinds, specs,
                                 kind, value, target, holdout, planner] + calib
-              + [objective, draft_cost],
+              + [objective, draft_cost, shortlist],
               [status, chart, table, plan_file, state, curves], concurrency_id="model")
     stop.click(common.STOPS.stopper("mixed-plan", "Stopping after the current cell…"), None,
                [status], queue=False)
