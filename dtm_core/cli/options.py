@@ -122,9 +122,11 @@ PROCESS_ENDS = False
 
 def one_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--two-models", action="store_true",
-                   help="keep a compressed copy beside the dense model (about twice the "
-                        "memory for a whole-model spec); default: one model's memory, the "
-                        "dense passes first, then the model compressed in place (same numbers)")
+                   help="keep the compressed side beside the dense model (a compressed copy, "
+                        "or the checkpoint loaded as a second model: about twice the memory); "
+                        "default: one model's memory, the dense passes first, then the model "
+                        "compressed in place or, for a checkpoint whose format allows it, its "
+                        "tensors read into the model (same numbers)")
 
 
 def in_place_of(args) -> str | None:
