@@ -220,7 +220,7 @@ def checkpoint_in_place_pair(dense: LoadedModel, source: str, info=None, keep: s
     (then :func:`checkpoint_pair` loads it as a model of its own). Refuses what
     :func:`checkpoint_pair` refuses, in the same words. ``cache_dir``: where a GGUF's
     de-quantized cache lives."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from dtm_core.compression.swap import LOADER, swap_in, swap_reader
     from dtm_core.models.checkpoints import config_differences
@@ -228,12 +228,12 @@ def checkpoint_in_place_pair(dense: LoadedModel, source: str, info=None, keep: s
     found = swap_reader(dense, source, cache_dir)
     if found is None:
         return None
-    reader, folder = found
+    reader, folder, cfg = found
     tok = AutoTokenizer.from_pretrained(str(folder))
     if not same_tokenizer(dense.tokenizer, tok):
         raise DTMError(f"The tokenizers of '{dense.source}' and '{source}' differ, so "
                        "their tokens cannot be compared; pick checkpoints of the same base model.")
-    diff = config_differences(dense.model.config, AutoConfig.from_pretrained(str(folder)))
+    diff = config_differences(dense.model.config, cfg)
     if diff:
         raise DTMError(f"'{source}' is not a compression of '{dense.source}': "
                        f"{'; '.join(diff[:3])}.")

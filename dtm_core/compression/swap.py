@@ -31,8 +31,8 @@ LOADER = "tensor by tensor into the base model's structure (one model's memory)"
 
 
 def swap_reader(dense, source: str, cache_dir=None):
-    """``(reader, folder)`` of a checkpoint whose tensors can replace the dense model's one at a
-    time (``folder``: its config and tokenizer), or None where the checkpoint must be loaded as a
+    """``(reader, folder, config)`` of a checkpoint whose tensors can replace the dense model's
+    one at a time (``folder``: where its config and tokenizer are), or None where the checkpoint must be loaded as a
     model of its own (see the module's text). ``cache_dir``: where a GGUF's de-quantized cache
     lives (:func:`dtm_core.models.load.load_model`'s)."""
     from transformers import AutoConfig
@@ -75,7 +75,7 @@ def swap_reader(dense, source: str, cache_dir=None):
         return None
     if _ties(cfg) != _ties(dense.model.config):
         return None
-    return reader, folder
+    return reader, folder, cfg
 
 
 # the formats whose loaded checkpoint computes the base architecture on de-quantized tensors
